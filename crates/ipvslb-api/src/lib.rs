@@ -1,0 +1,1 @@
+//! ipvslb API types.

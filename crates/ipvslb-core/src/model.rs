@@ -1,0 +1,262 @@
+//! The core's own plain types. The binary translates Kubernetes objects into these (one module,
+//! `translate`), so the core never sees an API type and its tests build inputs in a line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
+use serde::Serialize;
+
+use crate::range::IpRange;
+use crate::selector::Selector;
+
+/// A Service's `namespace/name`, its identity everywhere in the core.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceName {
+    /// The namespace.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ServiceName {
+    /// `namespace/name`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An IP family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `addr`.
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The other family.
+    pub fn other(self) -> Self {
+        match self {
+            IpFamily::V4 => IpFamily::V6,
+            IpFamily::V6 => IpFamily::V4,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// Which families a Service wants VIPs of, from `spec.ipFamilies` and `spec.ipFamilyPolicy`.
+/// `primary` is `ipFamilies[0]` (IPv4 when the list is empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum FamilyPolicy {
+    /// One VIP of `primary`'s family.
+    SingleStack {
+        /// The only family.
+        primary: IpFamily,
+    },
+    /// One VIP per family where a pool can give one; at least the primary or the other.
+    PreferDualStack {
+        /// The preferred family, listed first in the status.
+        primary: IpFamily,
+    },
+    /// One VIP per family, or none at all.
+    RequireDualStack {
+        /// The family listed first in the status.
+        primary: IpFamily,
+    },
+}
+
+/// One port of a Service, as IPVS sees it: protocol and port number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortKey {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The Service port.
+    pub port: u16,
+}
+
+/// What a Service asks of the allocator, read from its spec, annotations and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceClaim {
+    /// `namespace/name`.
+    pub name: ServiceName,
+    /// `metadata.creationTimestamp` in seconds since the epoch; the older Service wins a conflict.
+    pub created: i64,
+    /// The families wanted.
+    pub families: FamilyPolicy,
+    /// Addresses requested by `spec.loadBalancerIP` or the `ipvslb.io/load-balancer-ips` annotation.
+    pub requested: Requested,
+    /// The pool named by the `ipvslb.io/pool` annotation.
+    pub pool: Option<String>,
+    /// The `ipvslb.io/allow-shared-ip` key; Services with equal keys may share a VIP.
+    pub sharing_key: Option<String>,
+    /// The Service's ports (for sharing: two Services share a VIP only if no port collides).
+    pub ports: Vec<PortKey>,
+    /// The addresses already in `status.loadBalancer.ingress` (the allocation record).
+    pub current: Vec<IpAddr>,
+    /// The Service's labels (for pool service selectors).
+    pub labels: BTreeMap<String, String>,
+    /// The labels of the Service's namespace (for pool namespace selectors).
+    pub namespace_labels: BTreeMap<String, String>,
+}
+
+/// The addresses a Service asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested {
+    /// Any address.
+    Any,
+    /// These addresses, at most one per family.
+    Addresses(Vec<IpAddr>),
+    /// The request could not be read; the message names the field and the bad value.
+    Malformed(String),
+}
+
+/// An IPPool as the core sees it: parsed, validated ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// Its address ranges, each within one family.
+    pub ranges: Vec<IpRange>,
+    /// Whether Services that ask for no pool and no address may get one from here.
+    pub auto_assign: bool,
+    /// Skip IPv4 addresses ending in `.0` and `.255`.
+    pub avoid_buggy_ips: bool,
+    /// The NodeSet that serves this pool's VIPs.
+    pub node_set: String,
+    /// Which Services this pool is for; `None` serves any Service.
+    pub service_allocation: Option<ServiceAllocation>,
+}
+
+/// A pool's `serviceAllocation`: it serves only matching Services, preferred by priority.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceAllocation {
+    /// Higher values are tried first.
+    pub priority: i32,
+    /// Namespaces served by name (empty: no restriction by name).
+    pub namespaces: Vec<String>,
+    /// Namespaces served by label (empty: no restriction by label).
+    pub namespace_selectors: Vec<Selector>,
+    /// Services served by label (empty: no restriction by label).
+    pub service_selectors: Vec<Selector>,
+}
+
+/// Where a NodeSet's traffic goes on each node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum NodeAddressType {
+    /// The node's `InternalIP`.
+    InternalIp,
+    /// The node's `ExternalIP`.
+    ExternalIp,
+}
+
+/// How a NodeSet forwards to its nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Forwarding {
+    /// LVS-DR: destination port = Service port; the node accepts the VIP itself.
+    DirectRouting,
+    /// NAT to the Service's NodePort.
+    Masquerade,
+    /// IP-in-IP to the Service port.
+    Tunnel,
+}
+
+/// A NodeSet as the core sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSetSpec {
+    /// The NodeSet's name.
+    pub name: String,
+    /// Which nodes (empty selector: all).
+    pub selector: Selector,
+    /// Which node address receives traffic.
+    pub address_type: NodeAddressType,
+    /// How traffic gets there.
+    pub forwarding: Forwarding,
+    /// The default scheduler.
+    pub scheduler: Scheduler,
+    /// Scheduler flags (`sh-port`, `mh-fallback`, ...).
+    pub flags: ServiceFlags,
+    /// Persistence timeout in seconds, if persistent.
+    pub persistence: Option<u32>,
+}
+
+/// A Node as the core sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's name.
+    pub name: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its `Ready` condition is `True`.
+    pub ready: bool,
+    /// `spec.unschedulable` (cordoned).
+    pub unschedulable: bool,
+    /// Its addresses by type.
+    pub addresses: Vec<(NodeAddressType, IpAddr)>,
+}
+
+/// One port of an assigned Service, for the planner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ServicePort {
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The Service port (the virtual port).
+    pub port: u16,
+    /// The NodePort, if the Service has one (needed for masquerade).
+    pub node_port: Option<u16>,
+}
+
+/// `spec.externalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    /// Any selected node.
+    Cluster,
+    /// Only nodes with a ready endpoint of the Service, weighted by their count.
+    Local,
+}
+
+/// A Service with assigned VIPs, as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedService {
+    /// `namespace/name`.
+    pub name: ServiceName,
+    /// Its VIPs.
+    pub addresses: Vec<IpAddr>,
+    /// The pool the VIPs came from (chooses the NodeSet).
+    pub pool: String,
+    /// Its ports.
+    pub ports: Vec<ServicePort>,
+    /// `spec.externalTrafficPolicy`.
+    pub traffic_policy: TrafficPolicy,
+    /// The `ipvslb.io/scheduler` override.
+    pub scheduler: Option<Scheduler>,
+    /// Ready endpoints per node name (from EndpointSlices), for [`TrafficPolicy::Local`].
+    pub ready_endpoints: BTreeMap<String, u32>,
+}

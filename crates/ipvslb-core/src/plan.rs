@@ -1,0 +1,1 @@
+//! Planning the IPVS table.
