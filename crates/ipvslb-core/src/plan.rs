@@ -1,1 +1,530 @@
-//! Planning the IPVS table.
+//! Planning: from Services with assigned VIPs, their pools, NodeSets and Nodes, the IPVS table a
+//! director must hold. One virtual service per (VIP, protocol, port); one destination per usable
+//! node of the pool's NodeSet.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipvslb_ipvs::{
+    Destination, ForwardingMethod, ServiceFlags, ServiceKey, Table, VirtualService, host_prefix,
+};
+
+use crate::model::{
+    Forwarding, IpFamily, NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName,
+    ServicePort, TrafficPolicy,
+};
+
+/// The well-known label that keeps a node out of every external load balancer.
+const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The desired table and what kept parts of it from being planned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Plan {
+    /// The desired IPVS table.
+    pub table: Table,
+    /// Per Service, why some or all of its entries are missing or empty.
+    pub problems: Vec<PlanProblem>,
+}
+
+/// A Service that could not be planned in full.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanProblem {
+    /// The Service.
+    pub service: ServiceName,
+    /// Why.
+    pub error: PlanError,
+}
+
+/// Why a Service's IPVS entries are missing or have no destinations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The Service's pool does not exist (any more).
+    #[error("its VIPs come from pool {pool:?}, which does not exist")]
+    UnknownPool {
+        /// The pool's name.
+        pool: String,
+    },
+    /// The pool names a NodeSet that does not exist.
+    #[error("pool {pool:?} sends traffic to NodeSet {node_set:?}, which does not exist")]
+    UnknownNodeSet {
+        /// The pool's name.
+        pool: String,
+        /// The missing NodeSet.
+        node_set: String,
+    },
+    /// Masquerade forwards to the NodePort, and this port has none.
+    #[error(
+        "port {port}/{protocol} has no NodePort, which Masquerade forwarding needs (is allocateLoadBalancerNodePorts false?)"
+    )]
+    NoNodePort {
+        /// The protocol.
+        protocol: ipvslb_ipvs::Protocol,
+        /// The Service port.
+        port: u16,
+    },
+    /// Another Service already has this virtual service.
+    #[error("{key} is already served for {holder}")]
+    Collision {
+        /// The virtual service.
+        key: ServiceKey,
+        /// The Service that has it.
+        holder: ServiceName,
+    },
+    /// No node can take this VIP's traffic.
+    #[error("NodeSet {node_set:?} has no ready node with an {family} address for {address}{local}", local = if *.local { " and a ready endpoint (externalTrafficPolicy: Local)" } else { "" })]
+    NoBackends {
+        /// The NodeSet.
+        node_set: String,
+        /// The VIP.
+        address: IpAddr,
+        /// The VIP's family.
+        family: IpFamily,
+        /// Whether `externalTrafficPolicy: Local` narrowed the nodes.
+        local: bool,
+    },
+}
+
+/// A node that may receive a NodeSet's traffic.
+struct Backend<'a> {
+    node: &'a NodeInfo,
+    /// Cordoned nodes keep their destination at weight 0: live connections finish, new ones go
+    /// elsewhere.
+    draining: bool,
+}
+
+/// Plans the desired table. Deterministic: Services are taken in name order, so when two claim
+/// the same virtual service the first by name keeps it and the other gets a [`PlanError::Collision`].
+pub fn plan(
+    services: &[PlannedService],
+    pools: &[PoolSpec],
+    node_sets: &[NodeSetSpec],
+    nodes: &[NodeInfo],
+) -> Plan {
+    let pools: BTreeMap<&str, &PoolSpec> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
+    let backends: BTreeMap<&str, (&NodeSetSpec, Vec<Backend>)> = node_sets
+        .iter()
+        .map(|set| (set.name.as_str(), (set, backends_of(set, nodes))))
+        .collect();
+    let mut ordered: Vec<&PlannedService> = services.iter().collect();
+    ordered.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut plan = Plan::default();
+    let mut holders: BTreeMap<ServiceKey, &ServiceName> = BTreeMap::new();
+    for service in ordered {
+        let mut problem = |error| {
+            plan.problems.push(PlanProblem {
+                service: service.name.clone(),
+                error,
+            })
+        };
+        let Some(pool) = pools.get(service.pool.as_str()) else {
+            problem(PlanError::UnknownPool {
+                pool: service.pool.clone(),
+            });
+            continue;
+        };
+        let Some((set, set_backends)) = backends.get(pool.node_set.as_str()) else {
+            problem(PlanError::UnknownNodeSet {
+                pool: pool.name.clone(),
+                node_set: pool.node_set.clone(),
+            });
+            continue;
+        };
+        for address in &service.addresses {
+            let dests = destinations_for(service, set, set_backends, address);
+            if dests.is_empty() {
+                problem(PlanError::NoBackends {
+                    node_set: set.name.clone(),
+                    address: *address,
+                    family: IpFamily::of(address),
+                    local: service.traffic_policy == TrafficPolicy::Local,
+                });
+            }
+            for port in &service.ports {
+                let key = ServiceKey::addr(*address, port.protocol, port.port);
+                if let Some(holder) = holders.get(&key) {
+                    problem(PlanError::Collision {
+                        key,
+                        holder: (*holder).clone(),
+                    });
+                    continue;
+                }
+                let Some(dest_port) = destination_port(set.forwarding, port) else {
+                    problem(PlanError::NoNodePort {
+                        protocol: port.protocol,
+                        port: port.port,
+                    });
+                    continue;
+                };
+                holders.insert(key, &service.name);
+                let virtual_service = virtual_service(key, service, set);
+                plan.table.insert(
+                    virtual_service,
+                    dests.iter().map(|(addr, method, weight)| {
+                        Destination::new(*addr, dest_port, *method, *weight)
+                    }),
+                );
+            }
+        }
+    }
+    plan
+}
+
+/// The nodes of `set` that can take traffic at all: selected, Ready, not excluded.
+fn backends_of<'a>(set: &NodeSetSpec, nodes: &'a [NodeInfo]) -> Vec<Backend<'a>> {
+    nodes
+        .iter()
+        .filter(|n| set.selector.matches(&n.labels))
+        .filter(|n| n.ready && !n.labels.contains_key(EXCLUDE_LABEL))
+        .map(|node| Backend {
+            node,
+            draining: node.unschedulable,
+        })
+        .collect()
+}
+
+/// `(node address, forwarding method, weight)` for one VIP of `service`.
+fn destinations_for(
+    service: &PlannedService,
+    set: &NodeSetSpec,
+    backends: &[Backend],
+    vip: &IpAddr,
+) -> Vec<(IpAddr, ForwardingMethod, u32)> {
+    let family = IpFamily::of(vip);
+    let method = forwarding_method(set.forwarding);
+    let mut dests: Vec<_> = backends
+        .iter()
+        .filter_map(|b| {
+            let address = b
+                .node
+                .addresses
+                .iter()
+                .find(|(kind, addr)| *kind == set.address_type && IpFamily::of(addr) == family)
+                .map(|(_, addr)| *addr)?;
+            let weight = match service.traffic_policy {
+                TrafficPolicy::Cluster => 1,
+                // kube-proxy drops Local traffic on a node without a ready endpoint, so such a
+                // node is no destination at all; the others get a share of their endpoints.
+                TrafficPolicy::Local => match service.ready_endpoints.get(&b.node.name) {
+                    Some(&n) if n > 0 => n,
+                    _ => return None,
+                },
+            };
+            Some((address, method, if b.draining { 0 } else { weight }))
+        })
+        .collect();
+    // Two nodes reporting one address would make one destination; keep the first by address.
+    dests.sort();
+    dests.dedup_by_key(|(addr, _, _)| *addr);
+    dests
+}
+
+fn forwarding_method(forwarding: Forwarding) -> ForwardingMethod {
+    match forwarding {
+        Forwarding::DirectRouting => ForwardingMethod::Route,
+        Forwarding::Masquerade => ForwardingMethod::Masquerade,
+        Forwarding::Tunnel => ForwardingMethod::Tunnel,
+    }
+}
+
+/// The destination port: the Service port, except under masquerade where it is the NodePort.
+fn destination_port(forwarding: Forwarding, port: &ServicePort) -> Option<u16> {
+    match forwarding {
+        Forwarding::DirectRouting | Forwarding::Tunnel => Some(port.port),
+        Forwarding::Masquerade => port.node_port,
+    }
+}
+
+fn virtual_service(key: ServiceKey, service: &PlannedService, set: &NodeSetSpec) -> VirtualService {
+    let scheduler = service
+        .scheduler
+        .clone()
+        .unwrap_or_else(|| set.scheduler.clone());
+    let mut vs = VirtualService::new(key, scheduler);
+    vs.flags = set.flags;
+    if let Some(timeout) = set.persistence {
+        vs.flags = vs.flags.union(ServiceFlags::PERSISTENT);
+        vs.timeout = timeout;
+    }
+    if let Some(address) = key.address() {
+        vs.netmask = host_prefix(&address);
+    }
+    vs
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ipvslb_ipvs::{Protocol, Scheduler};
+
+    use super::*;
+    use crate::model::NodeAddressType;
+    use crate::selector::Selector;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn node(name: &str, addrs: &[&str]) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            labels: BTreeMap::new(),
+            ready: true,
+            unschedulable: false,
+            addresses: addrs
+                .iter()
+                .map(|a| (NodeAddressType::InternalIp, ip(a)))
+                .collect(),
+        }
+    }
+
+    fn pool(name: &str, node_set: &str) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            ranges: vec!["10.240.0.210-10.240.0.215".parse().unwrap()],
+            auto_assign: true,
+            avoid_buggy_ips: false,
+            node_set: node_set.into(),
+            service_allocation: None,
+        }
+    }
+
+    fn node_set(forwarding: Forwarding) -> NodeSetSpec {
+        NodeSetSpec {
+            name: "default".into(),
+            selector: Selector::default(),
+            address_type: NodeAddressType::InternalIp,
+            forwarding,
+            scheduler: Scheduler::Rr,
+            flags: ServiceFlags::empty(),
+            persistence: None,
+        }
+    }
+
+    fn service(name: &str, vips: &[&str], ports: &[(u16, Option<u16>)]) -> PlannedService {
+        PlannedService {
+            name: ServiceName::new("default", name),
+            addresses: vips.iter().map(|a| ip(a)).collect(),
+            pool: "pool".into(),
+            ports: ports
+                .iter()
+                .map(|&(port, node_port)| ServicePort {
+                    protocol: Protocol::Tcp,
+                    port,
+                    node_port,
+                })
+                .collect(),
+            traffic_policy: TrafficPolicy::Cluster,
+            scheduler: None,
+            ready_endpoints: BTreeMap::new(),
+        }
+    }
+
+    fn dests(plan: &Plan, key: ServiceKey) -> Vec<(IpAddr, u16, ForwardingMethod, u32)> {
+        plan.table.services[&key]
+            .destinations
+            .values()
+            .map(|d| (d.address, d.port, d.forwarding, d.weight))
+            .collect()
+    }
+
+    #[test]
+    fn whoami_is_routed_to_both_nodes_as_in_classic_lvs_dr() {
+        let nodes = [
+            node("node1", &["10.240.0.101"]),
+            node("node2", &["10.240.0.102"]),
+        ];
+        let whoami = service("whoami", &["10.240.0.210"], &[(80, Some(31220))]);
+        let plan = plan(
+            &[whoami],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::DirectRouting)],
+            &nodes,
+        );
+        assert_eq!(plan.problems, vec![]);
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        assert_eq!(plan.table.services[&key].service.scheduler, Scheduler::Rr);
+        assert_eq!(
+            dests(&plan, key),
+            vec![
+                (ip("10.240.0.101"), 80, ForwardingMethod::Route, 1),
+                (ip("10.240.0.102"), 80, ForwardingMethod::Route, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn masquerade_targets_the_node_port_and_reports_ports_without_one() {
+        let nodes = [node("node1", &["10.240.0.101"])];
+        let svc = service("web", &["10.240.0.210"], &[(80, Some(31220)), (81, None)]);
+        let plan = plan(
+            &[svc],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::Masquerade)],
+            &nodes,
+        );
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        assert_eq!(
+            dests(&plan, key),
+            vec![(ip("10.240.0.101"), 31220, ForwardingMethod::Masquerade, 1)]
+        );
+        assert_eq!(plan.table.service_count(), 1);
+        assert!(matches!(
+            plan.problems[0].error,
+            PlanError::NoNodePort { port: 81, .. }
+        ));
+    }
+
+    #[test]
+    fn unready_excluded_and_wrong_family_nodes_are_no_destinations_and_cordoned_ones_drain() {
+        let mut down = node("down", &["10.240.0.103"]);
+        down.ready = false;
+        let mut excluded = node("excluded", &["10.240.0.104"]);
+        excluded.labels.insert(EXCLUDE_LABEL.into(), String::new());
+        let mut cordoned = node("cordoned", &["10.240.0.105"]);
+        cordoned.unschedulable = true;
+        let nodes = [
+            node("up", &["10.240.0.101", "fd00::101"]),
+            down,
+            excluded,
+            cordoned,
+            node("v6only", &["fd00::102"]),
+        ];
+        let svc = service("web", &["10.240.0.210", "2001:db8::1"], &[(80, None)]);
+        let plan = plan(
+            &[svc],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::DirectRouting)],
+            &nodes,
+        );
+        let v4 = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        let v6 = ServiceKey::addr(ip("2001:db8::1"), Protocol::Tcp, 80);
+        assert_eq!(
+            dests(&plan, v4),
+            vec![
+                (ip("10.240.0.101"), 80, ForwardingMethod::Route, 1),
+                (ip("10.240.0.105"), 80, ForwardingMethod::Route, 0)
+            ]
+        );
+        assert_eq!(
+            dests(&plan, v6),
+            vec![
+                (ip("fd00::101"), 80, ForwardingMethod::Route, 1),
+                (ip("fd00::102"), 80, ForwardingMethod::Route, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn local_traffic_goes_only_to_nodes_with_ready_endpoints_weighted_by_their_count() {
+        let nodes = [
+            node("a", &["10.0.0.1"]),
+            node("b", &["10.0.0.2"]),
+            node("c", &["10.0.0.3"]),
+        ];
+        let mut svc = service("web", &["10.240.0.210"], &[(80, None)]);
+        svc.traffic_policy = TrafficPolicy::Local;
+        svc.ready_endpoints = BTreeMap::from([("a".into(), 3), ("b".into(), 0)]);
+        let plan = plan(
+            &[svc],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::DirectRouting)],
+            &nodes,
+        );
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        assert_eq!(
+            dests(&plan, key),
+            vec![(ip("10.0.0.1"), 80, ForwardingMethod::Route, 3)]
+        );
+    }
+
+    #[test]
+    fn a_service_without_backends_keeps_its_virtual_service_and_is_reported() {
+        let svc = service("web", &["10.240.0.210"], &[(80, None)]);
+        let plan = plan(
+            &[svc],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::DirectRouting)],
+            &[],
+        );
+        assert_eq!(plan.table.service_count(), 1);
+        assert_eq!(plan.table.destination_count(), 0);
+        assert!(matches!(
+            plan.problems[0].error,
+            PlanError::NoBackends { .. }
+        ));
+    }
+
+    #[test]
+    fn the_first_service_by_name_keeps_a_contested_virtual_service() {
+        let nodes = [node("a", &["10.0.0.1"])];
+        let b = service("b", &["10.240.0.210"], &[(80, None)]);
+        let a = service("a", &["10.240.0.210"], &[(80, None), (443, None)]);
+        let plan = plan(
+            &[b, a],
+            &[pool("pool", "default")],
+            &[node_set(Forwarding::DirectRouting)],
+            &nodes,
+        );
+        assert_eq!(plan.table.service_count(), 2);
+        assert_eq!(plan.problems.len(), 1);
+        assert_eq!(plan.problems[0].service.name, "b");
+        assert!(
+            matches!(&plan.problems[0].error, PlanError::Collision { holder, .. } if holder.name == "a")
+        );
+    }
+
+    #[test]
+    fn unknown_pools_and_node_sets_are_reported_not_planned() {
+        let nodes = [node("a", &["10.0.0.1"])];
+        let mut lost = service("lost", &["10.240.0.210"], &[(80, None)]);
+        lost.pool = "gone".into();
+        let orphan = service("orphan", &["10.240.0.211"], &[(80, None)]);
+        let plan = plan(
+            &[lost, orphan],
+            &[pool("pool", "nowhere")],
+            &[node_set(Forwarding::DirectRouting)],
+            &nodes,
+        );
+        assert!(plan.table.services.is_empty());
+        assert!(matches!(
+            plan.problems[0].error,
+            PlanError::UnknownPool { .. }
+        ));
+        assert!(matches!(
+            plan.problems[1].error,
+            PlanError::UnknownNodeSet { .. }
+        ));
+    }
+
+    #[test]
+    fn persistence_and_scheduler_overrides_reach_the_virtual_service() {
+        let nodes = [node("a", &["10.0.0.1"])];
+        let mut set = node_set(Forwarding::DirectRouting);
+        set.persistence = Some(300);
+        set.scheduler = Scheduler::Mh;
+        set.flags = ServiceFlags::SCHED1;
+        let mut svc = service("web", &["10.240.0.210"], &[(80, None)]);
+        let plain = plan(
+            &[svc.clone()],
+            &[pool("pool", "default")],
+            &[set.clone()],
+            &nodes,
+        );
+        svc.scheduler = Some(Scheduler::Wrr);
+        let overridden = plan(&[svc], &[pool("pool", "default")], &[set], &nodes);
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        let vs = &plain.table.services[&key].service;
+        assert_eq!((vs.scheduler.clone(), vs.timeout), (Scheduler::Mh, 300));
+        assert!(
+            vs.flags
+                .contains(ServiceFlags::PERSISTENT.union(ServiceFlags::SCHED1))
+        );
+        assert_eq!(
+            overridden.table.services[&key].service.scheduler,
+            Scheduler::Wrr
+        );
+    }
+}
