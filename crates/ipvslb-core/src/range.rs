@@ -157,11 +157,26 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_refused_with_a_reason() {
-        assert!(matches!("10.0.0.1/24".parse::<IpRange>(), Err(RangeError::HostBits(..))));
-        assert!(matches!("10.0.0.9-10.0.0.1".parse::<IpRange>(), Err(RangeError::Reversed(_))));
-        assert!(matches!("10.0.0.1-::1".parse::<IpRange>(), Err(RangeError::MixedFamilies(_))));
-        assert!(matches!("banana".parse::<IpRange>(), Err(RangeError::Syntax(_))));
-        assert!(matches!("10.0.0.0/33".parse::<IpRange>(), Err(RangeError::Syntax(_))));
+        assert!(matches!(
+            "10.0.0.1/24".parse::<IpRange>(),
+            Err(RangeError::HostBits(..))
+        ));
+        assert!(matches!(
+            "10.0.0.9-10.0.0.1".parse::<IpRange>(),
+            Err(RangeError::Reversed(_))
+        ));
+        assert!(matches!(
+            "10.0.0.1-::1".parse::<IpRange>(),
+            Err(RangeError::MixedFamilies(_))
+        ));
+        assert!(matches!(
+            "banana".parse::<IpRange>(),
+            Err(RangeError::Syntax(_))
+        ));
+        assert!(matches!(
+            "10.0.0.0/33".parse::<IpRange>(),
+            Err(RangeError::Syntax(_))
+        ));
     }
 
     #[test]

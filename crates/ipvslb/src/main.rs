@@ -1,1 +1,99 @@
-fn main() {}
+//! `ipvslb`: bare-metal LoadBalancer Services for Kubernetes, with Linux IPVS.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod manifests;
+mod plan;
+mod translate;
+
+use translate::{ClassPolicy, Unclassed};
+
+/// Assigns VIPs to LoadBalancer Services from IPPools and programs Linux IPVS to serve them.
+#[derive(Parser)]
+#[command(name = "ipvslb", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Decide VIPs and the IPVS table from manifests, offline: no cluster, no kernel.
+    Plan(PlanArgs),
+    /// Print ipvslb's CustomResourceDefinitions as YAML.
+    Crds,
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Manifest files or directories (multi-document YAML; directories are read one level deep).
+    #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    #[command(flatten)]
+    classes: ClassArgs,
+}
+
+/// Which Services ipvslb serves.
+#[derive(clap::Args)]
+struct ClassArgs {
+    /// The `spec.loadBalancerClass` this ipvslb serves.
+    #[arg(long, env = "IPVSLB_LOAD_BALANCER_CLASS", default_value = ipvslb_api::LOAD_BALANCER_CLASS)]
+    load_balancer_class: String,
+    /// LoadBalancer Services without a class: serve them, or leave them to another implementation.
+    #[arg(long, env = "IPVSLB_UNCLASSED_SERVICES", value_enum, default_value_t = Unclassed::Serve)]
+    unclassed_services: Unclassed,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    /// Tables for people.
+    Text,
+    /// One JSON object for programs.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan_command(args),
+        Command::Crds => ipvslb_api::crds_yaml()
+            .map(|yaml| print(&yaml))
+            .map_err(|e| format!("rendering the CRDs: {e}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plan_command(args: PlanArgs) -> Result<(), String> {
+    let manifests = manifests::Manifests::read(&args.files).map_err(|e| e.to_string())?;
+    let classes = ClassPolicy {
+        class: args.classes.load_balancer_class,
+        unclassed: args.classes.unclassed_services,
+    };
+    let outcome = plan::run(&manifests, &classes).map_err(|e| e.to_string())?;
+    for note in &outcome.notes {
+        eprintln!("note: {note}");
+    }
+    print(&match args.output {
+        Format::Text => outcome.to_text(),
+        Format::Json => outcome.to_json() + "\n",
+    });
+    Ok(())
+}
+
+/// Prints all at once, so a failure never leaves half an output; a closed pipe is not an error.
+fn print(text: &str) {
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
