@@ -5,9 +5,13 @@
 //! This crate knows nothing of Kubernetes. It must not depend on any Kubernetes crate: it is a
 //! reusable IPVS library in its own right.
 
+mod apply;
 pub mod consts;
 mod diff;
+mod listing;
 mod model;
 
-pub use diff::{Op, Owner, Removal, diff};
+pub use apply::ApplyError;
+pub use diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
+pub use listing::Listing;
 pub use model::*;

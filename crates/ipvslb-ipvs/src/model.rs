@@ -239,7 +239,9 @@ impl fmt::Display for Scheduler {
 }
 
 /// Service flags (`IPVS_SVC_ATTR_FLAGS`, the `IP_VS_SVC_F_*` bits).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ServiceFlags(pub u32);
 
 impl ServiceFlags {
@@ -390,6 +392,12 @@ pub struct DestKey {
     pub port: u16,
 }
 
+impl fmt::Display for DestKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        SocketDisplay(self.address, self.port).fmt(f)
+    }
+}
+
 /// A destination (real server) of a virtual service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Destination {
@@ -456,6 +464,27 @@ pub struct ServiceEntry {
     pub service: VirtualService,
     /// Its destinations, by key.
     pub destinations: BTreeMap<DestKey, Destination>,
+    /// The service's counters, when the table was read from the kernel.
+    // Counters live beside the settings, not inside them, so that operations and comparisons of
+    // settings never carry values that change with every packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
+    /// Counters per destination, when the table was read from the kernel; a destination without
+    /// an entry here counts as all zeros.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub destination_stats: BTreeMap<DestKey, Stats>,
+}
+
+impl ServiceEntry {
+    /// `service` without destinations and without counters.
+    pub fn new(service: VirtualService) -> Self {
+        Self {
+            service,
+            destinations: BTreeMap::new(),
+            stats: None,
+            destination_stats: BTreeMap::new(),
+        }
+    }
 }
 
 /// A whole IPVS table: the services, ordered by key, each with its destinations.
@@ -472,15 +501,14 @@ impl Table {
     }
 
     /// Inserts (or replaces) `service` with `destinations`.
-    pub fn insert(&mut self, service: VirtualService, destinations: impl IntoIterator<Item = Destination>) {
-        let destinations = destinations.into_iter().map(|d| (d.key(), d)).collect();
-        self.services.insert(
-            service.key,
-            ServiceEntry {
-                service,
-                destinations,
-            },
-        );
+    pub fn insert(
+        &mut self,
+        service: VirtualService,
+        destinations: impl IntoIterator<Item = Destination>,
+    ) {
+        let mut entry = ServiceEntry::new(service);
+        entry.destinations = destinations.into_iter().map(|d| (d.key(), d)).collect();
+        self.services.insert(entry.service.key, entry);
     }
 
     /// The number of virtual services.

@@ -1,0 +1,54 @@
+//! Builders shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+
+use ipvslb_ipvs::{
+    Destination, ForwardingMethod, Op, Protocol, Scheduler, ServiceKey, Table, VirtualService,
+};
+
+/// An address from text that the test itself wrote.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+/// A TCP service key.
+pub fn tcp(address: &str, port: u16) -> ServiceKey {
+    ServiceKey::addr(ip(address), Protocol::Tcp, port)
+}
+
+/// A UDP service key.
+pub fn udp(address: &str, port: u16) -> ServiceKey {
+    ServiceKey::addr(ip(address), Protocol::Udp, port)
+}
+
+/// A round-robin service.
+pub fn rr(key: ServiceKey) -> VirtualService {
+    VirtualService::new(key, Scheduler::Rr)
+}
+
+/// A direct-routing destination.
+pub fn dest(address: &str, port: u16, weight: u32) -> Destination {
+    Destination::new(ip(address), port, ForwardingMethod::Route, weight)
+}
+
+/// A table of services with their destinations.
+pub fn table<const N: usize>(entries: [(VirtualService, Vec<Destination>); N]) -> Table {
+    let mut table = Table::new();
+    for (service, destinations) in entries {
+        table.insert(service, destinations);
+    }
+    table
+}
+
+/// `ops` applied one by one to a copy of `table`, panicking with the op the table refused.
+pub fn applied(table: &Table, ops: &[Op]) -> Table {
+    let mut out = table.clone();
+    for op in ops {
+        if let Err(e) = out.apply(op) {
+            panic!("{op} was refused: {e}");
+        }
+    }
+    out
+}
