@@ -25,6 +25,8 @@ pub struct Plan {
     pub table: Table,
     /// Per Service, why some or all of its entries are missing or empty.
     pub problems: Vec<PlanProblem>,
+    /// Which Service each virtual service is for.
+    pub owners: BTreeMap<ServiceKey, ServiceName>,
 }
 
 /// A Service that could not be planned in full.
@@ -110,7 +112,6 @@ pub fn plan(
     ordered.sort_by(|a, b| a.name.cmp(&b.name));
 
     let mut plan = Plan::default();
-    let mut holders: BTreeMap<ServiceKey, &ServiceName> = BTreeMap::new();
     for service in ordered {
         let mut problem = |error| {
             plan.problems.push(PlanProblem {
@@ -143,10 +144,10 @@ pub fn plan(
             }
             for port in &service.ports {
                 let key = ServiceKey::addr(*address, port.protocol, port.port);
-                if let Some(holder) = holders.get(&key) {
+                if let Some(holder) = plan.owners.get(&key) {
                     problem(PlanError::Collision {
                         key,
-                        holder: (*holder).clone(),
+                        holder: holder.clone(),
                     });
                     continue;
                 }
@@ -157,7 +158,7 @@ pub fn plan(
                     });
                     continue;
                 };
-                holders.insert(key, &service.name);
+                plan.owners.insert(key, service.name.clone());
                 let virtual_service = virtual_service(key, service, set);
                 plan.table.insert(
                     virtual_service,

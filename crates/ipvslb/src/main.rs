@@ -6,8 +6,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod allocator;
+mod converge;
+mod dataplane;
+mod director;
+mod leader;
 mod manifests;
+mod metrics;
 mod plan;
+mod run;
 mod translate;
 
 use translate::{ClassPolicy, Unclassed};
@@ -22,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controllers against a cluster: the allocator, the director, or both.
+    Run(run::RunArgs),
     /// Decide VIPs and the IPVS table from manifests, offline: no cluster, no kernel.
     Plan(PlanArgs),
     /// Print ipvslb's CustomResourceDefinitions as YAML.
@@ -62,6 +71,7 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(args) => run_command(args),
         Command::Plan(args) => plan_command(args),
         Command::Crds => ipvslb_api::crds_yaml()
             .map(|yaml| print(&yaml))
@@ -74,6 +84,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_command(args: run::RunArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(run::run(args))
 }
 
 fn plan_command(args: PlanArgs) -> Result<(), String> {

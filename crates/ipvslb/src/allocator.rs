@@ -1,0 +1,729 @@
+//! The allocator controller: gives LoadBalancer Services their VIPs from IPPools and records
+//! them in `status.loadBalancer.ingress`, the only durable allocation record.
+//!
+//! Every replica watches; only the Lease holder acts. On becoming leader it rebuilds every
+//! assignment from a fresh (quorum) list of Services before it assigns anything, so a restart
+//! or a leader change never moves an address and never hands one out twice.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use ipvslb_api::{IPPool, IPPoolStatus, MAX_STATUS_ALLOCATIONS};
+use ipvslb_core::alloc::{AllocError, Allocator, Assignment};
+use ipvslb_core::{IpFamily, PoolSpec, ServiceClaim, ServiceName};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::metrics::Metrics;
+use crate::translate::{self, ClassPolicy};
+
+/// The annotation that records which pool a Service's VIPs came from. Written by the allocator;
+/// its presence also marks the status as ipvslb's to clear.
+pub const ANNOTATION_ASSIGNED_POOL: &str = "ipvslb.io/assigned-pool";
+
+/// The field manager of every write.
+const MANAGER: &str = "ipvslb-allocator";
+
+/// Why a reconcile failed; retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Listing Services to rebuild the assignments failed.
+    #[error("listing Services to rebuild assignments: {0}")]
+    Rebuild(#[source] kube::Error),
+    /// Writing a Service's status failed.
+    #[error("writing the status of Service {service}: {source}")]
+    WriteStatus {
+        /// The Service.
+        service: ServiceName,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing a Service's annotation failed.
+    #[error("annotating Service {service}: {source}")]
+    Annotate {
+        /// The Service.
+        service: ServiceName,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The shared state was poisoned by a panic elsewhere.
+    #[error("allocator state is unusable after an earlier failure")]
+    Poisoned,
+}
+
+impl Error {
+    /// The metric label of the error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Rebuild(_) => "rebuild",
+            Error::WriteStatus { .. } => "write_status",
+            Error::Annotate { .. } => "annotate",
+            Error::Poisoned => "poisoned",
+        }
+    }
+}
+
+/// Settings of the allocator.
+#[derive(Clone)]
+pub struct Config {
+    /// Which Services are ours.
+    pub classes: ClassPolicy,
+}
+
+/// What reconciles share.
+pub struct Context {
+    client: Client,
+    config: Config,
+    services: Store<Service>,
+    pools: Store<IPPool>,
+    namespaces: Store<Namespace>,
+    leading: watch::Receiver<bool>,
+    state: Mutex<Option<State>>,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    pools_changed: Notify,
+}
+
+/// The allocator as rebuilt for the current pools and leadership.
+struct State {
+    pools: Vec<PoolSpec>,
+    allocator: Allocator,
+}
+
+/// What the allocator decided for one Service.
+enum Decision {
+    /// It holds these addresses.
+    Assigned(Assignment),
+    /// It gets none, for this reason.
+    Failed(AllocError),
+    /// It is not (or no longer) ours.
+    NotOurs,
+}
+
+/// Runs the allocator until `shutdown` fires.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    leading: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (services, services_writer) = reflector::store();
+    let (pools, pools_writer) = reflector::store();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config,
+        services: services.clone(),
+        pools: pools.clone(),
+        namespaces: namespaces.clone(),
+        leading: leading.clone(),
+        state: Mutex::new(None),
+        recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        metrics,
+        pools_changed: Notify::new(),
+    });
+
+    let deleted = ctx.clone();
+    let service_stream = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(services_writer)
+    .inspect_ok(move |event| {
+        if let watcher::Event::Delete(service) = event {
+            deleted.forget(&translate::service_name(service));
+        }
+    })
+    .applied_objects();
+    let pool_stream = watcher(
+        Api::<IPPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(pools_writer)
+    .touched_objects();
+    let namespace_stream = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(namespaces_writer)
+    .applied_objects();
+
+    let on_pools = services.clone();
+    let on_namespace = services.clone();
+    let became_leader = leadership_gained(leading.clone());
+    tokio::spawn(write_pool_statuses(ctx.clone(), shutdown.clone()));
+    let mut stop = shutdown.clone();
+    Controller::for_stream(service_stream, services)
+        .watches_stream(pool_stream, move |_pool: IPPool| {
+            on_pools
+                .state()
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(namespace_stream, move |ns: Namespace| {
+            let name = ns.name_any();
+            on_namespace
+                .state()
+                .iter()
+                .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_all_on(became_leader)
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// A stream that yields each time this replica becomes leader.
+fn leadership_gained(leading: watch::Receiver<bool>) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold(leading, |mut rx| async move {
+        loop {
+            rx.changed().await.ok()?;
+            if *rx.borrow_and_update() {
+                return Some(((), rx));
+            }
+        }
+    })
+}
+
+async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = translate::service_name(&service);
+    let _timer = ctx.metrics.reconcile_timer("allocator");
+    if !*ctx.leading.borrow() {
+        ctx.drop_state();
+        return Ok(Action::await_change());
+    }
+    let span = info_span!("allocate", service = %name);
+    async {
+        ctx.ensure_state().await?;
+        let decision = ctx.decide(&service)?;
+        ctx.apply(&service, &name, decision).await
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_policy(service: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(service = %translate::service_name(&service), %error, "allocation failed; retrying");
+    ctx.metrics.reconcile_error("allocator", error.kind());
+    Action::requeue(Duration::from_secs(5))
+}
+
+impl Context {
+    fn drop_state(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            *state = None;
+        }
+    }
+
+    /// Rebuilds the allocator when leadership is new (from a fresh list of Services) or when the
+    /// pools changed (keeping what the old allocator held, which may be newer than the cache).
+    async fn ensure_state(&self) -> Result<(), Error> {
+        let (pools, problems) = self.current_pools();
+        let previous: Option<BTreeMap<ServiceName, Assignment>> = {
+            let state = self.state.lock().map_err(|_| Error::Poisoned)?;
+            match state.as_ref() {
+                Some(s) if s.pools == pools => return Ok(()),
+                Some(s) => Some(
+                    s.allocator
+                        .assignments()
+                        .map(|(n, a)| (n.clone(), a.clone()))
+                        .collect(),
+                ),
+                None => None,
+            }
+        };
+        let services: Vec<Service> = match previous {
+            // A new leader reads the API, not its cache: the old leader's last writes may not
+            // have reached the cache yet, and missing one would hand an address out twice.
+            None => {
+                Api::<Service>::all(self.client.clone())
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(Error::Rebuild)?
+                    .items
+            }
+            Some(_) => self
+                .services
+                .state()
+                .iter()
+                .map(|s| (**s).clone())
+                .collect(),
+        };
+        let mut claims: Vec<ServiceClaim> = services
+            .iter()
+            .filter(|s| self.config.classes.serves(s) && s.metadata.deletion_timestamp.is_none())
+            .map(|s| self.claim(s))
+            .collect();
+        if let Some(previous) = &previous {
+            for claim in &mut claims {
+                if let Some(held) = previous.get(&claim.name) {
+                    claim.current = held.addresses.clone();
+                }
+            }
+        }
+        claims.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        let (mut allocator, pool_problems) = Allocator::new(pools.clone());
+        let mut restored = 0usize;
+        for claim in claims.iter().filter(|c| !c.current.is_empty()) {
+            match allocator.restore(claim) {
+                Ok(_) => restored += 1,
+                Err(e) => {
+                    info!(service = %claim.name, reason = %e, "recorded addresses not restored; it will be reassigned")
+                }
+            }
+        }
+        info!(pools = pools.len(), restored, "rebuilt assignments");
+        for problem in pool_problems
+            .iter()
+            .map(ToString::to_string)
+            .chain(problems)
+        {
+            warn!(%problem, "pool problem");
+        }
+        *self.state.lock().map_err(|_| Error::Poisoned)? = Some(State { pools, allocator });
+        self.pools_changed.notify_one();
+        Ok(())
+    }
+
+    /// The valid pools, and messages for the invalid ones.
+    fn current_pools(&self) -> (Vec<PoolSpec>, Vec<String>) {
+        let mut pools = Vec::new();
+        let mut problems = Vec::new();
+        for pool in self.pools.state() {
+            match translate::pool(&pool) {
+                Ok(spec) => pools.push(spec),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        (pools, problems)
+    }
+
+    fn claim(&self, service: &Service) -> ServiceClaim {
+        let namespace = service.namespace().unwrap_or_default();
+        let labels = self
+            .namespaces
+            .get(&ObjectRef::new(&namespace))
+            .and_then(|ns| ns.metadata.labels.clone())
+            .unwrap_or_default();
+        translate::claim(service, &labels)
+    }
+
+    fn decide(&self, service: &Service) -> Result<Decision, Error> {
+        let name = translate::service_name(service);
+        let mut guard = self.state.lock().map_err(|_| Error::Poisoned)?;
+        let Some(state) = guard.as_mut() else {
+            return Err(Error::Poisoned);
+        };
+        let ours =
+            self.config.classes.serves(service) && service.metadata.deletion_timestamp.is_none();
+        let decision = if !ours {
+            state.allocator.release(&name);
+            Decision::NotOurs
+        } else {
+            match state.allocator.assign(&self.claim(service)) {
+                Ok(a) => Decision::Assigned(a),
+                Err(e) => Decision::Failed(e),
+            }
+        };
+        drop(guard);
+        self.pools_changed.notify_one();
+        Ok(decision)
+    }
+
+    /// Forgets a deleted Service's addresses.
+    fn forget(&self, name: &ServiceName) {
+        if let Ok(mut guard) = self.state.lock()
+            && let Some(state) = guard.as_mut()
+            && state.allocator.release(name).is_some()
+        {
+            debug!(service = %name, "released the addresses of a deleted Service");
+            self.pools_changed.notify_one();
+        }
+    }
+
+    /// Makes the API match the decision: status, annotation, Event.
+    async fn apply(
+        &self,
+        service: &Service,
+        name: &ServiceName,
+        decision: Decision,
+    ) -> Result<Action, Error> {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &name.namespace);
+        let recorded = recorded_ingress(service);
+        let annotated = service.annotations().get(ANNOTATION_ASSIGNED_POOL).cloned();
+        match decision {
+            Decision::Assigned(assignment) => {
+                let wanted: Vec<String> = assignment
+                    .addresses
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                if recorded != wanted {
+                    self.ensure_leading()?;
+                    let ingress: Vec<_> = wanted
+                        .iter()
+                        .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+                        .collect();
+                    let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+                    api.patch_status(
+                        &name.name,
+                        &PatchParams::apply(MANAGER),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map_err(|source| Error::WriteStatus {
+                        service: name.clone(),
+                        source,
+                    })?;
+                    info!(addresses = %wanted.join(","), pool = %assignment.pool, "assigned");
+                    self.event(
+                        service,
+                        EventType::Normal,
+                        "IPAllocated",
+                        format!(
+                            "Assigned {} from pool {}",
+                            wanted.join(", "),
+                            assignment.pool
+                        ),
+                    )
+                    .await;
+                }
+                if annotated.as_deref() != Some(assignment.pool.as_str()) {
+                    self.ensure_leading()?;
+                    let patch = json!({"metadata": {"annotations": {ANNOTATION_ASSIGNED_POOL: assignment.pool}}});
+                    api.patch(
+                        &name.name,
+                        &PatchParams::apply(MANAGER),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map_err(|source| Error::Annotate {
+                        service: name.clone(),
+                        source,
+                    })?;
+                }
+                Ok(Action::await_change())
+            }
+            Decision::Failed(reason) => {
+                if annotated.is_some() && !recorded.is_empty() {
+                    self.clear(&api, name).await?;
+                }
+                warn!(%reason, "no addresses");
+                self.event(
+                    service,
+                    EventType::Warning,
+                    "AllocationFailed",
+                    reason.to_string(),
+                )
+                .await;
+                // Pools and Services that could free space requeue it; the timer is a backstop.
+                Ok(Action::requeue(Duration::from_secs(300)))
+            }
+            Decision::NotOurs => {
+                if annotated.is_some() {
+                    self.clear(&api, name).await?;
+                    info!("released: no longer a LoadBalancer Service of our class");
+                }
+                Ok(Action::await_change())
+            }
+        }
+    }
+
+    /// Removes the status and annotation this allocator wrote.
+    async fn clear(&self, api: &Api<Service>, name: &ServiceName) -> Result<(), Error> {
+        self.ensure_leading()?;
+        let status = json!({"status": {"loadBalancer": {"ingress": null}}});
+        api.patch_status(
+            &name.name,
+            &PatchParams::apply(MANAGER),
+            &Patch::Merge(&status),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            service: name.clone(),
+            source,
+        })?;
+        let annotation = json!({"metadata": {"annotations": {ANNOTATION_ASSIGNED_POOL: null}}});
+        api.patch(
+            &name.name,
+            &PatchParams::apply(MANAGER),
+            &Patch::Merge(&annotation),
+        )
+        .await
+        .map_err(|source| Error::Annotate {
+            service: name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// A replica that lost the lease must not write: checked right before each write.
+    fn ensure_leading(&self) -> Result<(), Error> {
+        if *self.leading.borrow() {
+            Ok(())
+        } else {
+            self.drop_state();
+            Err(Error::Poisoned)
+        }
+    }
+
+    async fn event(
+        &self,
+        object: &impl Resource<DynamicType = ()>,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Allocate".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            warn!(error = %e, reason, "could not publish an event");
+        }
+    }
+}
+
+fn recorded_ingress(service: &Service) -> Vec<String> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ingress| ingress.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Keeps every IPPool's status and the pool metrics current, at most twice a second.
+async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = ctx.pools_changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !*ctx.leading.borrow() {
+            continue;
+        }
+        for pool in ctx.pools.state() {
+            if let Err(e) = write_pool_status(&ctx, &pool).await {
+                warn!(pool = %pool.name_any(), error = %e, "could not write the pool status");
+            }
+        }
+    }
+}
+
+async fn write_pool_status(ctx: &Context, pool: &IPPool) -> Result<(), kube::Error> {
+    let name = pool.name_any();
+    let invalid = translate::pool(pool).err();
+    let (usage, problems): (Option<ipvslb_core::alloc::PoolUsage>, Vec<String>) = {
+        let guard = match ctx.state.lock() {
+            Ok(g) => g,
+            Err(_) => return Ok(()),
+        };
+        let Some(state) = guard.as_ref() else {
+            return Ok(());
+        };
+        let problems = state
+            .allocator
+            .problems()
+            .iter()
+            .filter(|p| p.concerns(&name))
+            .map(ToString::to_string)
+            .collect();
+        (state.allocator.usage(&name), problems)
+    };
+    let previous = pool.status.clone().unwrap_or_default();
+    let mut status = IPPoolStatus::default();
+    if let Some(usage) = &usage {
+        status.assigned_ipv4 = usage.assigned_v4;
+        status.assigned_ipv6 = usage.assigned_v6;
+        status.assigned = usage.assigned_v4 + usage.assigned_v6;
+        status.available_ipv4 = u64::try_from(usage.available_v4).unwrap_or(u64::MAX);
+        status.available_ipv6 = usage.available_v6.to_string();
+        status.available = usage
+            .available_v4
+            .saturating_add(usage.available_v6)
+            .to_string();
+        let (allocations, truncated) = usage.allocations(MAX_STATUS_ALLOCATIONS);
+        status.allocations = allocations
+            .into_iter()
+            .map(|(addr, holders)| {
+                (
+                    addr.to_string(),
+                    holders
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+            })
+            .collect();
+        status.allocations_truncated = truncated;
+        for (family, assigned, available) in [
+            (
+                IpFamily::V4,
+                usage.assigned_v4 as f64,
+                usage.available_v4 as f64,
+            ),
+            (
+                IpFamily::V6,
+                usage.assigned_v6 as f64,
+                usage.available_v6 as f64,
+            ),
+        ] {
+            let labels = |state: &str| {
+                vec![
+                    ("pool", name.clone()),
+                    ("family", family.to_string()),
+                    ("state", state.to_owned()),
+                ]
+            };
+            ctx.metrics
+                .pool_addresses
+                .get_or_create(&labels("assigned"))
+                .set(assigned);
+            ctx.metrics
+                .pool_addresses
+                .get_or_create(&labels("available"))
+                .set(available);
+        }
+        ctx.metrics
+            .assignments
+            .get_or_create(&vec![("pool", name.clone())])
+            .set(i64::try_from(status.assigned).unwrap_or(i64::MAX));
+    }
+    let overlap = problems.join("; ");
+    let invalid_message = invalid
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    status.conditions = vec![
+        condition(
+            &previous,
+            "Ready",
+            invalid.is_none() && problems.is_empty(),
+            if invalid.is_some() {
+                "Invalid"
+            } else if problems.is_empty() {
+                "Serving"
+            } else {
+                "Overlapping"
+            },
+            if invalid.is_some() {
+                &invalid_message
+            } else {
+                &overlap
+            },
+        ),
+        condition(
+            &previous,
+            "Overlapping",
+            !problems.is_empty(),
+            if problems.is_empty() {
+                "NoOverlap"
+            } else {
+                "Overlap"
+            },
+            &overlap,
+        ),
+        condition(
+            &previous,
+            "Invalid",
+            invalid.is_some(),
+            if invalid.is_some() {
+                "Invalid"
+            } else {
+                "Valid"
+            },
+            &invalid_message,
+        ),
+    ];
+    if previous == status {
+        return Ok(());
+    }
+    if !*ctx.leading.borrow() {
+        return Ok(());
+    }
+    let api: Api<IPPool> = Api::all(ctx.client.clone());
+    let patch = json!({"status": status});
+    api.patch_status(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+        .await?;
+    if invalid.is_some()
+        && !previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Invalid" && c.status == "True")
+    {
+        let event_reason = "Invalid";
+        let _ = ctx.event_on_pool(pool, event_reason, invalid_message).await;
+    }
+    if !problems.is_empty()
+        && !previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Overlapping" && c.status == "True")
+    {
+        let _ = ctx.event_on_pool(pool, "Overlap", overlap).await;
+    }
+    Ok(())
+}
+
+impl Context {
+    async fn event_on_pool(&self, pool: &IPPool, reason: &str, note: String) {
+        self.event(pool, EventType::Warning, reason, note).await;
+    }
+}
+
+/// A condition that keeps its transition time while its status stays the same.
+fn condition(
+    previous: &IPPoolStatus,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition_time: last.unwrap_or_else(|| Time(Timestamp::now())),
+        observed_generation: None,
+    }
+}

@@ -1,0 +1,435 @@
+//! The director's convergence: from a plan to the data plane, per Service (cost proportional to
+//! that Service) or for the whole table (start-up, periodic repair, garbage collection).
+//!
+//! What it may touch: virtual services whose address lies in some IPPool (`owned`), and the
+//! addresses of its own interface. Destinations that leave the plan are drained (weight 0) for
+//! a grace period before they are deleted, so live connections finish.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ipvslb_core::{IpRange, ServiceName};
+use ipvslb_ipvs::{DestKey, Op, Removal, ServiceKey, Table, diff};
+
+use crate::dataplane::{self, Dataplane};
+
+/// What one convergence did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Operations applied, by kind (`add_service`, `edit_dest`, ...).
+    pub ops: BTreeMap<&'static str, usize>,
+    /// VIP addresses added to the interface.
+    pub addresses_added: usize,
+    /// VIP addresses removed from the interface.
+    pub addresses_removed: usize,
+    /// The earliest time a draining destination may be deleted, if any is draining.
+    pub next_drain_deadline: Option<Instant>,
+}
+
+impl Report {
+    /// Whether nothing was written.
+    pub fn is_noop(&self) -> bool {
+        self.ops.is_empty() && self.addresses_added == 0 && self.addresses_removed == 0
+    }
+}
+
+/// The address ranges of every IPPool: what this director owns in the kernel.
+#[derive(Debug, Clone, Default)]
+pub struct Owned {
+    ranges: Vec<IpRange>,
+}
+
+impl Owned {
+    /// Owns the addresses of these ranges.
+    pub fn new(ranges: Vec<IpRange>) -> Self {
+        Self { ranges }
+    }
+
+    /// Whether a virtual service is ours.
+    pub fn owns(&self, key: &ServiceKey) -> bool {
+        key.address()
+            .is_some_and(|a| self.ranges.iter().any(|r| r.contains(&a)))
+    }
+}
+
+/// Per-director memory that is allowed to be lost: which keys each Service was given, and when
+/// each draining destination started draining. After a restart the full pass rebuilds the first
+/// and draining restarts its clock, which only lengthens a grace period.
+pub struct Converger<D> {
+    dataplane: D,
+    grace: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    held: BTreeMap<ServiceName, BTreeSet<ServiceKey>>,
+    draining: BTreeMap<(ServiceKey, DestKey), Instant>,
+}
+
+impl<D: Dataplane> Converger<D> {
+    /// A converger over `dataplane` that drains removed destinations for `grace`.
+    pub fn new(dataplane: D, grace: Duration) -> Self {
+        Self {
+            dataplane,
+            grace,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The data plane.
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
+    }
+
+    /// Converges the entries of one Service: `desired` holds exactly its virtual services
+    /// (empty when it has none any more). Reads only its own keys from the kernel.
+    pub fn converge_service(
+        &self,
+        name: &ServiceName,
+        desired: &Table,
+        owned: &Owned,
+        now: Instant,
+    ) -> Result<Report, dataplane::Error> {
+        let previous = self.lock()?.held.get(name).cloned().unwrap_or_default();
+        let keys: BTreeSet<ServiceKey> = desired
+            .services
+            .keys()
+            .chain(previous.iter())
+            .copied()
+            .filter(|k| owned.owns(k))
+            .collect();
+        let mut actual = Table::new();
+        for key in &keys {
+            if let Some(entry) = self.dataplane.service(key)? {
+                actual.services.insert(*key, entry);
+            }
+        }
+        let mut report =
+            self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
+        let vips: BTreeSet<IpAddr> = desired
+            .services
+            .keys()
+            .filter_map(|k| k.address())
+            .collect();
+        let present = self.dataplane.addresses()?;
+        for vip in vips.difference(&present) {
+            self.dataplane.add_address(*vip)?;
+            report.addresses_added += 1;
+        }
+        let mut state = self.lock()?;
+        if desired.services.is_empty() {
+            state.held.remove(name);
+        } else {
+            state
+                .held
+                .insert(name.clone(), desired.services.keys().copied().collect());
+        }
+        // A VIP this Service gave up may still serve another Service sharing it: remove the
+        // address only when no Service holds a key on it.
+        let still_used: BTreeSet<IpAddr> = state
+            .held
+            .values()
+            .flatten()
+            .filter_map(|k| k.address())
+            .collect();
+        drop(state);
+        let released: BTreeSet<IpAddr> = previous.iter().filter_map(|k| k.address()).collect();
+        for vip in released.difference(&still_used) {
+            if present.contains(vip) && !vips.contains(vip) {
+                self.dataplane.del_address(*vip)?;
+                report.addresses_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Converges the whole owned table to `desired` and the interface to its VIPs; also
+    /// forgets Services that are gone, so their entries are collected.
+    pub fn converge_all(
+        &self,
+        desired: &Table,
+        by_service: BTreeMap<ServiceName, BTreeSet<ServiceKey>>,
+        owned: &Owned,
+        now: Instant,
+    ) -> Result<Report, dataplane::Error> {
+        let actual = self.dataplane.dump()?;
+        let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
+        let vips: BTreeSet<IpAddr> = desired
+            .services
+            .keys()
+            .filter_map(|k| k.address())
+            .collect();
+        let present = self.dataplane.addresses()?;
+        for vip in vips.difference(&present) {
+            self.dataplane.add_address(*vip)?;
+            report.addresses_added += 1;
+        }
+        for vip in present.difference(&vips) {
+            self.dataplane.del_address(*vip)?;
+            report.addresses_removed += 1;
+        }
+        self.lock()?.held = by_service;
+        Ok(report)
+    }
+
+    /// Diffs with draining: destinations that left `desired` go to weight 0 and stay there
+    /// until their grace period is over.
+    fn apply_diff(
+        &self,
+        actual: &Table,
+        desired: &Table,
+        owner: &dyn Fn(&ServiceKey) -> bool,
+        now: Instant,
+    ) -> Result<Report, dataplane::Error> {
+        let mut desired = desired.clone();
+        let mut state = self.lock()?;
+        let mut next_deadline: Option<Instant> = None;
+        for (key, entry) in &actual.services {
+            let Some(wanted) = desired.services.get_mut(key) else {
+                continue; // the whole service goes: nothing left to drain into
+            };
+            for (dest_key, dest) in &entry.destinations {
+                if wanted.destinations.contains_key(dest_key) {
+                    state.draining.remove(&(*key, *dest_key));
+                    continue;
+                }
+                let started = *state.draining.entry((*key, *dest_key)).or_insert(now);
+                let deadline = started + self.grace;
+                if now < deadline {
+                    let mut kept = dest.clone();
+                    kept.weight = 0;
+                    wanted.destinations.insert(*dest_key, kept);
+                    next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                } else {
+                    state.draining.remove(&(*key, *dest_key));
+                }
+            }
+        }
+        drop(state);
+        let ops = diff(
+            actual,
+            &desired,
+            &|k: &ServiceKey| owner(k),
+            Removal::Delete,
+        );
+        self.dataplane.apply(&ops)?;
+        let mut report = Report {
+            next_drain_deadline: next_deadline,
+            ..Report::default()
+        };
+        for op in &ops {
+            *report.ops.entry(op.kind().as_str()).or_default() += 1;
+        }
+        Ok(report)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, dataplane::Error> {
+        self.state.lock().map_err(|_| dataplane::Error::Poisoned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ipvslb_ipvs::{Destination, ForwardingMethod, Protocol, Scheduler, VirtualService};
+
+    use super::*;
+    use crate::dataplane::Memory;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn key(vip: &str, port: u16) -> ServiceKey {
+        ServiceKey::addr(ip(vip), Protocol::Tcp, port)
+    }
+
+    fn table(entries: &[(ServiceKey, &[(&str, u32)])]) -> Table {
+        let mut t = Table::new();
+        for (k, dests) in entries {
+            t.insert(
+                VirtualService::new(*k, Scheduler::Rr),
+                dests
+                    .iter()
+                    .map(|(a, w)| Destination::new(ip(a), 80, ForwardingMethod::Route, *w)),
+            );
+        }
+        t
+    }
+
+    fn owned() -> Owned {
+        Owned::new(vec!["10.240.0.208/29".parse().unwrap()])
+    }
+
+    fn svc(name: &str) -> ServiceName {
+        ServiceName::new("default", name)
+    }
+
+    #[test]
+    fn converging_the_same_service_twice_writes_nothing_the_second_time() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1), ("10.0.0.2", 1)])]);
+        let now = Instant::now();
+        let first = c
+            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .unwrap();
+        assert_eq!(first.ops.get("add_service"), Some(&1));
+        assert_eq!(first.ops.get("add_dest"), Some(&2));
+        assert_eq!(first.addresses_added, 1);
+        let writes = c.dataplane().writes();
+        let second = c
+            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .unwrap();
+        assert!(second.is_noop(), "{second:?}");
+        assert_eq!(c.dataplane().writes(), writes);
+        assert_eq!(c.dataplane().table().unwrap(), desired);
+    }
+
+    #[test]
+    fn a_removed_destination_drains_at_weight_zero_until_its_grace_period_ends() {
+        let c = Converger::new(Memory::default(), Duration::from_secs(30));
+        let k = key("10.240.0.210", 80);
+        let t0 = Instant::now();
+        c.converge_service(
+            &svc("web"),
+            &table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]),
+            &owned(),
+            t0,
+        )
+        .unwrap();
+        let one_left = table(&[(k, &[("10.0.0.1", 1)])]);
+        let draining = c
+            .converge_service(
+                &svc("web"),
+                &one_left,
+                &owned(),
+                t0 + Duration::from_secs(1),
+            )
+            .unwrap();
+        assert_eq!(draining.ops.get("edit_dest"), Some(&1));
+        assert_eq!(
+            draining.next_drain_deadline,
+            Some(t0 + Duration::from_secs(31))
+        );
+        let kernel = c.dataplane().table().unwrap();
+        assert_eq!(
+            kernel.services[&k].destinations.len(),
+            2,
+            "still there, at weight 0"
+        );
+        assert!(
+            kernel.services[&k]
+                .destinations
+                .values()
+                .any(|d| d.address == ip("10.0.0.2") && d.weight == 0)
+        );
+        let still = c
+            .converge_service(
+                &svc("web"),
+                &one_left,
+                &owned(),
+                t0 + Duration::from_secs(20),
+            )
+            .unwrap();
+        assert!(still.is_noop());
+        let done = c
+            .converge_service(
+                &svc("web"),
+                &one_left,
+                &owned(),
+                t0 + Duration::from_secs(32),
+            )
+            .unwrap();
+        assert_eq!(done.ops.get("del_dest"), Some(&1));
+        assert_eq!(c.dataplane().table().unwrap(), one_left);
+    }
+
+    #[test]
+    fn a_port_change_removes_the_old_virtual_service_and_keeps_the_vip() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(
+            &svc("web"),
+            &table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]),
+            &owned(),
+            now,
+        )
+        .unwrap();
+        let moved = table(&[(key("10.240.0.210", 8080), &[("10.0.0.1", 1)])]);
+        let report = c
+            .converge_service(&svc("web"), &moved, &owned(), now)
+            .unwrap();
+        assert_eq!(report.ops.get("del_service"), Some(&1));
+        assert_eq!(report.addresses_removed, 0);
+        assert_eq!(c.dataplane().table().unwrap(), moved);
+        assert!(
+            c.dataplane()
+                .addresses()
+                .unwrap()
+                .contains(&ip("10.240.0.210"))
+        );
+    }
+
+    #[test]
+    fn a_shared_vip_stays_until_its_last_service_goes() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let tcp = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 1)])]);
+        let other = table(&[(key("10.240.0.210", 853), &[("10.0.0.1", 1)])]);
+        c.converge_service(&svc("dns-tcp"), &tcp, &owned(), now)
+            .unwrap();
+        c.converge_service(&svc("dot"), &other, &owned(), now)
+            .unwrap();
+        let gone = c
+            .converge_service(&svc("dns-tcp"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(gone.addresses_removed, 0);
+        assert_eq!(c.dataplane().table().unwrap(), other);
+        let last = c
+            .converge_service(&svc("dot"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(last.addresses_removed, 1);
+        assert!(c.dataplane().addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_full_pass_repairs_drift_collects_orphans_and_never_touches_foreign_services() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let foreign = key("192.168.1.1", 443);
+        let orphan = key("10.240.0.211", 80);
+        c.dataplane()
+            .apply(&[
+                ipvslb_ipvs::Op::AddService(VirtualService::new(foreign, Scheduler::Wlc)),
+                ipvslb_ipvs::Op::AddService(VirtualService::new(orphan, Scheduler::Rr)),
+            ])
+            .unwrap();
+        let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let by_service = BTreeMap::from([(svc("web"), BTreeSet::from([key("10.240.0.210", 80)]))]);
+        let report = c
+            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .unwrap();
+        assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
+        let kernel = c.dataplane().table().unwrap();
+        assert!(kernel.services.contains_key(&foreign));
+        assert!(!kernel.services.contains_key(&orphan));
+        // someone runs `ipvsadm -d` on our destination
+        let dest = kernel.services[&key("10.240.0.210", 80)]
+            .destinations
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+        c.dataplane()
+            .apply(&[ipvslb_ipvs::Op::DelDest(key("10.240.0.210", 80), dest)])
+            .unwrap();
+        let repair = c
+            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .unwrap();
+        assert_eq!(repair.ops.get("add_dest"), Some(&1));
+        let again = c.converge_all(&desired, by_service, &owned(), now).unwrap();
+        assert!(again.is_noop());
+    }
+}

@@ -1,0 +1,448 @@
+//! The director controller: keeps this host's IPVS table and VIP addresses equal to the plan
+//! for every Service with an assigned VIP.
+//!
+//! A change to one Service converges that Service's entries only. Changes to pools, NodeSets
+//! and Nodes requeue the Services they may affect; EndpointSlices requeue their Service. A full
+//! pass at start and every `resync` collects owned entries no Service claims (deleted while the
+//! director was down) and repairs drift (someone ran `ipvsadm -C`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use ipvslb_api::{IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
+use ipvslb_ipvs::{ServiceKey, Table};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::converge::{Converger, Owned, Report};
+use crate::dataplane::{self, Dataplane};
+use crate::metrics::Metrics;
+use crate::translate::{self, ClassPolicy};
+
+/// Why a director reconcile failed; retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The data plane refused or failed.
+    #[error("converging {what}: {source}")]
+    Dataplane {
+        /// The Service, or "the full table".
+        what: String,
+        /// The data-plane error.
+        #[source]
+        source: dataplane::Error,
+    },
+    /// The blocking task running the data plane died.
+    #[error("the data-plane task failed: {0}")]
+    Join(String),
+}
+
+/// Settings of the director.
+#[derive(Clone)]
+pub struct Config {
+    /// Which Services are ours.
+    pub classes: ClassPolicy,
+    /// How often the full pass runs.
+    pub resync: Duration,
+    /// How long removed destinations drain at weight 0 before deletion.
+    pub drain_grace: Duration,
+}
+
+/// What reconciles share.
+pub struct Context<D> {
+    config: Config,
+    converger: Arc<Converger<D>>,
+    services: Store<Service>,
+    pools: Store<IPPool>,
+    node_sets: Store<NodeSet>,
+    nodes: Store<Node>,
+    slices: Store<EndpointSlice>,
+    metrics: Arc<Metrics>,
+}
+
+/// Everything the planner needs, translated from the caches.
+struct View {
+    pools: Vec<PoolSpec>,
+    node_sets: Vec<NodeSetSpec>,
+    nodes: Vec<NodeInfo>,
+    owned: Owned,
+}
+
+/// Runs the director over `dataplane` until `shutdown` fires. The kernel table is left in
+/// place on shutdown: traffic keeps flowing while a director restarts.
+pub async fn run<D: Dataplane>(
+    client: Client,
+    config: Config,
+    dataplane: D,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (services, services_writer) = reflector::store();
+    let (pools, pools_writer) = reflector::store();
+    let (node_sets, node_sets_writer) = reflector::store();
+    let (nodes, nodes_writer) = reflector::store();
+    let (slices, slices_writer) = reflector::store();
+    let ctx = Arc::new(Context {
+        converger: Arc::new(Converger::new(dataplane, config.drain_grace)),
+        config,
+        services: services.clone(),
+        pools: pools.clone(),
+        node_sets: node_sets.clone(),
+        nodes: nodes.clone(),
+        slices: slices.clone(),
+        metrics,
+    });
+
+    let on_delete = ctx.clone();
+    let service_stream = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(services_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(service) = event {
+                let ctx = on_delete.clone();
+                let name = translate::service_name(service);
+                tokio::spawn(async move {
+                    if let Err(e) = ctx.converge(&name, Table::new()).await {
+                        warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
+                    }
+                });
+            }
+        })
+        .applied_objects();
+    let all = |store: Store<Service>| {
+        move || {
+            store
+                .state()
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        }
+    };
+    let (all_on_pool, all_on_set, all_on_node) = (
+        all(services.clone()),
+        all(services.clone()),
+        all(services.clone()),
+    );
+    let pool_stream = watcher(
+        Api::<IPPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(pools_writer)
+    .touched_objects();
+    let set_stream = watcher(
+        Api::<NodeSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(node_sets_writer)
+    .touched_objects();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .reflect(nodes_writer)
+        .touched_objects()
+        .predicate_filter(node_relevance, Default::default());
+    let slice_stream = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_SERVICE_NAME),
+    )
+    .default_backoff()
+    .reflect(slices_writer)
+    .touched_objects();
+
+    tokio::spawn(full_passes(ctx.clone(), shutdown.clone()));
+    let mut stop = shutdown.clone();
+    Controller::for_stream(service_stream, services)
+        .watches_stream(pool_stream, move |_: IPPool| all_on_pool())
+        .watches_stream(set_stream, move |_: NodeSet| all_on_set())
+        .watches_stream(node_stream, move |_: Node| all_on_node())
+        .watches_stream(slice_stream, |slice: EndpointSlice| {
+            let namespace = slice.namespace().unwrap_or_default();
+            slice
+                .labels()
+                .get(LABEL_SERVICE_NAME)
+                .map(|name| ObjectRef::new(name).within(&namespace))
+        })
+        .graceful_shutdown_on(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// Only what the planner reads of a Node: its labels, readiness, addresses, cordon. Kubelets
+/// update their Node every few seconds; the rest must not requeue every Service.
+fn node_relevance(node: &Node) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let info = translate::node(node);
+    let mut h = DefaultHasher::new();
+    (info.labels, info.ready, info.unschedulable, info.addresses).hash(&mut h);
+    Some(h.finish())
+}
+
+async fn reconcile<D: Dataplane>(
+    service: Arc<Service>,
+    ctx: Arc<Context<D>>,
+) -> Result<Action, Error> {
+    let name = translate::service_name(&service);
+    let _timer = ctx.metrics.reconcile_timer("director");
+    let span = info_span!("direct", service = %name);
+    async {
+        let view = ctx.view();
+        let desired = ctx.desired_for(&service, &view);
+        let report = ctx.converge(&name, desired).await?;
+        Ok(match report.next_drain_deadline {
+            Some(deadline) => Action::requeue(
+                deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
+            ),
+            None => Action::await_change(),
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_policy<D: Dataplane>(
+    service: Arc<Service>,
+    error: &Error,
+    ctx: Arc<Context<D>>,
+) -> Action {
+    warn!(service = %translate::service_name(&service), %error, "converging failed; retrying");
+    ctx.metrics.reconcile_error(
+        "director",
+        match error {
+            Error::Dataplane { .. } => "dataplane",
+            Error::Join(_) => "join",
+        },
+    );
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The full pass, at start (once the caches are filled) and every `resync`.
+async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Receiver<bool>) {
+    let caches = async {
+        ctx.pools.wait_until_ready().await?;
+        ctx.node_sets.wait_until_ready().await?;
+        ctx.nodes.wait_until_ready().await?;
+        ctx.slices.wait_until_ready().await?;
+        ctx.services.wait_until_ready().await
+    };
+    if caches.await.is_err() {
+        return;
+    }
+    loop {
+        match ctx.full_pass().await {
+            Ok(report) => {
+                info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, "full pass done");
+                ctx.metrics.set_ready(true);
+            }
+            Err(e) => warn!(error = %e, "full pass failed; retrying at the next resync"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ctx.config.resync) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+impl<D: Dataplane> Context<D> {
+    fn view(&self) -> View {
+        let pools: Vec<PoolSpec> = self
+            .pools
+            .state()
+            .iter()
+            .filter_map(|p| translate::pool(p).ok())
+            .collect();
+        let node_sets = self
+            .node_sets
+            .state()
+            .iter()
+            .filter_map(|s| {
+                translate::node_set(s)
+                    .map_err(|e| debug!(error = %e, "skipping an invalid NodeSet"))
+                    .ok()
+            })
+            .collect();
+        let nodes = self
+            .nodes
+            .state()
+            .iter()
+            .map(|n| translate::node(n))
+            .collect();
+        let owned = Owned::new(
+            pools
+                .iter()
+                .flat_map(|p| p.ranges.iter().copied())
+                .collect(),
+        );
+        View {
+            pools,
+            node_sets,
+            nodes,
+            owned,
+        }
+    }
+
+    /// The Service as the planner sees it, if it is ours and has VIPs inside a pool.
+    fn planned(
+        &self,
+        service: &Service,
+        view: &View,
+        endpoints: BTreeMap<String, u32>,
+    ) -> Option<PlannedService> {
+        if !self.config.classes.serves(service) || service.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let addresses: Vec<IpAddr> = service
+            .status
+            .as_ref()?
+            .load_balancer
+            .as_ref()?
+            .ingress
+            .iter()
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect();
+        let pool = view.pools.iter().find(|p| {
+            addresses
+                .first()
+                .is_some_and(|a| p.ranges.iter().any(|r| r.contains(a)))
+        })?;
+        translate::planned_service(service, addresses, pool.name.clone(), endpoints)
+            .map_err(|e| warn!(error = %e, "not planned"))
+            .ok()
+    }
+
+    fn desired_for(&self, service: &Service, view: &View) -> Table {
+        let name = translate::service_name(service);
+        let endpoints = translate::ready_endpoints(
+            self.slices
+                .state()
+                .iter()
+                .filter(|s| {
+                    s.namespace().as_deref() == Some(name.namespace.as_str())
+                        && s.labels().get(LABEL_SERVICE_NAME) == Some(&name.name)
+                })
+                .map(|s| &**s),
+        )
+        .remove(&name)
+        .unwrap_or_default();
+        match self.planned(service, view, endpoints) {
+            Some(planned) => {
+                ipvslb_core::plan::plan(&[planned], &view.pools, &view.node_sets, &view.nodes).table
+            }
+            None => Table::new(),
+        }
+    }
+
+    async fn converge(&self, name: &ServiceName, desired: Table) -> Result<Report, Error> {
+        let owned = self.view().owned;
+        let converger = self.converger.clone();
+        let service = name.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            converger.converge_service(&service, &desired, &owned, Instant::now())
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|source| {
+            self.count_op("converge_service", "error");
+            Error::Dataplane {
+                what: format!("Service {name}"),
+                source,
+            }
+        })?;
+        self.record(&report);
+        if !report.is_noop() {
+            info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, "converged");
+        }
+        Ok(report)
+    }
+
+    async fn full_pass(&self) -> Result<Report, Error> {
+        let view = self.view();
+        let slices: Vec<EndpointSlice> =
+            self.slices.state().iter().map(|s| (**s).clone()).collect();
+        let mut endpoints = translate::ready_endpoints(slices.iter());
+        let planned: Vec<PlannedService> = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| {
+                self.planned(
+                    s,
+                    &view,
+                    endpoints
+                        .remove(&translate::service_name(s))
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        let plan = ipvslb_core::plan::plan(&planned, &view.pools, &view.node_sets, &view.nodes);
+        for problem in &plan.problems {
+            debug!(service = %problem.service, error = %problem.error, "planned in part");
+        }
+        let mut by_service: BTreeMap<ServiceName, BTreeSet<ServiceKey>> = BTreeMap::new();
+        for (key, service) in &plan.owners {
+            by_service.entry(service.clone()).or_default().insert(*key);
+        }
+        let converger = self.converger.clone();
+        let owned = view.owned;
+        let table = plan.table;
+        let report = tokio::task::spawn_blocking(move || {
+            converger.converge_all(&table, by_service, &owned, Instant::now())
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|source| Error::Dataplane {
+            what: "the full table".into(),
+            source,
+        })?;
+        self.record(&report);
+        Ok(report)
+    }
+
+    fn record(&self, report: &Report) {
+        for (kind, count) in &report.ops {
+            self.metrics
+                .dataplane_ops
+                .get_or_create(&vec![
+                    ("kind", (*kind).to_owned()),
+                    ("result", "ok".to_owned()),
+                ])
+                .inc_by(*count as u64);
+        }
+        for (kind, count) in [
+            ("add_address", report.addresses_added),
+            ("del_address", report.addresses_removed),
+        ] {
+            if count > 0 {
+                self.count_op_by(kind, "ok", count as u64);
+            }
+        }
+    }
+
+    fn count_op(&self, kind: &str, result: &str) {
+        self.count_op_by(kind, result, 1);
+    }
+
+    fn count_op_by(&self, kind: &str, result: &str, n: u64) {
+        self.metrics
+            .dataplane_ops
+            .get_or_create(&vec![
+                ("kind", kind.to_owned()),
+                ("result", result.to_owned()),
+            ])
+            .inc_by(n);
+    }
+}

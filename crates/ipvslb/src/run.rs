@@ -1,0 +1,273 @@
+//! `ipvslb run`: the allocator and/or the director against a cluster, with leader election, the
+//! probes and metrics server, and a clean stop on SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use kube::Client;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::dataplane::Memory;
+use crate::metrics::Metrics;
+use crate::translate::ClassPolicy;
+use crate::{ClassArgs, allocator, director, leader};
+
+/// Which controllers run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Role {
+    /// Allocator and director (the single-director topology).
+    All,
+    /// Only the allocator (leader-elected).
+    Allocator,
+    /// Only the director of this host.
+    Director,
+}
+
+/// Where the director writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneKind {
+    /// An in-memory table: no kernel is touched (for trying ipvslb and for tests).
+    Memory,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// `ipvslb run` options; each also reads an environment variable, as a Pod spec sets them.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Which controllers to run.
+    #[arg(long, env = "IPVSLB_ROLE", value_enum, default_value_t = Role::All)]
+    role: Role,
+    /// A kubeconfig file; without one, KUBECONFIG, ~/.kube/config or the in-cluster account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    classes: ClassArgs,
+    /// The director's data plane.
+    #[arg(long, env = "IPVSLB_DATAPLANE", value_enum, default_value_t = DataplaneKind::Memory)]
+    dataplane: DataplaneKind,
+    /// The dummy interface that holds the VIPs on the director (created if absent).
+    #[arg(long, env = "IPVSLB_INTERFACE", default_value = "ipvslb0")]
+    interface: String,
+    /// How often the director's full pass repairs drift and collects stale entries.
+    #[arg(long, env = "IPVSLB_RESYNC", default_value = "5m", value_parser = parse_duration)]
+    resync: Duration,
+    /// How long a removed destination drains at weight 0 before it is deleted.
+    #[arg(long, env = "IPVSLB_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    drain_grace: Duration,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(long, env = "IPVSLB_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "IPVSLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// The Lease that elects the allocator.
+    #[arg(long, env = "IPVSLB_LEASE_NAME", default_value = "ipvslb-allocator")]
+    lease_name: String,
+    /// The Lease's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ipvslb-system")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (default: the Pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Lease duration; a standby takes over this long after a leader dies without releasing.
+    #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    lease_duration: Duration,
+}
+
+/// Runs until SIGTERM or SIGINT; returns an error message when start-up fails.
+pub async fn run(args: RunArgs) -> Result<(), String> {
+    init_logging(args.log_format);
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let classes = ClassPolicy {
+        class: args.classes.load_balancer_class.clone(),
+        unclassed: args.classes.unclassed_services,
+    };
+    let listener = metrics.clone();
+    let server = tokio::spawn(crate::metrics::serve(args.metrics_addr, listener));
+    info!(role = ?args.role, metrics = %args.metrics_addr, "starting");
+
+    let mut tasks = Vec::new();
+    if args.role != Role::Director {
+        let identity = args.identity.clone().unwrap_or_else(default_identity);
+        let timings = leader::Timings {
+            lease: args.lease_duration,
+            renew_deadline: args.lease_duration.mul_f32(2.0 / 3.0),
+            retry: (args.lease_duration / 7).max(Duration::from_millis(200)),
+        };
+        let (leading_tx, leading) = watch::channel(false);
+        let elector = leader::Elector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            timings,
+        );
+        tasks.push(tokio::spawn(elector.run(leading_tx, shutdown.clone())));
+        let gauge = metrics.clone();
+        let mut observed = leading.clone();
+        tokio::spawn(async move {
+            while observed.changed().await.is_ok() {
+                gauge.leader.set(i64::from(*observed.borrow_and_update()));
+            }
+        });
+        let config = allocator::Config {
+            classes: classes.clone(),
+        };
+        tasks.push(tokio::spawn(allocator::run(
+            client.clone(),
+            config,
+            metrics.clone(),
+            leading,
+            shutdown.clone(),
+        )));
+        if args.role == Role::Allocator {
+            metrics.set_ready(true);
+        }
+    }
+    if args.role != Role::Allocator {
+        let config = director::Config {
+            classes,
+            resync: args.resync,
+            drain_grace: args.drain_grace,
+        };
+        match args.dataplane {
+            DataplaneKind::Memory => {
+                info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
+                tasks.push(tokio::spawn(director::run(
+                    client.clone(),
+                    config,
+                    Memory::default(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )));
+            }
+        }
+    }
+
+    tokio::select! {
+        _ = termination() => info!("stopping: finishing in-flight work and releasing the lease"),
+        result = server => {
+            let message = match result {
+                Ok(Err(e)) => format!("the probes server on {} failed: {e}", args.metrics_addr),
+                _ => "the probes server stopped".to_owned(),
+            };
+            error!("{message}");
+            let _ = shutdown_tx.send(true);
+            return Err(message);
+        }
+    }
+    let _ = shutdown_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .map_err(|e| format!("finding the cluster (kubeconfig or in-cluster): {e}"))?,
+    };
+    Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "ipvslb".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn termination() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_their_units_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(
+            parse_duration("5 minutes")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}
