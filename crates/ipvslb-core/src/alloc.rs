@@ -1,1 +1,1198 @@
-//! VIP allocation.
+//! VIP allocation: which Service holds which addresses of which pool.
+//!
+//! The allocator takes parsed pools and plain [`ServiceClaim`]s and makes no calls of its own; the
+//! caller writes the resulting [`Assignment`]s into Service status, which is the only durable
+//! record. On start the caller [`restore`](Allocator::restore)s every recorded assignment before it
+//! [`assign`](Allocator::assign)s anything new, so a restart never moves an address.
+//!
+//! Costs are logarithmic in the number of allocations and independent of pool size: each pool keeps
+//! its free addresses as disjoint intervals (split on allocation, merged on release), held
+//! addresses sit in one ordered map, sharing keys map to their addresses, and the pool owning an
+//! address is found in an ordered map of ranges. `avoidBuggyIPs` is applied arithmetically in
+//! counts and by skipping when the lowest free address is taken, never by listing addresses.
+
+mod free;
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::model::{
+    FamilyPolicy, IpFamily, PoolSpec, PortKey, Requested, ServiceClaim, ServiceName,
+};
+use crate::range::{IpRange, from_u128, to_u128};
+use free::FreeSpace;
+
+/// The addresses a Service holds, primary family first, and the pool they come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Assignment {
+    /// One address per family, the Service's primary family first.
+    pub addresses: Vec<IpAddr>,
+    /// The pool all of them belong to.
+    pub pool: String,
+}
+
+/// Why a Service got no address (or could not keep its recorded one). Each message is meant for
+/// the Service's Warning Event, so it names what is wrong and what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    /// The pool has no free address of the family left.
+    #[error(
+        "pool {pool} has no free {family} address left; add addresses to it, free one, or choose another pool"
+    )]
+    PoolExhausted {
+        /// The pool.
+        pool: String,
+        /// The family that ran out.
+        family: IpFamily,
+    },
+    /// Every pool that serves the Service is out of addresses of the family.
+    #[error(
+        "no free {family} address is left in any pool that serves this Service ({}); add addresses or free some",
+        .pools.join(", ")
+    )]
+    PoolsExhausted {
+        /// The family that ran out.
+        family: IpFamily,
+        /// The pools tried, in the order they were tried.
+        pools: Vec<String>,
+    },
+    /// No pool may serve the Service without an explicit request.
+    #[error("no IP pool serves this Service: {0}")]
+    NoPoolAvailable(NoPoolReason),
+    /// The `ipvslb.io/pool` annotation names a pool that does not exist.
+    #[error(
+        "the ipvslb.io/pool annotation names pool {0}, which does not exist; fix the name or create the IPPool"
+    )]
+    UnknownPool(String),
+    /// A requested address lies in no pool.
+    #[error("address {0} is not in any IP pool; request an address from a pool, or add it to one")]
+    RequestedNotInPool(IpAddr),
+    /// A requested address lies outside the pool named by the annotation.
+    #[error(
+        "address {addr} is not in pool {pool}, which the ipvslb.io/pool annotation names; request one of its addresses or change the annotation"
+    )]
+    RequestedNotInNamedPool {
+        /// The address.
+        addr: IpAddr,
+        /// The named pool.
+        pool: String,
+    },
+    /// A requested address lies in a pool whose `serviceAllocation` does not select the Service.
+    #[error(
+        "address {addr} is in pool {pool}, whose serviceAllocation does not select this Service; name the pool with the ipvslb.io/pool annotation to use it anyway"
+    )]
+    PoolNotForService {
+        /// The address.
+        addr: IpAddr,
+        /// The pool.
+        pool: String,
+    },
+    /// Two requested addresses lie in different pools; a Service's addresses come from one pool.
+    #[error(
+        "addresses {first} (pool {first_pool}) and {second} (pool {second_pool}) are in different pools; request addresses of one pool"
+    )]
+    RequestedInDifferentPools {
+        /// The first address.
+        first: IpAddr,
+        /// Its pool.
+        first_pool: String,
+        /// The second address.
+        second: IpAddr,
+        /// Its pool.
+        second_pool: String,
+    },
+    /// The address ends in `.0` or `.255` and its pool avoids those.
+    #[error(
+        "address {addr} ends in .0 or .255, which pool {pool} avoids (avoidBuggyIPs); choose another address"
+    )]
+    AvoidedAddress {
+        /// The address.
+        addr: IpAddr,
+        /// The pool.
+        pool: String,
+    },
+    /// The address is held by a Service that does not share it with this one.
+    #[error(
+        "address {addr} is already in use by {by}; give both Services the same ipvslb.io/allow-shared-ip key (and distinct ports) to share it, or choose another address"
+    )]
+    RequestedInUse {
+        /// The address.
+        addr: IpAddr,
+        /// A Service holding it.
+        by: ServiceName,
+    },
+    /// The address is shared under the same key, but a port collides.
+    #[error("address {addr} is shared with {by}, which already uses port {}/{} on it; change the port or the sharing key", .port.protocol, .port.port)]
+    SharingConflict {
+        /// The address.
+        addr: IpAddr,
+        /// The Service using the port.
+        by: ServiceName,
+        /// The colliding port.
+        port: PortKey,
+    },
+    /// More addresses than families.
+    #[error("{count} addresses given, but a Service holds at most one IPv4 and one IPv6 address")]
+    TooManyRequested {
+        /// How many were given.
+        count: usize,
+    },
+    /// Two addresses of one family.
+    #[error(
+        "addresses {first} and {second} are both {family}; a Service holds at most one address per family"
+    )]
+    TwoOfOneFamily {
+        /// The family.
+        family: IpFamily,
+        /// The first address.
+        first: IpAddr,
+        /// The second address.
+        second: IpAddr,
+    },
+    /// An address of a family the single-stack Service does not use.
+    #[error("address {addr} is {}, but this Service is single-stack {primary}; request an {primary} address or change its ipFamilyPolicy", IpFamily::of(.addr))]
+    FamilyNotWanted {
+        /// The address.
+        addr: IpAddr,
+        /// The Service's only family.
+        primary: IpFamily,
+    },
+    /// A dual-stack Service's record lacks a family.
+    #[error("this Service requires dual-stack but holds no {family} address")]
+    MissingFamily {
+        /// The missing family.
+        family: IpFamily,
+    },
+    /// The address request could not be read.
+    #[error("the address request cannot be read: {0}; fix it to get an address")]
+    MalformedRequest(String),
+    /// No pool in question has addresses of the family.
+    #[error("{}", family_unavailable(*.family, .pool.as_deref()))]
+    FamilyUnavailable {
+        /// The family.
+        family: IpFamily,
+        /// The pool, when only one was in question.
+        pool: Option<String>,
+    },
+    /// The recorded addresses do not include an address the Service now requests.
+    #[error("this Service now requests {requested}, which it does not hold")]
+    RequestChanged {
+        /// The requested address.
+        requested: IpAddr,
+    },
+    /// There is no recorded address to restore.
+    #[error("this Service has no recorded address to restore")]
+    NothingRecorded,
+}
+
+fn family_unavailable(family: IpFamily, pool: Option<&str>) -> String {
+    match pool {
+        Some(pool) => format!(
+            "pool {pool} has no {family} addresses; add an {family} range to it or change the Service's ipFamilyPolicy"
+        ),
+        None => format!(
+            "no pool that serves this Service has {family} addresses; add an {family} range or change the Service's ipFamilyPolicy"
+        ),
+    }
+}
+
+/// Why no pool serves a Service that asks for no pool and no address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPoolReason {
+    /// No IPPool exists at all.
+    NoPools,
+    /// Pools with autoAssign exist, but each has a serviceAllocation that does not select it.
+    NoneSelects,
+    /// No pool has autoAssign enabled.
+    NoneAutoAssigns,
+}
+
+impl fmt::Display for NoPoolReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NoPoolReason::NoPools => "there is no IPPool; create one",
+            NoPoolReason::NoneSelects => {
+                "every pool with autoAssign has a serviceAllocation that does not select it; name a pool with the ipvslb.io/pool annotation or widen a serviceAllocation"
+            }
+            NoPoolReason::NoneAutoAssigns => {
+                "no pool has autoAssign enabled; request an address or name a pool with the ipvslb.io/pool annotation"
+            }
+        })
+    }
+}
+
+/// Something wrong with the pools themselves, reported once when the allocator is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolProblem {
+    /// `pool` (the later name) has a range sharing addresses with `other`; that range is not used.
+    Overlapping {
+        /// The pool whose range is set aside (its name sorts after `other`).
+        pool: String,
+        /// The pool that keeps the addresses.
+        other: String,
+        /// The range of `pool` that is set aside.
+        range: IpRange,
+        /// The addresses both claim (the first stretch of them).
+        shared: IpRange,
+    },
+    /// The pool lists no ranges at all.
+    NoRanges {
+        /// The pool.
+        pool: String,
+    },
+    /// Every address of the range ends in `.0` or `.255` and the pool avoids those.
+    NothingUsable {
+        /// The pool.
+        pool: String,
+        /// The range.
+        range: IpRange,
+    },
+    /// Two pools have the same name; the second is ignored.
+    DuplicateName {
+        /// The name.
+        pool: String,
+    },
+}
+
+impl PoolProblem {
+    /// The pool this problem marks.
+    pub fn pool(&self) -> &str {
+        match self {
+            PoolProblem::Overlapping { pool, .. }
+            | PoolProblem::NoRanges { pool }
+            | PoolProblem::NothingUsable { pool, .. }
+            | PoolProblem::DuplicateName { pool } => pool,
+        }
+    }
+
+    /// Whether this problem marks `pool` (an overlap marks only the pool that loses the range).
+    pub fn concerns(&self, pool: &str) -> bool {
+        self.pool() == pool
+    }
+
+    /// Whether the pool is unusable as written (Invalid), rather than overlapping another.
+    pub fn is_invalid(&self) -> bool {
+        !matches!(self, PoolProblem::Overlapping { .. })
+    }
+}
+
+impl fmt::Display for PoolProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolProblem::Overlapping {
+                pool,
+                other,
+                range,
+                shared,
+            } => write!(
+                f,
+                "pool {pool} overlaps pool {other} on {shared}; its range {range} is not used until the overlap is removed"
+            ),
+            PoolProblem::NoRanges { pool } => {
+                write!(f, "pool {pool} has no address ranges; add at least one")
+            }
+            PoolProblem::NothingUsable { pool, range } => write!(
+                f,
+                "range {range} of pool {pool} holds only addresses ending in .0 or .255, which avoidBuggyIPs excludes"
+            ),
+            PoolProblem::DuplicateName { pool } => {
+                write!(f, "pool name {pool} is used twice; only the first is used")
+            }
+        }
+    }
+}
+
+/// How much of a pool is used, for its status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// IPv4 addresses held by at least one Service.
+    pub assigned_v4: u64,
+    /// IPv6 addresses held by at least one Service.
+    pub assigned_v6: u64,
+    /// IPv4 addresses that a new Service could get (not held, not avoided as buggy).
+    pub available_v4: u128,
+    /// IPv6 addresses that a new Service could get. Saturates: a pool holding `::/0` reports
+    /// `u128::MAX` minus what is assigned, one short of the truth.
+    pub available_v6: u128,
+    allocations: Vec<HeldAddress>,
+}
+
+/// A held address and the Services holding it, by name.
+pub type HeldAddress = (IpAddr, Vec<ServiceName>);
+
+impl PoolUsage {
+    /// The held addresses in address order with their holders, at most `limit` of them, and
+    /// whether more were left out.
+    pub fn allocations(&self, limit: usize) -> (Vec<HeldAddress>, bool) {
+        let shown = self.allocations.iter().take(limit).cloned().collect();
+        (shown, self.allocations.len() > limit)
+    }
+}
+
+/// The outcome of [`allocate_all`].
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    /// The allocator holding every successful assignment, ready for further changes.
+    pub allocator: Allocator,
+    /// Each Service's assignment or the reason it has none.
+    pub results: BTreeMap<ServiceName, Result<Assignment, AllocError>>,
+    /// Problems found in the pools.
+    pub problems: Vec<PoolProblem>,
+}
+
+/// Allocates for a whole cluster at once, deterministically whatever the order of `claims`.
+///
+/// First every recorded assignment is restored, oldest Service first (so when two claim one
+/// address the older keeps it); then the Services still without one are assigned, explicit
+/// requests first, each group by (creation time, name). A Service whose record could not be
+/// restored goes through assignment too: it may get a new address, or, when it explicitly asks
+/// for the contested one, an error naming the holder. Claims are expected to have distinct names;
+/// of duplicates only the oldest is considered.
+pub fn allocate_all(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Allocation {
+    let (mut allocator, problems) = Allocator::new(pools);
+    let mut order: Vec<&ServiceClaim> = claims.iter().collect();
+    order.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    let mut seen = BTreeSet::new();
+    order.retain(|c| seen.insert(&c.name));
+
+    let mut results = BTreeMap::new();
+    for claim in order.iter().filter(|c| !c.current.is_empty()) {
+        if let Ok(assignment) = allocator.restore(claim) {
+            results.insert(claim.name.clone(), Ok(assignment));
+        }
+    }
+    let (explicit, rest): (Vec<&ServiceClaim>, Vec<&ServiceClaim>) = order
+        .into_iter()
+        .filter(|c| !results.contains_key(&c.name))
+        .partition(|c| matches!(&c.requested, Requested::Addresses(a) if !a.is_empty()));
+    for claim in explicit.into_iter().chain(rest) {
+        results.insert(claim.name.clone(), allocator.assign(claim));
+    }
+    Allocation {
+        allocator,
+        results,
+        problems,
+    }
+}
+
+/// One pool with its free space and counters.
+#[derive(Debug, Clone)]
+struct Pool {
+    spec: PoolSpec,
+    /// The ranges in use (the spec's minus those set aside for overlap), merged, IPv4 first.
+    intervals: Vec<(IpFamily, u128, u128)>,
+    /// Free space per family (index [`fam`]).
+    free: [FreeSpace; 2],
+    /// Usable addresses per family (buggy ones excluded when avoided), saturating.
+    capacity: [u128; 2],
+    /// Held addresses per family.
+    assigned: [u64; 2],
+}
+
+impl Pool {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn has_family(&self, family: IpFamily) -> bool {
+        self.intervals.iter().any(|(f, _, _)| *f == family)
+    }
+
+    fn avoids(&self, addr: IpAddr) -> bool {
+        self.spec.avoid_buggy_ips && addr.is_ipv4() && free::is_buggy(to_u128(addr))
+    }
+
+    /// Whether the pool's `serviceAllocation` (if any) selects the Service.
+    fn selects(&self, claim: &ServiceClaim) -> bool {
+        let Some(sa) = &self.spec.service_allocation else {
+            return true;
+        };
+        (sa.namespaces.is_empty() || sa.namespaces.contains(&claim.name.namespace))
+            && (sa.namespace_selectors.is_empty()
+                || sa
+                    .namespace_selectors
+                    .iter()
+                    .any(|s| s.matches(&claim.namespace_labels)))
+            && (sa.service_selectors.is_empty()
+                || sa
+                    .service_selectors
+                    .iter()
+                    .any(|s| s.matches(&claim.labels)))
+    }
+}
+
+/// What one Service holds.
+#[derive(Debug, Clone)]
+struct Holding {
+    assignment: Assignment,
+    sharing_key: Option<String>,
+    ports: Vec<PortKey>,
+}
+
+/// One held address.
+#[derive(Debug, Clone)]
+struct Slot {
+    pool: usize,
+    sharing_key: Option<String>,
+    holders: BTreeSet<ServiceName>,
+    /// Which holder uses which port; kept only when the address has a sharing key.
+    ports: BTreeMap<PortKey, ServiceName>,
+}
+
+impl Slot {
+    /// Whether `claim` may join the holders: same non-empty key and no colliding port.
+    fn admits(&self, addr: IpAddr, claim: &ServiceClaim) -> Result<(), AllocError> {
+        let Some(by) = self.holders.first() else {
+            return Ok(());
+        };
+        if self.sharing_key.is_none() || self.sharing_key != claim.sharing_key {
+            return Err(AllocError::RequestedInUse {
+                addr,
+                by: by.clone(),
+            });
+        }
+        match claim
+            .ports
+            .iter()
+            .find_map(|p| self.ports.get(p).map(|by| (*p, by)))
+        {
+            Some((port, by)) => Err(AllocError::SharingConflict {
+                addr,
+                by: by.clone(),
+                port,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Assigns VIPs from IP pools to Services; see the [module documentation](self).
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    /// Sorted by name, names unique.
+    pools: Vec<Pool>,
+    /// Every range in use: (family, first) -> (last, pool index). Ranges never overlap.
+    owners: BTreeMap<(IpFamily, u128), (u128, usize)>,
+    services: BTreeMap<ServiceName, Holding>,
+    slots: BTreeMap<IpAddr, Slot>,
+    /// Sharing key -> the addresses held under it.
+    shared: BTreeMap<String, BTreeSet<IpAddr>>,
+    problems: Vec<PoolProblem>,
+}
+
+fn fam(family: IpFamily) -> usize {
+    match family {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
+}
+
+fn primary(policy: FamilyPolicy) -> IpFamily {
+    match policy {
+        FamilyPolicy::SingleStack { primary }
+        | FamilyPolicy::PreferDualStack { primary }
+        | FamilyPolicy::RequireDualStack { primary } => primary,
+    }
+}
+
+impl Allocator {
+    /// An allocator over `pools`, holding nothing yet, and the problems found in the pools.
+    ///
+    /// Pools are considered in name order; a range that shares addresses with a range of a pool
+    /// whose name sorts earlier is set aside (reported as [`PoolProblem::Overlapping`]), so no
+    /// address ever belongs to two pools.
+    pub fn new(pools: Vec<PoolSpec>) -> (Allocator, Vec<PoolProblem>) {
+        let mut specs = pools;
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut allocator = Allocator {
+            pools: Vec::new(),
+            owners: BTreeMap::new(),
+            services: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            shared: BTreeMap::new(),
+            problems: Vec::new(),
+        };
+        for spec in specs {
+            allocator.add_pool(spec);
+        }
+        let problems = allocator.problems.clone();
+        (allocator, problems)
+    }
+
+    fn add_pool(&mut self, spec: PoolSpec) {
+        if self.pools.last().is_some_and(|p| p.spec.name == spec.name) {
+            self.problems
+                .push(PoolProblem::DuplicateName { pool: spec.name });
+            return;
+        }
+        if spec.ranges.is_empty() {
+            self.problems.push(PoolProblem::NoRanges {
+                pool: spec.name.clone(),
+            });
+        }
+        let mut accepted: [Vec<(u128, u128)>; 2] = Default::default();
+        for range in &spec.ranges {
+            if let Some((other, shared)) = self.first_overlap(range) {
+                self.problems.push(PoolProblem::Overlapping {
+                    pool: spec.name.clone(),
+                    other: self.pools[other].spec.name.clone(),
+                    range: *range,
+                    shared,
+                });
+                continue;
+            }
+            let (first, last) = (to_u128(range.first()), to_u128(range.last()));
+            let avoided = spec.avoid_buggy_ips && range.family() == IpFamily::V4;
+            if avoided && free::buggy_count(first, last) == range.size() {
+                self.problems.push(PoolProblem::NothingUsable {
+                    pool: spec.name.clone(),
+                    range: *range,
+                });
+            }
+            accepted[fam(range.family())].push((first, last));
+        }
+
+        let index = self.pools.len();
+        let mut intervals = Vec::new();
+        let mut capacity = [0u128; 2];
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let merged = merge(&mut accepted[fam(family)]);
+            let avoided = spec.avoid_buggy_ips && family == IpFamily::V4;
+            for &(first, last) in &merged {
+                let mut size = (last - first).saturating_add(1);
+                if avoided {
+                    size -= free::buggy_count(first, last);
+                }
+                capacity[fam(family)] = capacity[fam(family)].saturating_add(size);
+                intervals.push((family, first, last));
+                self.owners.insert((family, first), (last, index));
+            }
+            accepted[fam(family)] = merged;
+        }
+        let free = [
+            FreeSpace::new(&accepted[0], spec.avoid_buggy_ips),
+            FreeSpace::new(&accepted[1], false),
+        ];
+        self.pools.push(Pool {
+            spec,
+            intervals,
+            free,
+            capacity,
+            assigned: [0, 0],
+        });
+    }
+
+    /// The earlier pool sharing the lowest addresses with `range`, and the shared stretch.
+    fn first_overlap(&self, range: &IpRange) -> Option<(usize, IpRange)> {
+        let family = range.family();
+        let (first, last) = (to_u128(range.first()), to_u128(range.last()));
+        let covering_first = self
+            .owners
+            .range(..=(family, first))
+            .next_back()
+            .filter(|((f, _), (end, _))| *f == family && *end >= first);
+        let (&(_, start), &(end, pool)) = covering_first
+            .or_else(|| self.owners.range((family, first)..=(family, last)).next())?;
+        let shared = IpRange::new(
+            from_u128(family, start.max(first)),
+            from_u128(family, end.min(last)),
+        )?;
+        Some((pool, shared))
+    }
+
+    /// The problems found in the pools when the allocator was built.
+    pub fn problems(&self) -> &[PoolProblem] {
+        &self.problems
+    }
+
+    /// Takes back exactly the addresses recorded in `claim.current`, at start-up, before any new
+    /// assignment. They must lie in one pool, be free (or shareable under the sharing rules) and
+    /// fit the claim's families, pool annotation and request; otherwise nothing is taken and the
+    /// Service holds what it held before (normally nothing).
+    pub fn restore(&mut self, claim: &ServiceClaim) -> Result<Assignment, AllocError> {
+        if claim.current.is_empty() {
+            return Err(AllocError::NothingRecorded);
+        }
+        let previous = self.unhold(&claim.name);
+        let restored = self.take_exact(claim, &claim.current);
+        if restored.is_err()
+            && let Some(previous) = previous
+        {
+            // Its addresses were freed just above, so they can be held again as they were.
+            self.hold_again(&claim.name, previous);
+        }
+        restored
+    }
+
+    /// Gives the Service addresses that fit its claim.
+    ///
+    /// Idempotent: an assignment that still fits is returned unchanged (a PreferDualStack Service
+    /// holding one family gains the other when its pool can now give it; what it holds never
+    /// moves). When the claim no longer fits (another requested address, another pool, a port
+    /// now colliding on a shared address), the old addresses are released and new ones chosen.
+    /// A Service holding nothing first gets back its recorded `claim.current` when that fits as
+    /// [`restore`](Allocator::restore) would take it. A malformed request keeps a held or
+    /// recorded assignment and is an error without one.
+    pub fn assign(&mut self, claim: &ServiceClaim) -> Result<Assignment, AllocError> {
+        if let Some(kept) = self.keep(claim) {
+            return Ok(kept);
+        }
+        // The Service's status is the allocation record: when it fits, take it back rather
+        // than move the Service (a restore that happens late, or after a release).
+        if !claim.current.is_empty()
+            && let Ok(recorded) = self.take_exact(claim, &claim.current)
+        {
+            return Ok(self.widen(claim, recorded));
+        }
+        match &claim.requested {
+            Requested::Malformed(message) => Err(AllocError::MalformedRequest(message.clone())),
+            Requested::Addresses(wanted) if !wanted.is_empty() => {
+                self.assign_requested(claim, wanted)
+            }
+            _ => self.assign_any(claim),
+        }
+    }
+
+    /// Frees what the Service holds and returns it.
+    pub fn release(&mut self, name: &ServiceName) -> Option<Assignment> {
+        self.unhold(name).map(|h| h.assignment)
+    }
+
+    /// What the Service holds.
+    pub fn assignment(&self, name: &ServiceName) -> Option<&Assignment> {
+        self.services.get(name).map(|h| &h.assignment)
+    }
+
+    /// Every Service's assignment, by name.
+    pub fn assignments(&self) -> impl Iterator<Item = (&ServiceName, &Assignment)> {
+        self.services.iter().map(|(n, h)| (n, &h.assignment))
+    }
+
+    /// The Services holding `addr`, by name (several only when they share it).
+    pub fn holders(&self, addr: IpAddr) -> impl Iterator<Item = &ServiceName> {
+        self.slots
+            .get(&addr)
+            .into_iter()
+            .flat_map(|s| s.holders.iter())
+    }
+
+    /// The pool containing `addr`, if any (ranges set aside for overlap belong to no pool here).
+    pub fn pool_of(&self, addr: IpAddr) -> Option<&str> {
+        self.pool_index(addr).map(|i| self.pools[i].name())
+    }
+
+    /// Counts and allocations of the pool named `pool`.
+    ///
+    /// Counts cost O(1); the allocations list is copied whole (O(held addresses)), so a caller
+    /// that needs only the first few should use [`Allocator::allocations`].
+    pub fn usage(&self, pool: &str) -> Option<PoolUsage> {
+        let index = self.pool_named(pool)?;
+        let p = &self.pools[index];
+        let (allocations, _) = self.allocations(pool, usize::MAX)?;
+        Some(PoolUsage {
+            assigned_v4: p.assigned[0],
+            assigned_v6: p.assigned[1],
+            available_v4: p.capacity[0].saturating_sub(u128::from(p.assigned[0])),
+            available_v6: p.capacity[1].saturating_sub(u128::from(p.assigned[1])),
+            allocations,
+        })
+    }
+
+    /// The first `limit` held addresses of `pool` in address order with their holders, and
+    /// whether more were left out.
+    pub fn allocations(&self, pool: &str, limit: usize) -> Option<(Vec<HeldAddress>, bool)> {
+        let index = self.pool_named(pool)?;
+        let mut held = self.pools[index]
+            .intervals
+            .iter()
+            .flat_map(|&(f, first, last)| {
+                self.slots
+                    .range(from_u128(f, first)..=from_u128(f, last))
+                    .map(|(addr, slot)| (*addr, slot.holders.iter().cloned().collect()))
+            });
+        let shown: Vec<_> = held.by_ref().take(limit).collect();
+        let truncated = held.next().is_some();
+        Some((shown, truncated))
+    }
+
+    /// Keeps (after re-checking) what the Service holds, if it still fits the claim.
+    fn keep(&mut self, claim: &ServiceClaim) -> Option<Assignment> {
+        let held = self.services.get(&claim.name)?;
+        if matches!(claim.requested, Requested::Malformed(_)) {
+            return Some(held.assignment.clone());
+        }
+        // Checking against the other holders is simplest with this Service's own use removed.
+        let previous = self.unhold(&claim.name)?;
+        let kept = self
+            .take_exact(claim, &previous.assignment.addresses)
+            .ok()?;
+        Some(self.widen(claim, kept))
+    }
+
+    /// Adds the missing family to a PreferDualStack Service when its pool can give it.
+    fn widen(&mut self, claim: &ServiceClaim, kept: Assignment) -> Assignment {
+        let FamilyPolicy::PreferDualStack { primary } = claim.families else {
+            return kept;
+        };
+        let [only] = kept.addresses[..] else {
+            return kept;
+        };
+        let Some(index) = self.pool_named(&kept.pool) else {
+            return kept;
+        };
+        let missing = IpFamily::of(&only).other();
+        if !self.pools[index].has_family(missing) {
+            return kept;
+        }
+        let Some(extra) = self.pick(claim, index, missing) else {
+            return kept;
+        };
+        self.unhold(&claim.name);
+        self.commit(claim, index, primary, vec![only, extra])
+    }
+
+    /// Takes exactly `addrs` for the claim, or nothing.
+    fn take_exact(
+        &mut self,
+        claim: &ServiceClaim,
+        addrs: &[IpAddr],
+    ) -> Result<Assignment, AllocError> {
+        check_shape(claim.families, addrs)?;
+        if let FamilyPolicy::RequireDualStack { primary } = claim.families {
+            for family in [primary, primary.other()] {
+                if !addrs.iter().any(|a| IpFamily::of(a) == family) {
+                    return Err(AllocError::MissingFamily { family });
+                }
+            }
+        }
+        if let Requested::Addresses(wanted) = &claim.requested
+            && let Some(requested) = wanted.iter().find(|w| !addrs.contains(w))
+        {
+            return Err(AllocError::RequestChanged {
+                requested: *requested,
+            });
+        }
+        let index = self.pool_for_addresses(claim, addrs)?;
+        self.check_available(claim, index, addrs)?;
+        Ok(self.commit(claim, index, primary(claim.families), addrs.to_vec()))
+    }
+
+    /// Serves an explicit request: the requested addresses, plus the other family from the same
+    /// pool when the policy wants it.
+    fn assign_requested(
+        &mut self,
+        claim: &ServiceClaim,
+        wanted: &[IpAddr],
+    ) -> Result<Assignment, AllocError> {
+        check_shape(claim.families, wanted)?;
+        let index = self.pool_for_addresses(claim, wanted)?;
+        self.check_available(claim, index, wanted)?;
+        let mut addrs = wanted.to_vec();
+        let primary = primary(claim.families);
+        let required = match claim.families {
+            FamilyPolicy::SingleStack { .. } => None,
+            FamilyPolicy::PreferDualStack { .. } => Some(false),
+            FamilyPolicy::RequireDualStack { .. } => Some(true),
+        };
+        if let (Some(required), [only]) = (required, wanted) {
+            let missing = IpFamily::of(only).other();
+            let pool = &self.pools[index];
+            let extra = if pool.has_family(missing) {
+                self.pick(claim, index, missing)
+                    .ok_or_else(|| AllocError::PoolExhausted {
+                        pool: self.pools[index].name().to_owned(),
+                        family: missing,
+                    })
+            } else {
+                Err(AllocError::FamilyUnavailable {
+                    family: missing,
+                    pool: Some(pool.name().to_owned()),
+                })
+            };
+            match extra {
+                Ok(extra) => addrs.push(extra),
+                Err(e) if required => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(self.commit(claim, index, primary, addrs))
+    }
+
+    /// Serves a Service that asks for any address: pool by pool, families as the policy wants.
+    fn assign_any(&mut self, claim: &ServiceClaim) -> Result<Assignment, AllocError> {
+        let candidates = self.candidates(claim)?;
+        let primary = primary(claim.families);
+        let both = [primary, primary.other()];
+        match claim.families {
+            FamilyPolicy::SingleStack { .. } => {
+                self.take_from_pools(claim, &candidates, &[primary])
+            }
+            FamilyPolicy::RequireDualStack { .. } => {
+                self.take_from_pools(claim, &candidates, &both)
+            }
+            FamilyPolicy::PreferDualStack { .. } => self
+                .take_from_pools(claim, &candidates, &both)
+                .or_else(|_| self.take_from_pools(claim, &candidates, &[primary]))
+                .or_else(|primary_error| {
+                    self.take_from_pools(claim, &candidates, &[primary.other()])
+                        .map_err(|_| primary_error)
+                }),
+        }
+    }
+
+    /// The pools that may serve a Service asking for any address, best first: the named pool;
+    /// else matching selective pools by priority then name, then the other autoAssign pools.
+    fn candidates(&self, claim: &ServiceClaim) -> Result<Vec<usize>, AllocError> {
+        if let Some(name) = &claim.pool {
+            return self
+                .pool_named(name)
+                .map(|i| vec![i])
+                .ok_or_else(|| AllocError::UnknownPool(name.clone()));
+        }
+        let auto = |p: &&Pool| p.spec.auto_assign && !p.intervals.is_empty();
+        let mut selective: Vec<(i32, usize)> = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| auto(p) && p.selects(claim))
+            .filter_map(|(i, p)| Some((p.spec.service_allocation.as_ref()?.priority, i)))
+            .collect();
+        // Pools are in name order, so a stable sort on priority alone breaks ties by name.
+        selective.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
+        let open = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| auto(p) && p.spec.service_allocation.is_none())
+            .map(|(i, _)| i);
+        let candidates: Vec<usize> = selective.into_iter().map(|(_, i)| i).chain(open).collect();
+        if !candidates.is_empty() {
+            return Ok(candidates);
+        }
+        let reason = if self.pools.is_empty() {
+            NoPoolReason::NoPools
+        } else if self.pools.iter().any(|p| auto(&p)) {
+            NoPoolReason::NoneSelects
+        } else {
+            NoPoolReason::NoneAutoAssigns
+        };
+        Err(AllocError::NoPoolAvailable(reason))
+    }
+
+    /// Takes one address of each family from the first pool that can give them all.
+    fn take_from_pools(
+        &mut self,
+        claim: &ServiceClaim,
+        pools: &[usize],
+        families: &[IpFamily],
+    ) -> Result<Assignment, AllocError> {
+        let mut failures = Vec::new();
+        for &index in pools {
+            match self.take_in_pool(claim, index, families) {
+                Ok(assignment) => return Ok(assignment),
+                Err(e) => failures.push(e),
+            }
+        }
+        if failures.len() == 1
+            && let Some(only) = failures.pop()
+        {
+            return Err(only);
+        }
+        let exhausted: Vec<(IpFamily, String)> = failures
+            .iter()
+            .filter_map(|e| match e {
+                AllocError::PoolExhausted { pool, family } => Some((*family, pool.clone())),
+                _ => None,
+            })
+            .collect();
+        match exhausted.first() {
+            Some((family, _)) => Err(AllocError::PoolsExhausted {
+                family: *family,
+                pools: exhausted.into_iter().map(|(_, p)| p).collect(),
+            }),
+            None => Err(AllocError::FamilyUnavailable {
+                family: failures
+                    .iter()
+                    .find_map(|e| match e {
+                        AllocError::FamilyUnavailable { family, .. } => Some(*family),
+                        _ => None,
+                    })
+                    .unwrap_or(families.first().copied().unwrap_or(IpFamily::V4)),
+                pool: None,
+            }),
+        }
+    }
+
+    fn take_in_pool(
+        &mut self,
+        claim: &ServiceClaim,
+        index: usize,
+        families: &[IpFamily],
+    ) -> Result<Assignment, AllocError> {
+        let pool = &self.pools[index];
+        if let Some(&family) = families.iter().find(|f| !pool.has_family(**f)) {
+            return Err(AllocError::FamilyUnavailable {
+                family,
+                pool: Some(pool.name().to_owned()),
+            });
+        }
+        let mut addrs = Vec::with_capacity(families.len());
+        for &family in families {
+            // Picks do not take anything, so a failure on the second family leaves nothing held.
+            match self.pick(claim, index, family) {
+                Some(addr) => addrs.push(addr),
+                None => {
+                    return Err(AllocError::PoolExhausted {
+                        pool: self.pools[index].name().to_owned(),
+                        family,
+                    });
+                }
+            }
+        }
+        Ok(self.commit(claim, index, primary(claim.families), addrs))
+    }
+
+    /// The address of `family` in the pool that the claim would get, without taking it: an
+    /// address already shared under its key where no port collides, else the lowest free one.
+    fn pick(&mut self, claim: &ServiceClaim, index: usize, family: IpFamily) -> Option<IpAddr> {
+        if let Some(key) = &claim.sharing_key
+            && let Some(addrs) = self.shared.get(key)
+        {
+            let shareable = addrs.iter().find(|addr| {
+                IpFamily::of(addr) == family
+                    && self.slots.get(addr).is_some_and(|slot| {
+                        slot.pool == index && slot.admits(**addr, claim).is_ok()
+                    })
+            });
+            if let Some(addr) = shareable {
+                return Some(*addr);
+            }
+        }
+        let n = self.pools[index].free[fam(family)].lowest()?;
+        Some(from_u128(family, n))
+    }
+
+    /// The one pool holding all of `addrs`, checked against the claim's pool annotation and the
+    /// pool's serviceAllocation.
+    fn pool_for_addresses(
+        &self,
+        claim: &ServiceClaim,
+        addrs: &[IpAddr],
+    ) -> Result<usize, AllocError> {
+        if let Some(name) = &claim.pool
+            && self.pool_named(name).is_none()
+        {
+            return Err(AllocError::UnknownPool(name.clone()));
+        }
+        let mut found: Option<(IpAddr, usize)> = None;
+        for &addr in addrs {
+            let index = match (self.pool_index(addr), &claim.pool) {
+                (Some(i), Some(name)) if self.pools[i].name() != name => None,
+                (found, _) => found,
+            };
+            let Some(index) = index else {
+                return Err(match &claim.pool {
+                    Some(pool) => AllocError::RequestedNotInNamedPool {
+                        addr,
+                        pool: pool.clone(),
+                    },
+                    None => AllocError::RequestedNotInPool(addr),
+                });
+            };
+            let pool = &self.pools[index];
+            if claim.pool.is_none() && !pool.selects(claim) {
+                return Err(AllocError::PoolNotForService {
+                    addr,
+                    pool: pool.name().to_owned(),
+                });
+            }
+            if pool.avoids(addr) {
+                return Err(AllocError::AvoidedAddress {
+                    addr,
+                    pool: pool.name().to_owned(),
+                });
+            }
+            match found {
+                Some((first, other)) if other != index => {
+                    return Err(AllocError::RequestedInDifferentPools {
+                        first,
+                        first_pool: self.pools[other].name().to_owned(),
+                        second: addr,
+                        second_pool: pool.name().to_owned(),
+                    });
+                }
+                _ => found = Some((addr, index)),
+            }
+        }
+        found
+            .map(|(_, index)| index)
+            .ok_or(AllocError::NothingRecorded)
+    }
+
+    /// Whether each address is free or may be shared with the claim.
+    fn check_available(
+        &self,
+        claim: &ServiceClaim,
+        index: usize,
+        addrs: &[IpAddr],
+    ) -> Result<(), AllocError> {
+        for &addr in addrs {
+            match self.slots.get(&addr) {
+                Some(slot) => slot.admits(addr, claim)?,
+                // A non-avoided address of the pool that nobody holds is free by construction.
+                None => debug_assert!(self.pools[index].intervals.iter().any(|&(f, a, b)| {
+                    f == IpFamily::of(&addr) && (a..=b).contains(&to_u128(addr))
+                })),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that the claim holds `addrs` of pool `index` (checked by the caller).
+    fn commit(
+        &mut self,
+        claim: &ServiceClaim,
+        index: usize,
+        primary: IpFamily,
+        mut addrs: Vec<IpAddr>,
+    ) -> Assignment {
+        addrs.sort_by_key(|a| IpFamily::of(a) != primary);
+        let holding = Holding {
+            assignment: Assignment {
+                addresses: addrs,
+                pool: self.pools[index].name().to_owned(),
+            },
+            sharing_key: claim.sharing_key.clone(),
+            ports: claim.ports.clone(),
+        };
+        let assignment = holding.assignment.clone();
+        self.hold_again(&claim.name, holding);
+        assignment
+    }
+
+    /// Records `holding` for `name` without checks.
+    fn hold_again(&mut self, name: &ServiceName, holding: Holding) {
+        for &addr in &holding.assignment.addresses {
+            let Some(index) = self.pool_index(addr) else {
+                continue;
+            };
+            let slot = match self.slots.entry(addr) {
+                Entry::Occupied(slot) => slot.into_mut(),
+                Entry::Vacant(vacant) => {
+                    let family = IpFamily::of(&addr);
+                    let pool = &mut self.pools[index];
+                    pool.free[fam(family)].take(to_u128(addr));
+                    pool.assigned[fam(family)] += 1;
+                    if let Some(key) = &holding.sharing_key {
+                        self.shared.entry(key.clone()).or_default().insert(addr);
+                    }
+                    vacant.insert(Slot {
+                        pool: index,
+                        sharing_key: holding.sharing_key.clone(),
+                        holders: BTreeSet::new(),
+                        ports: BTreeMap::new(),
+                    })
+                }
+            };
+            slot.holders.insert(name.clone());
+            // Ports matter only where sharing is possible; an unshared address refuses everyone.
+            if slot.sharing_key.is_some() {
+                for port in &holding.ports {
+                    slot.ports.insert(*port, name.clone());
+                }
+            }
+        }
+        self.services.insert(name.clone(), holding);
+    }
+
+    /// Forgets what `name` holds, freeing addresses nobody else holds.
+    fn unhold(&mut self, name: &ServiceName) -> Option<Holding> {
+        let holding = self.services.remove(name)?;
+        for addr in &holding.assignment.addresses {
+            let Some(slot) = self.slots.get_mut(addr) else {
+                continue;
+            };
+            slot.holders.remove(name);
+            for port in &holding.ports {
+                if slot.ports.get(port) == Some(name) {
+                    slot.ports.remove(port);
+                }
+            }
+            if !slot.holders.is_empty() {
+                continue;
+            }
+            let Some(slot) = self.slots.remove(addr) else {
+                continue;
+            };
+            let family = IpFamily::of(addr);
+            let pool = &mut self.pools[slot.pool];
+            pool.free[fam(family)].put_back(to_u128(*addr));
+            pool.assigned[fam(family)] = pool.assigned[fam(family)].saturating_sub(1);
+            if let Some(key) = slot.sharing_key
+                && let Some(addrs) = self.shared.get_mut(&key)
+            {
+                addrs.remove(addr);
+                if addrs.is_empty() {
+                    self.shared.remove(&key);
+                }
+            }
+        }
+        Some(holding)
+    }
+
+    fn pool_named(&self, name: &str) -> Option<usize> {
+        self.pools
+            .binary_search_by(|p| p.spec.name.as_str().cmp(name))
+            .ok()
+    }
+
+    fn pool_index(&self, addr: IpAddr) -> Option<usize> {
+        let family = IpFamily::of(&addr);
+        let n = to_u128(addr);
+        let (&(f, _), &(last, index)) = self.owners.range(..=(family, n)).next_back()?;
+        (f == family && n <= last).then_some(index)
+    }
+}
+
+/// Checks the count and families of a list of addresses against the policy.
+fn check_shape(policy: FamilyPolicy, addrs: &[IpAddr]) -> Result<(), AllocError> {
+    if addrs.len() > 2 {
+        return Err(AllocError::TooManyRequested { count: addrs.len() });
+    }
+    if let [first, second] = addrs
+        && IpFamily::of(first) == IpFamily::of(second)
+    {
+        return Err(AllocError::TwoOfOneFamily {
+            family: IpFamily::of(first),
+            first: *first,
+            second: *second,
+        });
+    }
+    if let FamilyPolicy::SingleStack { primary } = policy
+        && let Some(addr) = addrs.iter().find(|a| IpFamily::of(a) != primary)
+    {
+        return Err(AllocError::FamilyNotWanted {
+            addr: *addr,
+            primary,
+        });
+    }
+    Ok(())
+}
+
+/// Sorts and merges overlapping or adjacent intervals (a pool may list overlapping ranges of its
+/// own; that is not a conflict).
+fn merge(intervals: &mut [(u128, u128)]) -> Vec<(u128, u128)> {
+    intervals.sort_unstable();
+    let mut merged: Vec<(u128, u128)> = Vec::with_capacity(intervals.len());
+    for &(first, last) in intervals.iter() {
+        match merged.last_mut() {
+            Some((_, end)) if first <= end.saturating_add(1) => *end = (*end).max(last),
+            _ => merged.push((first, last)),
+        }
+    }
+    merged
+}
