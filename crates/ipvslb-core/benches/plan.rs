@@ -93,7 +93,7 @@ fn bench(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 for s in &services {
-                    black_box(plan(std::slice::from_ref(s), &pools, &sets, &nodes));
+                    let _ = black_box(plan(std::slice::from_ref(s), &pools, &sets, &nodes));
                 }
             })
         },

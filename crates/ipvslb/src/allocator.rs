@@ -544,169 +544,170 @@ async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bo
 
 async fn write_pool_status(ctx: &Context, pool: &IPPool) -> Result<(), kube::Error> {
     let name = pool.name_any();
-    let invalid = translate::pool(pool).err();
-    let (usage, problems): (Option<ipvslb_core::alloc::PoolUsage>, Vec<String>) = {
-        let guard = match ctx.state.lock() {
-            Ok(g) => g,
-            Err(_) => return Ok(()),
-        };
-        let Some(state) = guard.as_ref() else {
-            return Ok(());
-        };
-        let problems = state
-            .allocator
-            .problems()
-            .iter()
-            .filter(|p| p.concerns(&name))
-            .map(ToString::to_string)
-            .collect();
-        (state.allocator.usage(&name), problems)
-    };
     let previous = pool.status.clone().unwrap_or_default();
-    let mut status = IPPoolStatus::default();
-    if let Some(usage) = &usage {
-        status.assigned_ipv4 = usage.assigned_v4;
-        status.assigned_ipv6 = usage.assigned_v6;
-        status.assigned = usage.assigned_v4 + usage.assigned_v6;
-        status.available_ipv4 = u64::try_from(usage.available_v4).unwrap_or(u64::MAX);
-        status.available_ipv6 = usage.available_v6.to_string();
-        status.available = usage
-            .available_v4
-            .saturating_add(usage.available_v6)
-            .to_string();
-        let (allocations, truncated) = usage.allocations(MAX_STATUS_ALLOCATIONS);
-        status.allocations = allocations
-            .into_iter()
-            .map(|(addr, holders)| {
-                (
-                    addr.to_string(),
-                    holders
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(","),
-                )
-            })
-            .collect();
-        status.allocations_truncated = truncated;
-        for (family, assigned, available) in [
-            (
-                IpFamily::V4,
-                usage.assigned_v4 as f64,
-                usage.available_v4 as f64,
-            ),
-            (
-                IpFamily::V6,
-                usage.assigned_v6 as f64,
-                usage.available_v6 as f64,
-            ),
-        ] {
-            let labels = |state: &str| {
-                vec![
-                    ("pool", name.clone()),
-                    ("family", family.to_string()),
-                    ("state", state.to_owned()),
-                ]
-            };
-            ctx.metrics
-                .pool_addresses
-                .get_or_create(&labels("assigned"))
-                .set(assigned);
-            ctx.metrics
-                .pool_addresses
-                .get_or_create(&labels("available"))
-                .set(available);
-        }
-        ctx.metrics
-            .assignments
-            .get_or_create(&vec![("pool", name.clone())])
-            .set(i64::try_from(status.assigned).unwrap_or(i64::MAX));
-    }
-    let overlap = problems.join("; ");
-    let invalid_message = invalid
-        .as_ref()
-        .map(ToString::to_string)
-        .unwrap_or_default();
-    status.conditions = vec![
-        condition(
-            &previous,
-            "Ready",
-            invalid.is_none() && problems.is_empty(),
-            if invalid.is_some() {
-                "Invalid"
-            } else if problems.is_empty() {
-                "Serving"
-            } else {
-                "Overlapping"
-            },
-            if invalid.is_some() {
-                &invalid_message
-            } else {
-                &overlap
-            },
-        ),
-        condition(
-            &previous,
-            "Overlapping",
-            !problems.is_empty(),
-            if problems.is_empty() {
-                "NoOverlap"
-            } else {
-                "Overlap"
-            },
-            &overlap,
-        ),
-        condition(
-            &previous,
-            "Invalid",
-            invalid.is_some(),
-            if invalid.is_some() {
-                "Invalid"
-            } else {
-                "Valid"
-            },
-            &invalid_message,
-        ),
-    ];
-    if previous == status {
-        return Ok(());
-    }
-    if !*ctx.leading.borrow() {
+    let Some(status) = ctx.pool_status(pool, &previous) else {
+        return Ok(()); // no allocator yet (not leading, or rebuilding)
+    };
+    if previous == status || !*ctx.leading.borrow() {
         return Ok(());
     }
     let api: Api<IPPool> = Api::all(ctx.client.clone());
-    let patch = json!({"status": status});
-    api.patch_status(&name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
-        .await?;
-    if invalid.is_some()
-        && !previous
+    api.patch_status(
+        &name,
+        &PatchParams::apply(MANAGER),
+        &Patch::Merge(&json!({ "status": status })),
+    )
+    .await?;
+    for (kind, reason) in [("Invalid", "Invalid"), ("Overlapping", "Overlap")] {
+        let now = status
             .conditions
             .iter()
-            .any(|c| c.type_ == "Invalid" && c.status == "True")
-    {
-        let event_reason = "Invalid";
-        let _ = ctx.event_on_pool(pool, event_reason, invalid_message).await;
-    }
-    if !problems.is_empty()
-        && !previous
+            .find(|c| c.type_ == kind && c.status == "True");
+        let before = previous
             .conditions
             .iter()
-            .any(|c| c.type_ == "Overlapping" && c.status == "True")
-    {
-        let _ = ctx.event_on_pool(pool, "Overlap", overlap).await;
+            .any(|c| c.type_ == kind && c.status == "True");
+        if let (Some(condition), false) = (now, before) {
+            ctx.event(pool, EventType::Warning, reason, condition.message.clone())
+                .await;
+        }
     }
     Ok(())
 }
 
 impl Context {
-    async fn event_on_pool(&self, pool: &IPPool, reason: &str, note: String) {
-        self.event(pool, EventType::Warning, reason, note).await;
+    /// The status `pool` should have, and the pool metrics on the way.
+    fn pool_status(&self, pool: &IPPool, previous: &IPPoolStatus) -> Option<IPPoolStatus> {
+        let name = pool.name_any();
+        let guard = self.state.lock().ok()?;
+        let allocator = &guard.as_ref()?.allocator;
+        let mut invalid: Vec<String> = translate::pool(pool)
+            .err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let mut overlapping = Vec::new();
+        for problem in allocator.problems().iter().filter(|p| p.concerns(&name)) {
+            if problem.is_invalid() {
+                invalid.push(problem.to_string());
+            } else {
+                overlapping.push(problem.to_string());
+            }
+        }
+        let mut status = IPPoolStatus::default();
+        if let Some(usage) = allocator.usage(&name) {
+            status.assigned_ipv4 = usage.assigned_v4;
+            status.assigned_ipv6 = usage.assigned_v6;
+            status.assigned = usage.assigned_v4 + usage.assigned_v6;
+            status.available_ipv4 = u64::try_from(usage.available_v4).unwrap_or(u64::MAX);
+            status.available_ipv6 = usage.available_v6.to_string();
+            status.available = usage
+                .available_v4
+                .saturating_add(usage.available_v6)
+                .to_string();
+            self.record_pool_metrics(&name, &usage);
+        }
+        if let Some((held, truncated)) = allocator.allocations(&name, MAX_STATUS_ALLOCATIONS) {
+            status.allocations = held
+                .into_iter()
+                .map(|(addr, holders)| {
+                    (
+                        addr.to_string(),
+                        holders
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    )
+                })
+                .collect();
+            status.allocations_truncated = truncated;
+        }
+        drop(guard);
+        let (invalid, overlapping) = (invalid.join("; "), overlapping.join("; "));
+        let ready = invalid.is_empty() && overlapping.is_empty();
+        let generation = pool.metadata.generation;
+        status.conditions = vec![
+            condition(
+                previous,
+                generation,
+                "Ready",
+                ready,
+                if ready {
+                    "Serving"
+                } else if invalid.is_empty() {
+                    "Overlapping"
+                } else {
+                    "Invalid"
+                },
+                if invalid.is_empty() {
+                    &overlapping
+                } else {
+                    &invalid
+                },
+            ),
+            condition(
+                previous,
+                generation,
+                "Overlapping",
+                !overlapping.is_empty(),
+                if overlapping.is_empty() {
+                    "NoOverlap"
+                } else {
+                    "Overlap"
+                },
+                &overlapping,
+            ),
+            condition(
+                previous,
+                generation,
+                "Invalid",
+                !invalid.is_empty(),
+                if invalid.is_empty() {
+                    "Valid"
+                } else {
+                    "Invalid"
+                },
+                &invalid,
+            ),
+        ];
+        Some(status)
+    }
+
+    fn record_pool_metrics(&self, pool: &str, usage: &ipvslb_core::alloc::PoolUsage) {
+        for (family, assigned, available) in [
+            (IpFamily::V4, usage.assigned_v4, usage.available_v4),
+            (IpFamily::V6, usage.assigned_v6, usage.available_v6),
+        ] {
+            let labels = |state: &str| {
+                vec![
+                    ("pool", pool.to_owned()),
+                    ("family", family.to_string()),
+                    ("state", state.to_owned()),
+                ]
+            };
+            // A gauge is a float: beyond 2^53 it is approximate, which a dashboard can bear.
+            self.metrics
+                .pool_addresses
+                .get_or_create(&labels("assigned"))
+                .set(assigned as f64);
+            self.metrics
+                .pool_addresses
+                .get_or_create(&labels("available"))
+                .set(available as f64);
+        }
+        let assigned = i64::try_from(usage.assigned_v4 + usage.assigned_v6).unwrap_or(i64::MAX);
+        self.metrics
+            .assignments
+            .get_or_create(&vec![("pool", pool.to_owned())])
+            .set(assigned);
     }
 }
 
 /// A condition that keeps its transition time while its status stays the same.
 fn condition(
     previous: &IPPoolStatus,
+    generation: Option<i64>,
     type_: &str,
     status: bool,
     reason: &str,
@@ -724,6 +725,6 @@ fn condition(
         reason: reason.to_owned(),
         message: message.to_owned(),
         last_transition_time: last.unwrap_or_else(|| Time(Timestamp::now())),
-        observed_generation: None,
+        observed_generation: generation,
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ipvslb_core::{IpRange, ServiceName};
-use ipvslb_ipvs::{DestKey, Op, Removal, ServiceKey, Table, diff};
+use ipvslb_ipvs::{DestKey, Removal, ServiceKey, Table, diff};
 
 use crate::dataplane::{self, Dataplane};
 

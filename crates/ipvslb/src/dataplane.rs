@@ -120,3 +120,34 @@ impl Dataplane for Memory {
         self.writes.load(Ordering::Relaxed)
     }
 }
+
+/// A shared data plane is a data plane: tests keep a handle on the one the director writes to.
+impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
+    fn dump(&self) -> Result<Table, Error> {
+        (**self).dump()
+    }
+
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>, Error> {
+        (**self).service(key)
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), Error> {
+        (**self).apply(ops)
+    }
+
+    fn addresses(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        (**self).addresses()
+    }
+
+    fn add_address(&self, address: IpAddr) -> Result<(), Error> {
+        (**self).add_address(address)
+    }
+
+    fn del_address(&self, address: IpAddr) -> Result<(), Error> {
+        (**self).del_address(address)
+    }
+
+    fn writes(&self) -> u64 {
+        (**self).writes()
+    }
+}

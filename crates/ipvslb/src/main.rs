@@ -6,18 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod allocator;
-mod converge;
-mod dataplane;
-mod director;
-mod leader;
-mod manifests;
-mod metrics;
-mod plan;
-mod run;
-mod translate;
-
-use translate::{ClassPolicy, Unclassed};
+use ipvslb::translate::ClassPolicy;
+use ipvslb::{ClassArgs, manifests, plan, run};
 
 /// Assigns VIPs to LoadBalancer Services from IPPools and programs Linux IPVS to serve them.
 #[derive(Parser)]
@@ -47,17 +37,6 @@ struct PlanArgs {
     output: Format,
     #[command(flatten)]
     classes: ClassArgs,
-}
-
-/// Which Services ipvslb serves.
-#[derive(clap::Args)]
-struct ClassArgs {
-    /// The `spec.loadBalancerClass` this ipvslb serves.
-    #[arg(long, env = "IPVSLB_LOAD_BALANCER_CLASS", default_value = ipvslb_api::LOAD_BALANCER_CLASS)]
-    load_balancer_class: String,
-    /// LoadBalancer Services without a class: serve them, or leave them to another implementation.
-    #[arg(long, env = "IPVSLB_UNCLASSED_SERVICES", value_enum, default_value_t = Unclassed::Serve)]
-    unclassed_services: Unclassed,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
