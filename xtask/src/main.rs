@@ -7,11 +7,14 @@
 use std::process::ExitCode;
 
 mod crds;
+mod vm;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("crds") => crds::write(),
+        Some("vm-test") => vm::test(&args[1..]),
+        Some("vm-bench") => vm::bench(&args[1..]),
         _ => Err(format!(
             "usage: cargo xtask <task>\n\ntasks:\n  crds          write crds/*.yaml from the API types\n"
         )),

@@ -1,0 +1,226 @@
+//! The kernel test VM: `cargo xtask vm-test` and `cargo xtask vm-bench`.
+//!
+//! The machines we build on run a kernel without IPVS, so the kernel half of `ipvslb-ipvs` is
+//! proven in a small VM: a Debian cloud kernel (fetched once with apt into a cache outside the
+//! repository), an initramfs holding busybox, the few modules IPVS needs, `ipvsadm`, iproute2's
+//! `ip`, `nsenter` and the test binaries with their shared libraries, booted by qemu with the
+//! serial console as the only channel. `/init` runs the binaries, prints a marker line with their
+//! exit status and powers the VM off; this side waits for the marker with a deadline.
+
+mod boot;
+mod initramfs;
+mod kernel;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// What the VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The kernel tests (`crates/ipvslb-ipvs/tests/kernel_*.rs`).
+    Test,
+    /// The netlink benchmark.
+    Bench,
+}
+
+/// `cargo xtask vm-test [FILTER...]`: the kernel tests in the VM. Arguments go to each test binary.
+pub fn test(args: &[String]) -> Result<(), String> {
+    run(Mode::Test, args)
+}
+
+/// `cargo xtask vm-bench`: the netlink benchmark in the VM.
+pub fn bench(args: &[String]) -> Result<(), String> {
+    run(Mode::Bench, args)
+}
+
+fn run(mode: Mode, args: &[String]) -> Result<(), String> {
+    let started = Instant::now();
+    let cache = cache_dir()?;
+    std::fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+
+    host_tools()?;
+    let kernel = kernel::fetch(&cache)?;
+    eprintln!("vm: kernel {}", kernel.version);
+
+    let binaries = build_binaries(mode)?;
+    let initrd = initramfs::build(&cache, &kernel, &binaries, mode, args)?;
+    eprintln!(
+        "vm: initramfs {} ready after {:.1?}",
+        initrd.display(),
+        started.elapsed()
+    );
+
+    let timeout = std::env::var("IPVSLB_VM_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(match mode {
+            Mode::Test => 600,
+            Mode::Bench => 1800,
+        });
+    let outcome = boot::run(&kernel.vmlinuz, &initrd, timeout)?;
+    eprintln!(
+        "vm: marker after {:.1?} of VM time; whole run {:.1?}",
+        outcome.to_marker,
+        started.elapsed()
+    );
+    if outcome.status == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the tests in the VM failed (exit status {}); the VM's output is above",
+            outcome.status
+        ))
+    }
+}
+
+/// `${IPVSLB_CACHE:-$HOME/.cache/ipvslb}/vm`.
+fn cache_dir() -> Result<PathBuf, String> {
+    let base = match std::env::var_os("IPVSLB_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").ok_or("neither IPVSLB_CACHE nor HOME is set")?;
+            PathBuf::from(home).join(".cache").join("ipvslb")
+        }
+    };
+    Ok(base.join("vm"))
+}
+
+/// The host programs the harness needs, each with the Debian package that has it.
+const HOST_TOOLS: [(&str, &str); 8] = [
+    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    ("/usr/bin/cpio", "cpio"),
+    ("/usr/sbin/depmod", "kmod"),
+    ("/bin/busybox", "busybox-static"),
+    ("/usr/sbin/ipvsadm", "ipvsadm"),
+    ("/usr/sbin/ip", "iproute2"),
+    ("/usr/bin/nsenter", "util-linux"),
+    ("/usr/bin/ldd", "libc-bin"),
+];
+
+/// Installs whatever of [`HOST_TOOLS`] is missing, with apt.
+fn host_tools() -> Result<(), String> {
+    let missing: Vec<&str> = HOST_TOOLS
+        .iter()
+        .filter(|(path, _)| !Path::new(path).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("vm: installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if install() {
+        return Ok(());
+    }
+    run_checked(Command::new("apt-get").args(["update", "-q"]))?;
+    if install() {
+        Ok(())
+    } else {
+        Err(format!("apt-get install {} failed", missing.join(" ")))
+    }
+}
+
+/// Builds the binaries the VM runs and returns their paths.
+fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command.args([
+        "test",
+        "-p",
+        "ipvslb-ipvs",
+        "--features",
+        "kernel-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    match mode {
+        Mode::Test => command.args(["--test", "kernel_*"]),
+        Mode::Bench => command.args(["--release", "--test", "kernel_bench"]),
+    };
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !output.status.success() {
+        return Err("building the kernel test binaries failed".to_owned());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut binaries: Vec<PathBuf> = stdout
+        .lines()
+        .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(|line| json_string(line, "executable"))
+        .map(PathBuf::from)
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("kernel_"))
+        })
+        .filter(|path| mode == Mode::Bench || !path.to_string_lossy().contains("kernel_bench"))
+        .collect();
+    binaries.sort();
+    binaries.dedup();
+    if binaries.is_empty() {
+        return Err("cargo built no kernel_* test binary".to_owned());
+    }
+    Ok(binaries)
+}
+
+/// The string value of `"key":"..."` in one line of cargo's JSON (paths have no escapes).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let pattern = format!("\"{key}\":\"");
+    let start = line.find(&pattern)? + pattern.len();
+    let end = line[start..].find('"')?;
+    Some(line[start..start + end].to_owned())
+}
+
+/// Runs `command`, failing with its name when it does not succeed.
+fn run_checked(command: &mut Command) -> Result<(), String> {
+    let status = command
+        .status()
+        .map_err(|e| format!("running {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {status}"))
+    }
+}
+
+/// Runs `command` and returns its standard output.
+fn output_of(command: &mut Command) -> Result<String, String> {
+    let output = command
+        .output()
+        .map_err(|e| format!("running {command:?}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{command:?} failed: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_string;
+
+    #[test]
+    fn the_executable_is_read_from_a_cargo_message() {
+        let line = r#"{"reason":"compiler-artifact","target":{"name":"kernel_ipvs"},"executable":"/t/debug/deps/kernel_ipvs-0a1b","fresh":true}"#;
+        assert_eq!(
+            json_string(line, "executable").as_deref(),
+            Some("/t/debug/deps/kernel_ipvs-0a1b")
+        );
+        assert_eq!(json_string(line, "missing"), None);
+    }
+}
