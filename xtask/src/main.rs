@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+mod apiserver;
 mod crds;
 mod vm;
 
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
         Some("crds") => crds::write(),
         Some("vm-test") => vm::test(&args[1..]),
         Some("vm-bench") => vm::bench(&args[1..]),
+        Some("apiserver") => apiserver::run(&args[1..]),
         _ => Err(format!(
             "usage: cargo xtask <task>\n\ntasks:\n  crds          write crds/*.yaml from the API types\n"
         )),
