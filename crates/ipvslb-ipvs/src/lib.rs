@@ -10,6 +10,8 @@ pub mod consts;
 mod diff;
 mod listing;
 mod model;
+#[cfg(target_os = "linux")]
+pub mod netlink;
 
 pub use apply::ApplyError;
 pub use diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};

@@ -67,7 +67,9 @@ pub fn run(vmlinuz: &Path, initrd: &Path, timeout_secs: u64) -> Result<Outcome, 
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let exit = child.wait().map(|s| s.to_string()).unwrap_or_default();
-                return Err(format!("qemu ended ({exit}) before the VM printed its result"));
+                return Err(format!(
+                    "qemu ended ({exit}) before the VM printed its result"
+                ));
             }
         }
     }

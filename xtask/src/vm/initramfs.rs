@@ -10,9 +10,23 @@ use super::{Mode, output_of, run_checked};
 
 /// Modules loaded or loadable in the VM; their dependencies come along.
 const MODULES: [&str; 17] = [
-    "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_lc", "ip_vs_wlc", "ip_vs_lblc", "ip_vs_lblcr",
-    "ip_vs_dh", "ip_vs_sh", "ip_vs_sed", "ip_vs_nq", "ip_vs_fo", "ip_vs_ovf", "ip_vs_mh",
-    "ip_vs_twos", "dummy", "veth",
+    "ip_vs",
+    "ip_vs_rr",
+    "ip_vs_wrr",
+    "ip_vs_lc",
+    "ip_vs_wlc",
+    "ip_vs_lblc",
+    "ip_vs_lblcr",
+    "ip_vs_dh",
+    "ip_vs_sh",
+    "ip_vs_sed",
+    "ip_vs_nq",
+    "ip_vs_fo",
+    "ip_vs_ovf",
+    "ip_vs_mh",
+    "ip_vs_twos",
+    "dummy",
+    "veth",
 ];
 
 /// Programs copied from the host with their libraries: (host path, path in the VM).
@@ -70,7 +84,10 @@ pub fn build(
         elves.push(binary.clone());
     }
     for library in libraries(&elves)? {
-        copy(&library, &root.join(library.strip_prefix("/").unwrap_or(&library)))?;
+        copy(
+            &library,
+            &root.join(library.strip_prefix("/").unwrap_or(&library)),
+        )?;
     }
 
     modules(kernel, &root)?;
@@ -125,7 +142,9 @@ fn modules(kernel: &Kernel, root: &Path) -> Result<(), String> {
                 eprintln!("vm: kernel {} has no module {name}", kernel.version);
                 continue;
             }
-            return Err(format!("module {name} is needed but not in the kernel package"));
+            return Err(format!(
+                "module {name} is needed but not in the kernel package"
+            ));
         };
         let relative = path.strip_prefix(&kernel.modules).unwrap_or(path);
         copy(path, &target.join(relative))?;
@@ -138,7 +157,11 @@ fn modules(kernel: &Kernel, root: &Path) -> Result<(), String> {
                 .map(|d| d.replace('-', "_")),
         );
     }
-    for file in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+    for file in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
         let source = kernel.modules.join(file);
         if source.exists() {
             copy(&source, &target.join(file))?;

@@ -59,8 +59,15 @@ pub fn fetch(cache: &Path) -> Result<Kernel, String> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
         })
-        .ok_or_else(|| format!("apt-get download left no {package}_*.deb in {}", debs.display()))?;
-    let partial = cache.join("kernel").join(format!("{}.partial", kernel.version));
+        .ok_or_else(|| {
+            format!(
+                "apt-get download left no {package}_*.deb in {}",
+                debs.display()
+            )
+        })?;
+    let partial = cache
+        .join("kernel")
+        .join(format!("{}.partial", kernel.version));
     let _ = std::fs::remove_dir_all(&partial);
     std::fs::create_dir_all(&partial)
         .map_err(|e| format!("creating {}: {e}", partial.display()))?;
@@ -70,7 +77,11 @@ pub fn fetch(cache: &Path) -> Result<Kernel, String> {
     if kernel.vmlinuz.exists() && kernel.modules.exists() {
         Ok(kernel)
     } else {
-        Err(format!("{} has no {}", deb.display(), kernel.vmlinuz.display()))
+        Err(format!(
+            "{} has no {}",
+            deb.display(),
+            kernel.vmlinuz.display()
+        ))
     }
 }
 

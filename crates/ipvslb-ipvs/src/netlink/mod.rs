@@ -1,0 +1,157 @@
+//! The kernel half: IPVS over generic netlink ([`Ipvs`]) and the VIP addresses on a dummy
+//! interface over rtnetlink ([`Vips`]). Linux only.
+//!
+//! Every request and reply goes through one socket wrapper (`socket.rs`); encoding and decoding of
+//! IPVS attributes live apart from the handles (`codec.rs`), with all numbers from
+//! [`crate::consts`].
+
+mod codec;
+mod ipvs;
+mod socket;
+mod vip;
+
+use std::fmt;
+use std::io;
+
+use crate::diff::OpKind;
+
+pub use ipvs::{Info, Ipvs, SyncReport};
+pub use vip::{DEFAULT_INTERFACE, Vips};
+
+/// `type Result<T, E = Error>` for the kernel handles.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a handle was doing when the kernel or the socket said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Request {
+    /// Opening a netlink socket.
+    Open,
+    /// Looking up the generic netlink family `IPVS`.
+    ResolveFamily,
+    /// `IPVS_CMD_GET_INFO`.
+    GetInfo,
+    /// `IPVS_CMD_GET_SERVICE` with `NLM_F_DUMP`.
+    DumpServices,
+    /// `IPVS_CMD_GET_SERVICE` for one key.
+    GetService,
+    /// `IPVS_CMD_GET_DEST` with `NLM_F_DUMP`.
+    DumpDestinations,
+    /// A write to the IPVS table.
+    Write(OpKind),
+    /// Looking up or creating the dummy interface.
+    Link,
+    /// Listing addresses (`RTM_GETADDR`).
+    ListAddresses,
+    /// Adding an address (`RTM_NEWADDR`).
+    AddAddress,
+    /// Deleting an address (`RTM_DELADDR`).
+    DelAddress,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Open => f.write_str("opening a netlink socket"),
+            Request::ResolveFamily => f.write_str("looking up the IPVS netlink family"),
+            Request::GetInfo => f.write_str("reading the IPVS version"),
+            Request::DumpServices => f.write_str("listing virtual services"),
+            Request::GetService => f.write_str("reading virtual service"),
+            Request::DumpDestinations => f.write_str("listing the destinations of"),
+            Request::Write(kind) => kind.fmt(f),
+            Request::Link => f.write_str("setting up interface"),
+            Request::ListAddresses => f.write_str("listing the addresses of"),
+            Request::AddAddress => f.write_str("adding address"),
+            Request::DelAddress => f.write_str("deleting address"),
+        }
+    }
+}
+
+/// An error of the kernel handles.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The kernel has no generic netlink family `IPVS`.
+    #[error("IPVS is not available: load the ip_vs module")]
+    Unavailable,
+    /// The kernel refused a request: `errno` is its (positive) error number.
+    #[error("{op} {key}: {}{}", io::Error::from_raw_os_error(*errno), hint(*op, *errno))]
+    Kernel {
+        /// What was asked.
+        op: Request,
+        /// The service, destination, interface or address it was about.
+        key: String,
+        /// The error number (`EEXIST`, `ENOENT`, `ESRCH`, `EINVAL`, `EPERM`, ...).
+        errno: i32,
+    },
+    /// The socket failed, or no reply came in time.
+    #[error("{op} {key}: {source}")]
+    Socket {
+        /// What was asked.
+        op: Request,
+        /// What it was about (may be empty).
+        key: String,
+        /// The failure.
+        #[source]
+        source: socket::SocketError,
+    },
+    /// A reply that does not decode.
+    #[error("{op} {key}: the kernel's reply does not decode: {reason}")]
+    Decode {
+        /// What was asked.
+        op: Request,
+        /// What it was about (may be empty).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Some writes of a batch failed; the others were made.
+    #[error("{} of {total} IPVS writes failed; the first: {}", .failures.len(), first(.failures))]
+    Apply {
+        /// How many writes were sent.
+        total: usize,
+        /// One error per failed write, in the order of the operations.
+        failures: Vec<Error>,
+    },
+}
+
+impl Error {
+    /// The kernel's error number, for [`Error::Kernel`].
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Kernel { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel said the thing to add exists already (`EEXIST`).
+    pub fn is_exists(&self) -> bool {
+        self.errno() == Some(libc::EEXIST)
+    }
+
+    /// Whether the kernel said the thing to change is not there (`ESRCH` for a service, `ENOENT`
+    /// for a destination or address, `ENODEV` for an interface).
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ESRCH) | Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL)
+        )
+    }
+}
+
+/// A hint appended to an errno where the bare message misleads.
+fn hint(op: Request, errno: i32) -> &'static str {
+    match (op, errno) {
+        (_, libc::EPERM) => " (needs CAP_NET_ADMIN)",
+        (Request::Write(OpKind::AddService | OpKind::EditService), libc::ENOENT) => {
+            " (no such scheduler: is its ip_vs_<name> module available?)"
+        }
+        (Request::Write(_), libc::ESRCH) => " (no such virtual service)",
+        _ => "",
+    }
+}
+
+fn first(failures: &[Error]) -> String {
+    failures
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}

@@ -1,0 +1,381 @@
+//! [`Vips`]: the virtual addresses on the director's own dummy interface, over rtnetlink.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use neli::attr::Attribute;
+use neli::consts::nl::NlmF;
+use neli::consts::rtnl::{Arphrd, Ifa, IfaF, Iff, Ifla, IflaInfo, RtAddrFamily, RtScope, Rtm};
+use neli::consts::socket::NlFamily;
+use neli::nl::NlPayload;
+use neli::rtnl::{Ifaddrmsg, IfaddrmsgBuilder, Ifinfomsg, IfinfomsgBuilder, RtattrBuilder};
+use neli::types::{Buffer, RtBuffer};
+use neli::{FromBytesWithInput, Size, ToBytes};
+
+use super::socket::{Conn, SocketError};
+use super::{Error, Request, Result};
+use crate::model::host_prefix;
+
+/// The interface ipvslb creates and owns unless told otherwise.
+pub const DEFAULT_INTERFACE: &str = "ipvslb0";
+
+/// How long a reply may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The host addresses (/32 and /128) on one dummy interface. No other interface is ever touched.
+#[derive(Debug)]
+pub struct Vips {
+    conn: Conn,
+    name: String,
+    index: u32,
+}
+
+impl Vips {
+    /// Opens rtnetlink, creates the dummy interface `name` if it is absent, and sets it up.
+    pub fn open(name: &str) -> Result<Self> {
+        let conn = Conn::open(NlFamily::Route, TIMEOUT).map_err(|source| Error::Socket {
+            op: Request::Open,
+            key: String::new(),
+            source,
+        })?;
+        let mut vips = Self {
+            conn,
+            name: name.to_owned(),
+            index: 0,
+        };
+        vips.index = match vips.link_index() {
+            Ok(index) => index,
+            Err(e) if e.is_missing() => {
+                vips.create_dummy()?;
+                vips.link_index()?
+            }
+            Err(e) => return Err(e),
+        };
+        vips.set_up()?;
+        Ok(vips)
+    }
+
+    /// The interface's name.
+    pub fn interface(&self) -> &str {
+        &self.name
+    }
+
+    /// The interface's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Every address of global scope on the interface (the kernel's IPv6 link-local one is not
+    /// listed, and never removed).
+    pub fn list(&mut self) -> Result<BTreeSet<IpAddr>> {
+        let request = IfaddrmsgBuilder::default()
+            .ifa_family(RtAddrFamily::Unspecified)
+            .ifa_prefixlen(0)
+            .ifa_scope(RtScope::Universe)
+            .ifa_index(0)
+            .build()
+            .map_err(|e| self.codec(Request::ListAddresses, e))?;
+        let replies: Vec<Ifaddrmsg> = self.dump(
+            Request::ListAddresses,
+            self.name.clone(),
+            Rtm::Getaddr,
+            request,
+        )?;
+        Ok(replies
+            .iter()
+            .filter(|a| *a.ifa_index() == self.index)
+            // The kernel's own link-local address is not a VIP.
+            .filter(|a| *a.ifa_scope() == RtScope::Universe)
+            .filter_map(address_of)
+            .collect())
+    }
+
+    /// Adds `address` as a host address; `false` if it was there already.
+    pub fn add(&mut self, address: IpAddr) -> Result<bool> {
+        let message = self.address_message(address, Request::AddAddress)?;
+        match self.ack(
+            Request::AddAddress,
+            address.to_string(),
+            Rtm::Newaddr,
+            NlmF::CREATE | NlmF::EXCL,
+            message,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_exists() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes `address`; `false` if it was not there.
+    pub fn remove(&mut self, address: IpAddr) -> Result<bool> {
+        let message = self.address_message(address, Request::DelAddress)?;
+        match self.ack(
+            Request::DelAddress,
+            address.to_string(),
+            Rtm::Deladdr,
+            NlmF::empty(),
+            message,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the interface's addresses exactly `desired`; returns how many were added and removed.
+    pub fn sync(&mut self, desired: &BTreeSet<IpAddr>) -> Result<(usize, usize)> {
+        let actual = self.list()?;
+        let mut added = 0;
+        let mut removed = 0;
+        for address in desired.difference(&actual) {
+            added += usize::from(self.add(*address)?);
+        }
+        for address in actual.difference(desired) {
+            removed += usize::from(self.remove(*address)?);
+        }
+        Ok((added, removed))
+    }
+
+    fn address_message(&self, address: IpAddr, op: Request) -> Result<Ifaddrmsg> {
+        let (family, bytes, flags) = match address {
+            IpAddr::V4(a) => (RtAddrFamily::Inet, a.octets().to_vec(), IfaF::empty()),
+            // No duplicate address detection: the address must be usable at once, and a VIP is
+            // shared by design.
+            IpAddr::V6(a) => (RtAddrFamily::Inet6, a.octets().to_vec(), IfaF::NODAD),
+        };
+        let mut attrs = RtBuffer::new();
+        for kind in [Ifa::Local, Ifa::Address] {
+            attrs.push(
+                RtattrBuilder::default()
+                    .rta_type(kind)
+                    .rta_payload(Buffer::from(bytes.clone()))
+                    .build()
+                    .map_err(|e| self.codec(op, e))?,
+            );
+        }
+        IfaddrmsgBuilder::default()
+            .ifa_family(family)
+            .ifa_prefixlen(host_prefix(&address))
+            .ifa_flags(flags)
+            .ifa_scope(RtScope::Universe)
+            .ifa_index(self.index)
+            .rtattrs(attrs)
+            .build()
+            .map_err(|e| self.codec(op, e))
+    }
+
+    /// The index of the interface `self.name`; `ENODEV` when there is none.
+    fn link_index(&mut self) -> Result<u32> {
+        let mut attrs = RtBuffer::new();
+        attrs.push(
+            RtattrBuilder::default()
+                .rta_type(Ifla::Ifname)
+                .rta_payload(Buffer::from(nul_terminated(&self.name)))
+                .build()
+                .map_err(|e| self.codec(Request::Link, e))?,
+        );
+        let request = IfinfomsgBuilder::default()
+            .ifi_family(RtAddrFamily::Unspecified)
+            .rtattrs(attrs)
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        let reply: Ifinfomsg = self.get(Request::Link, Rtm::Getlink, request)?;
+        u32::try_from(*reply.ifi_index()).map_err(|_| Error::Decode {
+            op: Request::Link,
+            key: self.name.clone(),
+            reason: format!("interface index {}", reply.ifi_index()),
+        })
+    }
+
+    fn create_dummy(&mut self) -> Result<()> {
+        let kind = RtattrBuilder::default()
+            .rta_type(IflaInfo::Kind)
+            .rta_payload(Buffer::from(b"dummy".to_vec()))
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        let info = RtattrBuilder::default()
+            .rta_type(Ifla::Linkinfo)
+            .rta_payload(Buffer::new())
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?
+            .nest(&kind)
+            .map_err(|e| self.codec(Request::Link, e))?;
+        let name = RtattrBuilder::default()
+            .rta_type(Ifla::Ifname)
+            .rta_payload(Buffer::from(nul_terminated(&self.name)))
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        let mut attrs = RtBuffer::new();
+        attrs.push(name);
+        attrs.push(info);
+        let request = IfinfomsgBuilder::default()
+            .ifi_family(RtAddrFamily::Unspecified)
+            .ifi_type(Arphrd::from(0))
+            .rtattrs(attrs)
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        self.ack(
+            Request::Link,
+            self.name.clone(),
+            Rtm::Newlink,
+            NlmF::CREATE | NlmF::EXCL,
+            request,
+        )
+    }
+
+    fn set_up(&mut self) -> Result<()> {
+        let index = i32::try_from(self.index).unwrap_or_default();
+        let request = IfinfomsgBuilder::default()
+            .ifi_family(RtAddrFamily::Unspecified)
+            .ifi_index(index)
+            .ifi_flags(Iff::UP)
+            .ifi_change(Iff::UP)
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        self.ack(
+            Request::Link,
+            self.name.clone(),
+            Rtm::Newlink,
+            NlmF::empty(),
+            request,
+        )
+    }
+
+    fn codec(&self, op: Request, e: impl std::fmt::Display) -> Error {
+        Error::Socket {
+            op,
+            key: self.name.clone(),
+            source: SocketError::Codec(e.to_string()),
+        }
+    }
+
+    /// Sends one request with `NLM_F_ACK` and waits for its acknowledgement.
+    fn ack<P>(&mut self, op: Request, key: String, kind: Rtm, flags: NlmF, payload: P) -> Result<()>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug,
+    {
+        let socket = |source| Error::Socket {
+            op,
+            key: key.clone(),
+            source,
+        };
+        let seq = self.conn.next_seq();
+        let message =
+            Conn::message(kind.into(), flags | NlmF::ACK, seq, payload).map_err(socket)?;
+        self.conn.send(&[message]).map_err(socket)?;
+        loop {
+            let replies = self.conn.recv::<P>().map_err(socket)?;
+            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
+                match reply.nl_payload() {
+                    NlPayload::Ack(_) => return Ok(()),
+                    NlPayload::Err(e) => {
+                        return Err(Error::Kernel {
+                            op,
+                            key,
+                            errno: -e.error(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends one request and returns its reply.
+    fn get<P>(&mut self, op: Request, kind: Rtm, payload: P) -> Result<P>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
+    {
+        let key = self.name.clone();
+        let socket = |source| Error::Socket {
+            op,
+            key: key.clone(),
+            source,
+        };
+        let seq = self.conn.next_seq();
+        let message = Conn::message(kind.into(), NlmF::empty(), seq, payload).map_err(socket)?;
+        self.conn.send(&[message]).map_err(socket)?;
+        loop {
+            let replies = self.conn.recv::<P>().map_err(socket)?;
+            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
+                match reply.nl_payload() {
+                    NlPayload::Payload(p) => return Ok(p.clone()),
+                    NlPayload::Err(e) => {
+                        return Err(Error::Kernel {
+                            op,
+                            key,
+                            errno: -e.error(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends one dump request and returns every reply until `NLMSG_DONE`.
+    fn dump<P>(&mut self, op: Request, key: String, kind: Rtm, payload: P) -> Result<Vec<P>>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
+    {
+        let socket = |source| Error::Socket {
+            op,
+            key: key.clone(),
+            source,
+        };
+        let seq = self.conn.next_seq();
+        let message = Conn::message(kind.into(), NlmF::DUMP, seq, payload).map_err(socket)?;
+        self.conn.send(&[message]).map_err(socket)?;
+        let mut out = Vec::new();
+        loop {
+            let replies = self.conn.recv::<P>().map_err(socket)?;
+            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
+                if *reply.nl_type() == crate::consts::NLMSG_DONE {
+                    return Ok(out);
+                }
+                match reply.nl_payload() {
+                    NlPayload::Payload(p) => out.push(p.clone()),
+                    NlPayload::Err(e) => {
+                        return Err(Error::Kernel {
+                            op,
+                            key,
+                            errno: -e.error(),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn nul_terminated(name: &str) -> Vec<u8> {
+    let mut bytes = name.as_bytes().to_vec();
+    bytes.push(0);
+    bytes
+}
+
+/// The address of an `RTM_NEWADDR` message (`IFA_LOCAL`, else `IFA_ADDRESS`).
+fn address_of(message: &Ifaddrmsg) -> Option<IpAddr> {
+    let attrs = message.rtattrs();
+    let find = |kind: Ifa| {
+        attrs
+            .iter()
+            .find(|a| *a.rta_type() == kind)
+            .map(|a| a.payload().as_ref().to_vec())
+    };
+    let bytes = find(Ifa::Local).or_else(|| find(Ifa::Address))?;
+    match *message.ifa_family() {
+        RtAddrFamily::Inet => {
+            let octets: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(octets)))
+        }
+        RtAddrFamily::Inet6 => {
+            let octets: [u8; 16] = bytes.get(..16)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => None,
+    }
+}
