@@ -9,7 +9,7 @@ use super::kernel::Kernel;
 use super::{Mode, output_of, run_checked};
 
 /// Modules loaded or loadable in the VM; their dependencies come along.
-const MODULES: [&str; 17] = [
+const MODULES: [&str; 18] = [
     "ip_vs",
     "ip_vs_rr",
     "ip_vs_wrr",
@@ -27,6 +27,7 @@ const MODULES: [&str; 17] = [
     "ip_vs_twos",
     "dummy",
     "veth",
+    "bridge",
 ];
 
 /// Programs copied from the host with their libraries: (host path, path in the VM).
