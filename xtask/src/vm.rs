@@ -65,6 +65,16 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
         started.elapsed()
     );
     if outcome.status == 0 {
+        if mode == Mode::Bench {
+            // The ratios, last, whatever the VM printed after them.
+            for line in outcome
+                .lines
+                .iter()
+                .filter(|l| l.starts_with("naive/ipvslb = ") || l.starts_with("restore/ipvslb = "))
+            {
+                println!("{line}");
+            }
+        }
         Ok(())
     } else {
         Err(format!(

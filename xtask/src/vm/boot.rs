@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use super::initramfs::MARKER;
 
 /// How a VM run ended.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Outcome {
     /// The exit status `/init` reported.
     pub status: i32,
     /// From starting qemu to the marker.
     pub to_marker: Duration,
+    /// Every line the VM printed.
+    pub lines: Vec<String>,
 }
 
 /// Boots `vmlinuz` with `initrd`, echoes the console, and returns the status in the marker line.
@@ -47,6 +49,7 @@ pub fn run(vmlinuz: &Path, initrd: &Path, timeout_secs: u64) -> Result<Outcome, 
 
     let deadline = started + Duration::from_secs(timeout_secs);
     let mut status = None;
+    let mut all = Vec::new();
     let mut out = std::io::stdout().lock();
     while status.is_none() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -57,6 +60,7 @@ pub fn run(vmlinuz: &Path, initrd: &Path, timeout_secs: u64) -> Result<Outcome, 
                     let code = line[pos + MARKER.len()..].trim();
                     status = Some(code.parse::<i32>().unwrap_or(-1));
                 }
+                all.push(line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
@@ -91,6 +95,7 @@ pub fn run(vmlinuz: &Path, initrd: &Path, timeout_secs: u64) -> Result<Outcome, 
     Ok(Outcome {
         status: status.unwrap_or(-1),
         to_marker,
+        lines: all,
     })
 }
 
