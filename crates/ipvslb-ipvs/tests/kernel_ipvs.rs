@@ -681,3 +681,32 @@ fn vip_addresses_appear_on_and_disappear_from_ipvslb0_only() {
         "another interface was touched"
     );
 }
+
+#[test]
+fn without_the_ip_vs_module_opening_says_to_load_it() {
+    run("ipvsadm", &["-C"]);
+    let loaded = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let mut schedulers: Vec<&str> = loaded
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|m| m.starts_with("ip_vs_"))
+        .collect();
+    schedulers.push("ip_vs");
+    for module in &schedulers {
+        run("rmmod", &[module]);
+    }
+    // The generic netlink controller would load ip_vs on demand: keep it from doing so.
+    let modprobe = "/proc/sys/kernel/modprobe";
+    let helper = std::fs::read_to_string(modprobe).unwrap_or_default();
+    std::fs::write(modprobe, "/bin/false\n").expect("set the module helper");
+    let opened = Ipvs::open();
+    std::fs::write(modprobe, helper).expect("restore the module helper");
+    run("modprobe", &["ip_vs"]);
+    let err = opened.expect_err("no IPVS family without ip_vs");
+    assert!(matches!(err, Error::Unavailable), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "IPVS is not available: load the ip_vs module"
+    );
+    Ipvs::open().expect("IPVS is back");
+}

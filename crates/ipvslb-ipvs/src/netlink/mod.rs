@@ -155,3 +155,72 @@ fn first(failures: &[Error]) -> String {
         .map(ToString::to_string)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_operation_the_object_and_the_errno() {
+        let e = Error::Kernel {
+            op: Request::Write(OpKind::AddService),
+            key: "TCP 10.0.0.1:80 (scheduler rr)".to_owned(),
+            errno: libc::EEXIST,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "adding virtual service TCP 10.0.0.1:80 (scheduler rr): {}",
+                io::Error::from_raw_os_error(libc::EEXIST)
+            )
+        );
+        assert!(e.is_exists());
+        assert!(!e.is_missing());
+    }
+
+    #[test]
+    fn eperm_says_what_capability_is_missing() {
+        let e = Error::Kernel {
+            op: Request::DumpServices,
+            key: String::new(),
+            errno: libc::EPERM,
+        };
+        assert!(e.to_string().ends_with("(needs CAP_NET_ADMIN)"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_scheduler_module_is_named_as_such() {
+        let e = Error::Kernel {
+            op: Request::Write(OpKind::AddService),
+            key: "TCP 10.0.0.1:80 (scheduler nosuch)".to_owned(),
+            errno: libc::ENOENT,
+        };
+        assert!(e.to_string().contains("no such scheduler"), "{e}");
+    }
+
+    #[test]
+    fn a_batch_failure_counts_and_shows_the_first() {
+        let first = Error::Kernel {
+            op: Request::Write(OpKind::DelDest),
+            key: "10.0.0.2:80 of TCP 10.0.0.1:80".to_owned(),
+            errno: libc::ENOENT,
+        };
+        let e = Error::Apply {
+            total: 10,
+            failures: vec![first],
+        };
+        assert!(
+            e.to_string()
+                .starts_with("1 of 10 IPVS writes failed; the first: deleting destination"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_kernel_without_ipvs_is_told_to_load_the_module() {
+        assert_eq!(
+            Error::Unavailable.to_string(),
+            "IPVS is not available: load the ip_vs module"
+        );
+    }
+}
