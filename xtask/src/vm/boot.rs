@@ -108,12 +108,50 @@ fn forward(from: impl std::io::Read, to: &mpsc::Sender<String>) {
         match reader.read_until(b'\n', &mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                let line = String::from_utf8_lossy(&buf);
+                let line = without_escapes(&String::from_utf8_lossy(&buf));
                 let line = line.trim_end_matches(['\n', '\r']).to_owned();
                 if to.send(line).is_err() {
                     return;
                 }
             }
         }
+    }
+}
+
+/// `line` without the terminal control sequences the firmware prints (`ESC c`, `ESC [ ... X`).
+fn without_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters, then one final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_escapes;
+
+    #[test]
+    fn terminal_control_sequences_are_dropped_from_console_lines() {
+        assert_eq!(
+            without_escapes("\u{1b}c\u{1b}[?7l\u{1b}[2Jvm: running /tests/kernel_ipvs"),
+            "vm: running /tests/kernel_ipvs"
+        );
+        assert_eq!(without_escapes("plain"), "plain");
     }
 }
