@@ -511,9 +511,8 @@ fn drift_is_repaired_and_a_foreign_service_survives_every_sync() {
     assert_eq!(report.count(OpKind::DelService), 1, "{report:?}");
     assert_foreign_untouched();
 
-    // Syncing to nothing removes only what is owned.
-    ipvs.sync(&pool_owner, &Table::new(), Removal::Delete)
-        .unwrap();
+    // Flushing removes only what is owned.
+    ipvs.flush_owned(&pool_owner).unwrap();
     assert_eq!(owned_part(&mut ipvs), Table::new());
     assert_foreign_untouched();
     assert_eq!(ipvs.dump().unwrap().service_count(), 1);
@@ -669,6 +668,23 @@ fn vip_addresses_appear_on_and_disappear_from_ipvslb0_only() {
     assert!(!vips.add(ip("10.240.0.210")).unwrap(), "already there");
     assert!(vips.remove(ip("10.240.0.211")).unwrap());
     assert!(!vips.remove(ip("10.240.0.211")).unwrap(), "already gone");
+
+    // An interface that is not a dummy is someone else's.
+    let veth = run(
+        "ip",
+        &[
+            "link", "add", "notours", "type", "veth", "peer", "name", "notours1",
+        ],
+    );
+    assert!(veth.is_empty());
+    let err = Vips::open("notours").unwrap_err();
+    assert!(
+        matches!(err, Error::NotDummy { ref kind, .. } if kind == "veth"),
+        "{err}"
+    );
+    let err = Vips::open("lo").unwrap_err();
+    assert!(matches!(err, Error::NotDummy { .. }), "{err}");
+    run("ip", &["link", "del", "notours"]);
 
     // Opening again finds the interface instead of failing.
     let mut again = Vips::open("ipvslb0").unwrap();

@@ -12,7 +12,7 @@ use super::codec::{self, Attrs};
 use super::socket::{Conn, SocketError};
 use super::{Error, Request, Result};
 use crate::consts::*;
-use crate::diff::{Op, OpKind, Owner, Removal, diff};
+use crate::diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
 use crate::model::{Family, ServiceEntry, ServiceKey, Table};
 
 /// A generic netlink message with IPVS commands and attributes.
@@ -145,6 +145,12 @@ impl Ipvs {
 
     /// The whole table: every virtual service the model can hold, with destinations and counters.
     pub fn dump(&mut self) -> Result<Table> {
+        self.dump_with_destinations_of(&OwnsAll)
+    }
+
+    /// Every virtual service, with destinations only for those `owner` owns: what a diff for
+    /// `owner` needs, without reading the destinations of anyone else's services.
+    pub fn dump_with_destinations_of(&mut self, owner: &impl Owner) -> Result<Table> {
         let replies = self.dump_request(
             Request::DumpServices,
             String::new(),
@@ -154,7 +160,9 @@ impl Ipvs {
         let mut table = Table::new();
         for reply in replies {
             if let Some(mut entry) = service_of_reply(&reply, Request::DumpServices)? {
-                self.fill_destinations(&mut entry)?;
+                if owner.owns(&entry.service.key) {
+                    self.fill_destinations(&mut entry)?;
+                }
                 table.services.insert(entry.service.key, entry);
             }
         }
@@ -211,9 +219,14 @@ impl Ipvs {
         desired: &Table,
         removal: Removal,
     ) -> Result<SyncReport> {
-        let actual = self.dump()?;
+        let actual = self.dump_with_destinations_of(owner)?;
         let ops = diff(&actual, desired, owner, removal);
         self.apply_reported(&ops)
+    }
+
+    /// Removes every service `owner` owns, and nothing else (never `IPVS_CMD_FLUSH`).
+    pub fn flush_owned(&mut self, owner: &impl Owner) -> Result<SyncReport> {
+        self.sync(owner, &Table::new(), Removal::Delete)
     }
 
     /// Makes the one service `key` equal to `desired` (`None`: remove it), reading only that

@@ -103,6 +103,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The interface named for the VIP addresses exists and is not a dummy interface: it is
+    /// someone else's, and is left alone.
+    #[error(
+        "interface {interface} is {kind}, not a dummy interface: VIP addresses go only on an interface of ipvslb's own"
+    )]
+    NotDummy {
+        /// The interface's name.
+        interface: String,
+        /// Its kind (`IFLA_INFO_KIND`).
+        kind: String,
+    },
     /// Some writes of a batch failed; the others were made.
     #[error("{} of {total} IPVS writes failed; the first: {}", .failures.len(), first(.failures))]
     Apply {

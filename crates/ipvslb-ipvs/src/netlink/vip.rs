@@ -166,7 +166,8 @@ impl Vips {
             .map_err(|e| self.codec(op, e))
     }
 
-    /// The index of the interface `self.name`; `ENODEV` when there is none.
+    /// The index of the interface `self.name`: `ENODEV` when there is none, [`Error::NotDummy`]
+    /// when it is not a dummy interface.
     fn link_index(&mut self) -> Result<u32> {
         let mut attrs = RtBuffer::new();
         attrs.push(
@@ -182,6 +183,13 @@ impl Vips {
             .build()
             .map_err(|e| self.codec(Request::Link, e))?;
         let reply: Ifinfomsg = self.get(Request::Link, Rtm::Getlink, request)?;
+        let kind = link_kind(&reply);
+        if kind.as_deref() != Some("dummy") {
+            return Err(Error::NotDummy {
+                interface: self.name.clone(),
+                kind: kind.unwrap_or_else(|| "a device without a kind".to_owned()),
+            });
+        }
         u32::try_from(*reply.ifi_index()).map_err(|_| Error::Decode {
             op: Request::Link,
             key: self.name.clone(),
@@ -378,4 +386,17 @@ fn address_of(message: &Ifaddrmsg) -> Option<IpAddr> {
         }
         _ => None,
     }
+}
+
+/// The `IFLA_INFO_KIND` of a link (`dummy`, `veth`, ...), if it has one.
+fn link_kind(link: &Ifinfomsg) -> Option<String> {
+    let info = link
+        .rtattrs()
+        .iter()
+        .find(|a| *a.rta_type() == Ifla::Linkinfo)?;
+    let nested = info.get_attr_handle::<IflaInfo>().ok()?;
+    let kind = nested.get_attribute(IflaInfo::Kind)?;
+    let bytes = kind.payload().as_ref();
+    let name = bytes.split(|b| *b == 0).next()?;
+    Some(String::from_utf8_lossy(name).into_owned())
 }
