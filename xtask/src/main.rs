@@ -6,9 +6,16 @@
 
 use std::process::ExitCode;
 
-mod apiserver;
-mod crds;
+use xtask::{apiserver, crds};
 mod vm;
+
+const USAGE: &str = "usage: cargo xtask <task>
+
+tasks:
+  crds                       write crds/*.yaml from the API types
+  apiserver build|start|stop  a real kube-apiserver and etcd on loopback (see --help)
+  vm-test, vm-bench          the kernel test VM
+";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -17,9 +24,7 @@ fn main() -> ExitCode {
         Some("vm-test") => vm::test(&args[1..]),
         Some("vm-bench") => vm::bench(&args[1..]),
         Some("apiserver") => apiserver::run(&args[1..]),
-        _ => Err(format!(
-            "usage: cargo xtask <task>\n\ntasks:\n  crds          write crds/*.yaml from the API types\n"
-        )),
+        _ => Err(USAGE.to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

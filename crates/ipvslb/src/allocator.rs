@@ -93,6 +93,10 @@ pub struct Context {
     namespaces: Store<Namespace>,
     leading: watch::Receiver<bool>,
     state: Mutex<Option<State>>,
+    /// Serializes rebuilds: two reconciles that both find no allocator must not both build
+    /// one, or the second would forget what the first assigned meanwhile.
+    rebuilding: tokio::sync::Mutex<()>,
+    caches_ready: tokio::sync::OnceCell<()>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     pools_changed: Notify,
@@ -133,6 +137,8 @@ pub async fn run(
         namespaces: namespaces.clone(),
         leading: leading.clone(),
         state: Mutex::new(None),
+        rebuilding: tokio::sync::Mutex::new(()),
+        caches_ready: tokio::sync::OnceCell::new(),
         recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         metrics,
         pools_changed: Notify::new(),
@@ -169,7 +175,11 @@ pub async fn run(
     let on_pools = services.clone();
     let on_namespace = services.clone();
     let became_leader = leadership_gained(leading.clone());
-    tokio::spawn(write_pool_statuses(ctx.clone(), shutdown.clone()));
+    // Dies with this future: an aborted controller must not leave a writer behind.
+    let _background = crate::AbortOnDrop(tokio::spawn(write_pool_statuses(
+        ctx.clone(),
+        shutdown.clone(),
+    )));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
         .watches_stream(pool_stream, move |_pool: IPPool| {
@@ -218,7 +228,9 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
     }
     let span = info_span!("allocate", service = %name);
     async {
+        debug!("reconciling");
         ctx.ensure_state().await?;
+        debug!("state ready");
         let decision = ctx.decide(&service)?;
         ctx.apply(&service, &name, decision).await
     }
@@ -242,6 +254,18 @@ impl Context {
     /// Rebuilds the allocator when leadership is new (from a fresh list of Services) or when the
     /// pools changed (keeping what the old allocator held, which may be newer than the cache).
     async fn ensure_state(&self) -> Result<(), Error> {
+        // Deciding with a half-filled cache would fail Services whose pool is not read yet,
+        // and a failure clears a status: wait for every cache first. One task waits for the
+        // stores, the others for it.
+        self.caches_ready
+            .get_or_try_init(|| async {
+                self.pools.wait_until_ready().await?;
+                self.namespaces.wait_until_ready().await?;
+                self.services.wait_until_ready().await
+            })
+            .await
+            .map_err(|_| Error::Poisoned)?;
+        let _rebuilding = self.rebuilding.lock().await;
         let (pools, problems) = self.current_pools();
         let previous: Option<BTreeMap<ServiceName, Assignment>> = {
             let state = self.state.lock().map_err(|_| Error::Poisoned)?;
@@ -445,9 +469,17 @@ impl Context {
                 Ok(Action::requeue(Duration::from_secs(300)))
             }
             Decision::NotOurs => {
-                if annotated.is_some() {
+                // A Service of another class may carry the annotation of another ipvslb
+                // serving that class: only a Service that stopped being a LoadBalancer is ours
+                // to clear. (The class of an existing LoadBalancer Service cannot change.)
+                let load_balancer =
+                    service.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
+                if annotated.is_some()
+                    && !load_balancer
+                    && service.metadata.deletion_timestamp.is_none()
+                {
                     self.clear(&api, name).await?;
-                    info!("released: no longer a LoadBalancer Service of our class");
+                    info!("released: no longer a LoadBalancer Service");
                 }
                 Ok(Action::await_change())
             }

@@ -160,7 +160,8 @@ pub async fn run<D: Dataplane>(
     .reflect(slices_writer)
     .touched_objects();
 
-    tokio::spawn(full_passes(ctx.clone(), shutdown.clone()));
+    // Dies with this future: an aborted controller must not leave a writer behind.
+    let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
         .watches_stream(pool_stream, move |_: IPPool| all_on_pool())

@@ -28,3 +28,11 @@ pub struct ClassArgs {
     pub unclassed_services: Unclassed,
 }
 
+/// Aborts a spawned task when dropped, so a task's helpers end with it.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

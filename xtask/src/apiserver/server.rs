@@ -588,10 +588,10 @@ mod tests {
 
     /// Starts a server from the cached binaries, uses it, stops it.
     #[test]
-    #[ignore = "needs `cargo xtask apiserver build`; run with --ignored"]
     fn starts_serves_and_stops() {
         let versions = crate::apiserver::build::Versions::from_env();
-        let bins = crate::apiserver::build::cached(&versions).unwrap();
+        let bins = crate::apiserver::build::cached(&versions)
+            .unwrap_or_else(|e| panic!("{e}\nrun `cargo xtask apiserver build` first"));
         let dir =
             std::env::temp_dir().join(format!("ipvslb-apiserver-test-{}", std::process::id()));
         let server = start(&Options::new(&dir, bins)).unwrap();
@@ -628,10 +628,10 @@ mod tests {
 
     /// A kube-apiserver that cannot start: the error carries its log, etcd is stopped, logs stay.
     #[test]
-    #[ignore = "needs `cargo xtask apiserver build`; run with --ignored"]
     fn failed_start_reports_and_cleans_up() {
         let versions = crate::apiserver::build::Versions::from_env();
-        let bins = crate::apiserver::build::cached(&versions).unwrap();
+        let bins = crate::apiserver::build::cached(&versions)
+            .unwrap_or_else(|e| panic!("{e}\nrun `cargo xtask apiserver build` first"));
         let dir =
             std::env::temp_dir().join(format!("ipvslb-apiserver-fail-{}", std::process::id()));
         let mut options = Options::new(&dir, bins);

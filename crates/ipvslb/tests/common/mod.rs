@@ -1,0 +1,336 @@
+//! One real kube-apiserver + etcd per test binary, started on loopback from binaries built out of
+//! their Go modules (`cargo xtask apiserver build`, run first by `.ci/run`), with ipvslb's CRDs
+//! installed. Tests take turns (`turn()`): IPPools are cluster-scoped and every allocator sees them
+//! all, so each test starts from a cluster without pools and works in namespaces of its own.
+
+#![allow(dead_code, reason = "each test binary uses part of the harness")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ipvslb::dataplane::Memory;
+use ipvslb::metrics::Metrics;
+use ipvslb::translate::{ClassPolicy, Unclassed};
+use ipvslb::{allocator, director};
+use ipvslb_api::{IPPool, NodeSet};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use tokio::sync::{Mutex, MutexGuard, watch};
+use xtask::apiserver::{build, server};
+
+/// The shared server, alive until the test process exits (a watchdog stops it then).
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub dir: PathBuf,
+    /// The admin bearer token written in `kubeconfig`.
+    pub token: String,
+    _server: std::sync::Mutex<Option<server::Server>>,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static TURN: Mutex<()> = Mutex::const_new(());
+
+/// The cluster, started on first use.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        // The controllers' logs, with RUST_LOG=info (or finer), go to the test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let binaries = build::cached(&build::Versions::from_env()).unwrap_or_else(|e| {
+            panic!("the test API server is not built: {e}\nrun `cargo xtask apiserver build` (Go and the Go module proxy are needed)")
+        });
+        let dir = std::env::temp_dir().join(format!("ipvslb-apiserver-{}", std::process::id()));
+        let mut options = server::Options::new(&dir, binaries);
+        // Dual-stack Services need a Service range of each family.
+        options.extra_apiserver_args.push("--service-cluster-ip-range=10.96.0.0/16,fd00:10:96::/112".into());
+        let server = server::start(&options).unwrap_or_else(|e| panic!("starting the test API server: {e}"));
+        watchdog(&dir);
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds");
+        let cluster = Cluster {
+            kubeconfig: server.kubeconfig.clone(),
+            kubectl: server.kubectl.clone(),
+            dir: dir.clone(),
+            token: server.token.clone(),
+            _server: std::sync::Mutex::new(Some(server)),
+        };
+        let out = cluster.kubectl(&["apply", "-f", crds.to_str().unwrap()]);
+        assert!(out.status.success(), "installing the CRDs: {}", String::from_utf8_lossy(&out.stderr));
+        let out = cluster.kubectl(&["wait", "--for=condition=Established", "crd/ippools.ipvslb.io", "crd/nodesets.ipvslb.io", "--timeout=30s"]);
+        assert!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+        cluster
+    })
+}
+
+/// Stops etcd and kube-apiserver when this test process ends, however it ends: statics are
+/// never dropped, so a small shell loop watches our pid.
+fn watchdog(dir: &Path) {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; for f in {dir}/*.pid; do kill $(cat $f) 2>/dev/null; done; sleep 2; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    // Not waited for: it outlives this process on purpose.
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the watchdog must outlive the test process"
+    )]
+    let _watchdog = Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the API server watchdog");
+}
+
+impl Cluster {
+    /// Runs the real `kubectl` against the cluster.
+    pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// `kubectl apply -f -` of `yaml`, asserting success.
+    pub fn apply(&self, yaml: &str) {
+        let out = self.kubectl_stdin(&["apply", "-f", "-"], yaml);
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs kubectl with `input` on standard input.
+    pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// An admin client.
+    pub async fn client(&self) -> Client {
+        let file = Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        Client::try_from(config).unwrap()
+    }
+}
+
+/// Waits for this test's turn and clears what earlier tests left that every allocator would
+/// see: IPPools and NodeSets. The guard ends the turn.
+pub async fn turn(namespaces: &[&str]) -> (MutexGuard<'static, ()>, Client) {
+    let cluster = cluster();
+    let guard = TURN.lock().await;
+    let client = cluster.client().await;
+    let pools: Api<IPPool> = Api::all(client.clone());
+    let _ = pools
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let sets: Api<NodeSet> = Api::all(client.clone());
+    let _ = sets
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await;
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    for ns in namespaces {
+        let namespace: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+        match ns_api.create(&PostParams::default(), &namespace).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("creating namespace {ns}: {e}"),
+        }
+    }
+    (guard, client)
+}
+
+/// A running allocator (and optionally director) in this process, stopped on drop.
+pub struct Controllers {
+    pub metrics: Arc<Metrics>,
+    pub dataplane: Arc<Memory>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Which Services the test controllers serve: only their class, so a stray Service of another
+/// test is never touched.
+pub fn classes(class: &str) -> ClassPolicy {
+    ClassPolicy {
+        class: class.to_owned(),
+        unclassed: Unclassed::Ignore,
+    }
+}
+
+impl Controllers {
+    /// Starts an allocator that leads at once (no election) and a director on an in-memory
+    /// data plane.
+    pub fn start(client: &Client, classes: ClassPolicy) -> Self {
+        let (leading_tx, leading) = watch::channel(true);
+        Self::start_with(client, classes, leading, Some(leading_tx))
+    }
+
+    /// Starts them with leadership from `leading`.
+    pub fn start_with(
+        client: &Client,
+        classes: ClassPolicy,
+        leading: watch::Receiver<bool>,
+        keep: Option<watch::Sender<bool>>,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let dataplane = Arc::new(Memory::default());
+        let (shutdown, stop) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(allocator::run(
+            client.clone(),
+            allocator::Config {
+                classes: classes.clone(),
+            },
+            metrics.clone(),
+            leading,
+            stop.clone(),
+        )));
+        let config = director::Config {
+            classes,
+            resync: Duration::from_secs(2),
+            drain_grace: Duration::ZERO,
+        };
+        tasks.push(tokio::spawn(director::run(
+            client.clone(),
+            config,
+            dataplane.clone(),
+            metrics.clone(),
+            stop,
+        )));
+        if let Some(sender) = keep {
+            // Keep the leadership channel open for the life of the controllers.
+            tasks.push(tokio::spawn(async move {
+                sender.closed().await;
+            }));
+        }
+        Self {
+            metrics,
+            dataplane,
+            shutdown,
+            tasks,
+        }
+    }
+
+    /// Kills the controllers at once, as `kill -9` would: no graceful shutdown.
+    pub fn kill(self) {
+        drop(self);
+    }
+
+    /// Stops them gracefully.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// A test that fails midway must not leave its controllers running into the next test.
+impl Drop for Controllers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes; then panics with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The addresses in a Service's status.
+pub fn ingress(service: &Service) -> Vec<String> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|i| i.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `namespace/name` has exactly `want` in its status.
+pub async fn wait_ingress(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    want: &[&str],
+    timeout: Duration,
+) {
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    eventually(
+        &format!("{namespace}/{name} to have {want:?}"),
+        timeout,
+        || async {
+            let svc = api.get_opt(name).await.ok()??;
+            (ingress(&svc) == want).then_some(())
+        },
+    )
+    .await
+}
+
+/// A LoadBalancer Service manifest of `class` with TCP `ports`.
+pub fn service_yaml(
+    namespace: &str,
+    name: &str,
+    class: &str,
+    ports: &[u16],
+    annotations: &[(&str, &str)],
+) -> String {
+    let ports: String = ports
+        .iter()
+        .map(|p| format!("  - {{name: p{p}, port: {p}, protocol: TCP}}\n"))
+        .collect();
+    let annotations: String = annotations
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n{annotations}    x: \"y\"\nspec:\n  type: LoadBalancer\n  loadBalancerClass: {class}\n  selector: {{app: {name}}}\n  ports:\n{ports}"
+    )
+}
