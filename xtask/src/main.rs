@@ -2,16 +2,19 @@
 //!
 //! - `crds`: write `crds/*.yaml` (and the chart's copy) from the Rust types.
 //! - `vm-test`, `vm-bench`: the kernel test VM.
+//! - `test`: every test (API server build if needed, `cargo test --workspace`, the VM tests).
 //! - `apiserver start|stop --dir DIR`: a real kube-apiserver and etcd on loopback.
 
 use std::process::ExitCode;
 
 use xtask::{apiserver, crds};
+mod test;
 mod vm;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
+  test                       every test: builds the API server if needed, cargo test, the VM tests
   crds                       write crds/*.yaml from the API types
   apiserver build|start|stop  a real kube-apiserver and etcd on loopback (see --help)
   vm-test, vm-bench          the kernel test VM
@@ -21,6 +24,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("crds") => crds::write(),
+        Some("test") => test::run(&args[1..]),
         Some("vm-test") => vm::test(&args[1..]),
         Some("vm-bench") => vm::bench(&args[1..]),
         Some("apiserver") => apiserver::run(&args[1..]),

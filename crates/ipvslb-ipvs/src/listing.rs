@@ -82,7 +82,13 @@ fn service_line(f: &mut fmt::Formatter<'_>, entry: &ServiceEntry) -> fmt::Result
             protocol,
             port,
         } => {
-            write!(f, "{protocol}  {}", SocketDisplay(address, port))?;
+            // `%-4s %s`: TCP and UDP get two spaces, SCTP one, as ipvsadm 1.31 prints them.
+            write!(
+                f,
+                "{:<4} {}",
+                protocol.to_string(),
+                SocketDisplay(address, port)
+            )?;
             Family::of(&address)
         }
         ServiceKey::FwMark { family, mark } => {
@@ -115,7 +121,7 @@ fn service_line(f: &mut fmt::Formatter<'_>, entry: &ServiceEntry) -> fmt::Result
 }
 
 /// ipvsadm's `print_sched_flags`: the scheduler flag bits under the names `sh` and `mh` give
-/// them, comma-separated.
+/// them, comma-separated in parentheses (checked against ipvsadm 1.31 in the kernel VM).
 fn sched_flags(f: &mut fmt::Formatter<'_>, scheduler: &str, flags: ServiceFlags) -> fmt::Result {
     let names: [&str; 3] = match scheduler {
         "sh" => ["sh-fallback", "sh-port", "flag-3"],
@@ -127,14 +133,16 @@ fn sched_flags(f: &mut fmt::Formatter<'_>, scheduler: &str, flags: ServiceFlags)
         ServiceFlags::SCHED2,
         ServiceFlags::SCHED3,
     ];
-    let mut separator = " ";
-    for (bit, name) in bits.into_iter().zip(names) {
-        if flags.contains(bit) {
-            write!(f, "{separator}{name}")?;
-            separator = ",";
-        }
+    let set: Vec<&str> = bits
+        .into_iter()
+        .zip(names)
+        .filter(|(bit, _)| flags.contains(*bit))
+        .map(|(_, name)| name)
+        .collect();
+    if set.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    write!(f, " ({})", set.join(","))
 }
 
 /// The dotted IPv4 netmask of a prefix length.

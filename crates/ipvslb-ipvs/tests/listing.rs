@@ -109,11 +109,11 @@ fn a_small_table_lists_exactly_as_ipvsadm_does() {
         "TCP  10.240.0.210:80 rr",
         "  -> 10.240.0.101:80              Route   1      2          5         ",
         "  -> 10.240.0.102:80              Route   1      0          0         ",
-        "TCP  10.240.0.211:443 mh mh-fallback,mh-port",
+        "TCP  10.240.0.211:443 mh (mh-fallback,mh-port)",
         "  -> 10.240.0.103:443             Tunnel  1      0          0         ",
         "UDP  10.240.0.210:53 wrr persistent 300 mask 255.255.255.0",
         "  -> 10.240.0.101:53              Masq    2      0          0         ",
-        "SCTP  10.240.0.212:3868 sh sh-port",
+        "SCTP 10.240.0.212:3868 sh (sh-port)",
         "  -> 10.240.0.104:3868            Route   1      0          0         ",
         "TCP  [2001:db8::10]:80 rr persistent 60 mask 64",
         "  -> [2001:db8::101]:80           Route   1      0          0         ",
@@ -138,7 +138,7 @@ fn scheduler_flags_without_a_scheduler_name_list_as_numbered_flags() {
     );
     assert_eq!(
         t.listing().to_string(),
-        format!("{HEADER}TCP  10.0.0.1:80 rr flag-1,flag-3\n")
+        format!("{HEADER}TCP  10.0.0.1:80 rr (flag-1,flag-3)\n")
     );
 }
 

@@ -363,8 +363,12 @@ impl Context {
         let Some(state) = guard.as_mut() else {
             return Err(Error::Poisoned);
         };
-        let ours =
-            self.config.classes.serves(service) && service.metadata.deletion_timestamp.is_none();
+        // A Service deleted while this reconcile ran must not keep what it is given now: the
+        // cache drops it before the delete event releases it, and both happen under this lock.
+        let gone = self.services.get(&ObjectRef::from_obj(service)).is_none();
+        let ours = self.config.classes.serves(service)
+            && service.metadata.deletion_timestamp.is_none()
+            && !gone;
         let decision = if !ours {
             state.allocator.release(&name);
             Decision::NotOurs
@@ -377,6 +381,31 @@ impl Context {
         drop(guard);
         self.pools_changed.notify_one();
         Ok(decision)
+    }
+
+    /// Releases what Services no longer in the cache hold: a delete event can be missed while
+    /// a watch restarts.
+    fn release_vanished(&self) {
+        let Ok(mut guard) = self.state.lock() else {
+            return;
+        };
+        let Some(state) = guard.as_mut() else {
+            return;
+        };
+        let vanished: Vec<ServiceName> = state
+            .allocator
+            .assignments()
+            .map(|(name, _)| name.clone())
+            .filter(|name| {
+                self.services
+                    .get(&ObjectRef::new(&name.name).within(&name.namespace))
+                    .is_none()
+            })
+            .collect();
+        for name in vanished {
+            info!(service = %name, "released the addresses of a Service that is gone");
+            state.allocator.release(&name);
+        }
     }
 
     /// Forgets a deleted Service's addresses.
@@ -566,6 +595,7 @@ async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bo
         if !*ctx.leading.borrow() {
             continue;
         }
+        ctx.release_vanished();
         for pool in ctx.pools.state() {
             if let Err(e) = write_pool_status(&ctx, &pool).await {
                 warn!(pool = %pool.name_any(), error = %e, "could not write the pool status");

@@ -155,7 +155,7 @@ impl<D: Dataplane> Converger<D> {
         owned: &Owned,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
-        let actual = self.dataplane.dump()?;
+        let actual = self.dataplane.dump(owned)?;
         let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
         let vips: BTreeSet<IpAddr> = desired
             .services

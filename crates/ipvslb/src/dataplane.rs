@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipvslb_ipvs::{Op, ServiceEntry, ServiceKey, Table};
 
-/// A data-plane operation that failed.
+use crate::converge::Owned;
+
+/// A data-plane operation that failed. Kernel errors arrive as their own typed errors and are
+/// kept here as text with the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading the table or one service failed.
@@ -38,8 +41,8 @@ pub enum Error {
 /// The director's view of one host's data plane. Calls may block (netlink): async callers run
 /// them on a blocking thread.
 pub trait Dataplane: Send + Sync + 'static {
-    /// The whole IPVS table, with every service's destinations.
-    fn dump(&self) -> Result<Table, Error>;
+    /// The IPVS table: every service, with the destinations of at least the `owned` ones.
+    fn dump(&self, owned: &Owned) -> Result<Table, Error>;
     /// One virtual service and its destinations, or `None` if the kernel has no such service.
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>, Error>;
     /// Applies `ops` in order.
@@ -74,7 +77,7 @@ impl Memory {
 }
 
 impl Dataplane for Memory {
-    fn dump(&self) -> Result<Table, Error> {
+    fn dump(&self, _owned: &Owned) -> Result<Table, Error> {
         self.table()
     }
 
@@ -123,8 +126,8 @@ impl Dataplane for Memory {
 
 /// A shared data plane is a data plane: tests keep a handle on the one the director writes to.
 impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
-    fn dump(&self) -> Result<Table, Error> {
-        (**self).dump()
+    fn dump(&self, owned: &Owned) -> Result<Table, Error> {
+        (**self).dump(owned)
     }
 
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>, Error> {
@@ -149,5 +152,88 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
 
     fn writes(&self) -> u64 {
         (**self).writes()
+    }
+}
+
+/// The kernel: IPVS over generic netlink, VIPs on a dummy interface over rtnetlink. Both
+/// sockets are used by one thread at a time.
+#[cfg(target_os = "linux")]
+pub struct Kernel {
+    ipvs: Mutex<ipvslb_ipvs::netlink::Ipvs>,
+    vips: Mutex<ipvslb_ipvs::netlink::Vips>,
+    address_writes: AtomicU64,
+}
+
+#[cfg(target_os = "linux")]
+impl Kernel {
+    /// Opens IPVS and the VIP interface `interface` (created if absent).
+    pub fn open(interface: &str) -> Result<Self, Error> {
+        let ipvs = ipvslb_ipvs::netlink::Ipvs::open().map_err(|e| Error::Read(e.to_string()))?;
+        let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
+            address: None,
+            message: format!("interface {interface}: {e}"),
+        })?;
+        Ok(Self {
+            ipvs: Mutex::new(ipvs),
+            vips: Mutex::new(vips),
+            address_writes: AtomicU64::new(0),
+        })
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Dataplane for Kernel {
+    fn dump(&self, owned: &Owned) -> Result<Table, Error> {
+        let mut ipvs = self.ipvs.lock().map_err(|_| Error::Poisoned)?;
+        // Destinations of foreign services are never diffed: reading them would only cost a
+        // kernel round trip per service.
+        ipvs.dump_with_destinations_of(&|k: &ServiceKey| owned.owns(k))
+            .map_err(|e| Error::Read(e.to_string()))
+    }
+
+    fn service(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>, Error> {
+        let mut ipvs = self.ipvs.lock().map_err(|_| Error::Poisoned)?;
+        ipvs.service(key).map_err(|e| Error::Read(e.to_string()))
+    }
+
+    fn apply(&self, ops: &[Op]) -> Result<(), Error> {
+        let mut ipvs = self.ipvs.lock().map_err(|_| Error::Poisoned)?;
+        ipvs.apply(ops).map_err(|e| Error::Apply {
+            applied: 0,
+            message: e.to_string(),
+        })
+    }
+
+    fn addresses(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
+        vips.list().map_err(|e| Error::Address {
+            address: None,
+            message: e.to_string(),
+        })
+    }
+
+    fn add_address(&self, address: IpAddr) -> Result<(), Error> {
+        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
+        self.address_writes.fetch_add(1, Ordering::Relaxed);
+        vips.add(address).map(|_| ()).map_err(|e| Error::Address {
+            address: Some(address),
+            message: e.to_string(),
+        })
+    }
+
+    fn del_address(&self, address: IpAddr) -> Result<(), Error> {
+        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
+        self.address_writes.fetch_add(1, Ordering::Relaxed);
+        vips.remove(address)
+            .map(|_| ())
+            .map_err(|e| Error::Address {
+                address: Some(address),
+                message: e.to_string(),
+            })
+    }
+
+    fn writes(&self) -> u64 {
+        let ipvs = self.ipvs.lock().map(|i| i.writes()).unwrap_or(0);
+        ipvs + self.address_writes.load(Ordering::Relaxed)
     }
 }

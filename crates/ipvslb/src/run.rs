@@ -31,6 +31,8 @@ pub enum Role {
 /// Where the director writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DataplaneKind {
+    /// The kernel: IPVS over netlink and VIPs on `--interface` (needs CAP_NET_ADMIN).
+    Kernel,
     /// An in-memory table: no kernel is touched (for trying ipvslb and for tests).
     Memory,
 }
@@ -56,7 +58,7 @@ pub struct RunArgs {
     #[command(flatten)]
     classes: ClassArgs,
     /// The director's data plane.
-    #[arg(long, env = "IPVSLB_DATAPLANE", value_enum, default_value_t = DataplaneKind::Memory)]
+    #[arg(long, env = "IPVSLB_DATAPLANE", value_enum, default_value_t = DataplaneKind::Kernel)]
     dataplane: DataplaneKind,
     /// The dummy interface that holds the VIPs on the director (created if absent).
     #[arg(long, env = "IPVSLB_INTERFACE", default_value = "ipvslb0")]
@@ -146,6 +148,19 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             drain_grace: args.drain_grace,
         };
         match args.dataplane {
+            DataplaneKind::Kernel => {
+                let kernel = crate::dataplane::Kernel::open(&args.interface).map_err(|e| {
+                    format!("opening the kernel data plane: {e} (or run with --dataplane=memory)")
+                })?;
+                info!(interface = %args.interface, "kernel data plane: IPVS over netlink");
+                tasks.push(tokio::spawn(director::run(
+                    client.clone(),
+                    config,
+                    kernel,
+                    metrics.clone(),
+                    shutdown.clone(),
+                )));
+            }
             DataplaneKind::Memory => {
                 info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
                 tasks.push(tokio::spawn(director::run(

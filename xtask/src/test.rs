@@ -1,0 +1,28 @@
+//! `cargo xtask test`: every test of the project, with what they need first.
+//!
+//! 1. the real kube-apiserver, etcd and kubectl (built from their Go modules once, then cached),
+//!    which the controller tests start;
+//! 2. `cargo test --workspace` (unit, property, CLI and controller tests);
+//! 3. `cargo xtask vm-test`: the kernel tests in a qemu VM.
+
+use std::process::Command;
+
+use xtask::apiserver::build;
+
+/// Runs the three steps in order and stops at the first failure.
+pub fn run(args: &[String]) -> Result<(), String> {
+    println!("== building (or reusing) kube-apiserver, etcd and kubectl");
+    build::ensure(&build::Versions::from_env())?;
+    println!("== cargo test --workspace");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(["test", "--workspace", "--locked"])
+        .args(args)
+        .status()
+        .map_err(|e| format!("running {cargo} test: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo test failed ({status})"));
+    }
+    println!("== kernel tests in the VM");
+    crate::vm::test(&[])
+}
