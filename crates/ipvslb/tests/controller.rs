@@ -629,6 +629,11 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     cluster.apply(&pool_yaml("rbac", &["10.250.6.10-10.250.6.20"], &["rbac"]));
 
     let log = cluster.dir.join("rbac-ipvslb.log");
+    let probes = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
         .args([
             "run",
@@ -640,8 +645,10 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
             "ignore",
         ])
         .args([
+            "--dataplane",
+            "memory",
             "--metrics-addr",
-            "127.0.0.1:0",
+            &probes,
             "--lease-name",
             "rbac-test",
             "--lease-namespace",
@@ -696,4 +703,16 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     assert!(out.status.success());
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+/// A plain HTTP/1.0 GET on loopback, returning the whole answer.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
 }

@@ -1,0 +1,164 @@
+//! The controller against a real kube-apiserver: time from Service creation to EXTERNAL-IP in its
+//! status (p50, p99 over 1,000 Services), against the API server's own write-to-watch latency
+//! measured in the same run as the baseline; and the resident memory of `ipvslb run` holding
+//! 10,000 Services.
+//!
+//! `cargo bench -p ipvslb --bench controller` (needs `cargo xtask apiserver build` first).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::mpsc;
+
+const CLASS: &str = "bench.ipvslb.io/latency";
+const LATENCY_SERVICES: usize = 1000;
+const MEMORY_SERVICES: usize = 10_000;
+
+fn service(namespace: &str, name: &str) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": CLASS,
+            // 10,000 LoadBalancer Services would exhaust the NodePort range.
+            "allocateLoadBalancerNodePorts": false,
+            "ports": [{"port": 80, "protocol": "TCP"}]
+        }
+    }))
+    .expect("a valid Service")
+}
+
+/// Sends `(name, instant)` each time a Service in `namespace` first shows an ingress address.
+fn watch_assignments(client: &Client, namespace: &str) -> mpsc::UnboundedReceiver<(String, Instant)> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stream = watcher(api, watcher::Config::default()).applied_objects().boxed();
+        while let Ok(Some(svc)) = stream.try_next().await {
+            if !common::ingress(&svc).is_empty() && seen.insert(svc.name_any()) {
+                let _ = tx.send((svc.name_any(), Instant::now()));
+            }
+        }
+    });
+    rx
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+async fn latencies(client: &Client, namespace: &str, patch_ourselves: bool) -> Vec<Duration> {
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let mut assigned = watch_assignments(client, namespace);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::with_capacity(LATENCY_SERVICES);
+    for i in 0..LATENCY_SERVICES {
+        let name = format!("s{i}");
+        let start = Instant::now();
+        api.create(&PostParams::default(), &service(namespace, &name)).await.expect("create");
+        if patch_ourselves {
+            // The baseline: the same status write done by the client itself, seen through the
+            // same watch. What is left above it is the controller's own work.
+            let ip = format!("10.253.{}.{}", i / 250, i % 250);
+            let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+        }
+        loop {
+            let (seen, at) = tokio::time::timeout(Duration::from_secs(30), assigned.recv())
+                .await
+                .expect("an assignment within 30 s")
+                .expect("the watch runs");
+            if seen == name {
+                latencies.push(at - start);
+                break;
+            }
+        }
+    }
+    latencies.sort();
+    latencies
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let cluster = common::cluster();
+    let (_turn, client) = common::turn(&["bench-baseline", "bench-latency", "bench-memory", "ipvslb-system"]).await;
+    cluster.apply(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: bench}\nspec:\n  addresses: [10.252.0.0/18]\n",
+    );
+
+    let baseline = latencies(&client, "bench-baseline", true).await;
+
+    let log = cluster.dir.join("bench-ipvslb.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
+        .args(["run", "--kubeconfig", cluster.kubeconfig.to_str().unwrap(), "--dataplane", "memory"])
+        .args(["--load-balancer-class", CLASS, "--unclassed-services", "ignore", "--metrics-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("ipvslb runs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let measured = latencies(&client, "bench-latency", false).await;
+
+    println!("creation to EXTERNAL-IP over {LATENCY_SERVICES} Services, created one after another:");
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let (ours, base) = (percentile(&measured, p), percentile(&baseline, p));
+        println!(
+            "  {label}: ipvslb {:>8.2} ms   baseline (client's own status write) {:>8.2} ms   ratio {:.2}",
+            ours.as_secs_f64() * 1e3,
+            base.as_secs_f64() * 1e3,
+            ours.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+
+    let api: Api<Service> = Api::namespaced(client.clone(), "bench-memory");
+    let mut assigned = watch_assignments(&client, "bench-memory");
+    let idle = rss_kib(child.id());
+    let started = Instant::now();
+    let names: Vec<String> = (0..MEMORY_SERVICES).map(|i| format!("m{i}")).collect();
+    futures::stream::iter(names.iter())
+        .for_each_concurrent(16, |name| {
+            let api = api.clone();
+            async move {
+                api.create(&PostParams::default(), &service("bench-memory", name)).await.expect("create");
+            }
+        })
+        .await;
+    let mut done = BTreeMap::new();
+    while done.len() < MEMORY_SERVICES {
+        let (name, at) = tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await.expect("assignments keep coming").expect("watch");
+        done.insert(name, at);
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kib(child.id());
+    println!(
+        "{MEMORY_SERVICES} Services created (16 at a time) and all assigned in {:.1} s; ipvslb RSS {:.1} MiB (idle before: {:.1} MiB, ratio {:.2})",
+        elapsed.as_secs_f64(),
+        rss as f64 / 1024.0,
+        idle as f64 / 1024.0,
+        rss as f64 / idle.max(1) as f64
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
