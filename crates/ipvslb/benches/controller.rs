@@ -39,12 +39,17 @@ fn service(namespace: &str, name: &str) -> Service {
 }
 
 /// Sends `(name, instant)` each time a Service in `namespace` first shows an ingress address.
-fn watch_assignments(client: &Client, namespace: &str) -> mpsc::UnboundedReceiver<(String, Instant)> {
+fn watch_assignments(
+    client: &Client,
+    namespace: &str,
+) -> mpsc::UnboundedReceiver<(String, Instant)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let api: Api<Service> = Api::namespaced(client.clone(), namespace);
     tokio::spawn(async move {
         let mut seen = std::collections::BTreeSet::new();
-        let mut stream = watcher(api, watcher::Config::default()).applied_objects().boxed();
+        let mut stream = watcher(api, watcher::Config::default())
+            .applied_objects()
+            .boxed();
         while let Ok(Some(svc)) = stream.try_next().await {
             if !common::ingress(&svc).is_empty() && seen.insert(svc.name_any()) {
                 let _ = tx.send((svc.name_any(), Instant::now()));
@@ -67,13 +72,17 @@ async fn latencies(client: &Client, namespace: &str, patch_ourselves: bool) -> V
     for i in 0..LATENCY_SERVICES {
         let name = format!("s{i}");
         let start = Instant::now();
-        api.create(&PostParams::default(), &service(namespace, &name)).await.expect("create");
+        api.create(&PostParams::default(), &service(namespace, &name))
+            .await
+            .expect("create");
         if patch_ourselves {
             // The baseline: the same status write done by the client itself, seen through the
             // same watch. What is left above it is the controller's own work.
             let ip = format!("10.253.{}.{}", i / 250, i % 250);
             let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip, "ipMode": "VIP"}]}}});
-            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch");
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .expect("patch");
         }
         loop {
             let (seen, at) = tokio::time::timeout(Duration::from_secs(30), assigned.recv())
@@ -102,7 +111,13 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let cluster = common::cluster();
-    let (_turn, client) = common::turn(&["bench-baseline", "bench-latency", "bench-memory", "ipvslb-system"]).await;
+    let (_turn, client) = common::turn(&[
+        "bench-baseline",
+        "bench-latency",
+        "bench-memory",
+        "ipvslb-system",
+    ])
+    .await;
     cluster.apply(
         "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: bench}\nspec:\n  addresses: [10.252.0.0/18]\n",
     );
@@ -111,8 +126,21 @@ async fn main() {
 
     let log = cluster.dir.join("bench-ipvslb.log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
-        .args(["run", "--kubeconfig", cluster.kubeconfig.to_str().unwrap(), "--dataplane", "memory"])
-        .args(["--load-balancer-class", CLASS, "--unclassed-services", "ignore", "--metrics-addr", "127.0.0.1:0"])
+        .args([
+            "run",
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().unwrap(),
+            "--dataplane",
+            "memory",
+        ])
+        .args([
+            "--load-balancer-class",
+            CLASS,
+            "--unclassed-services",
+            "ignore",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "warn")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -120,7 +148,9 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let measured = latencies(&client, "bench-latency", false).await;
 
-    println!("creation to EXTERNAL-IP over {LATENCY_SERVICES} Services, created one after another:");
+    println!(
+        "creation to EXTERNAL-IP over {LATENCY_SERVICES} Services, created one after another:"
+    );
     for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
         let (ours, base) = (percentile(&measured, p), percentile(&baseline, p));
         println!(
@@ -140,13 +170,18 @@ async fn main() {
         .for_each_concurrent(16, |name| {
             let api = api.clone();
             async move {
-                api.create(&PostParams::default(), &service("bench-memory", name)).await.expect("create");
+                api.create(&PostParams::default(), &service("bench-memory", name))
+                    .await
+                    .expect("create");
             }
         })
         .await;
     let mut done = BTreeMap::new();
     while done.len() < MEMORY_SERVICES {
-        let (name, at) = tokio::time::timeout(Duration::from_secs(120), assigned.recv()).await.expect("assignments keep coming").expect("watch");
+        let (name, at) = tokio::time::timeout(Duration::from_secs(120), assigned.recv())
+            .await
+            .expect("assignments keep coming")
+            .expect("watch");
         done.insert(name, at);
     }
     let elapsed = started.elapsed();

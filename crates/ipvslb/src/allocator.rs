@@ -145,32 +145,15 @@ pub async fn run(
     });
 
     let deleted = ctx.clone();
-    let service_stream = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(services_writer)
-    .inspect_ok(move |event| {
-        if let watcher::Event::Delete(service) = event {
-            deleted.forget(&translate::service_name(service));
-        }
-    })
-    .applied_objects();
-    let pool_stream = watcher(
-        Api::<IPPool>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(pools_writer)
-    .touched_objects();
-    let namespace_stream = watcher(
-        Api::<Namespace>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(namespaces_writer)
-    .applied_objects();
+    let service_stream = crate::watch_all(&client, services_writer)
+        .inspect_ok(move |event| {
+            if let watcher::Event::Delete(service) = event {
+                deleted.forget(&translate::service_name(service));
+            }
+        })
+        .applied_objects();
+    let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
+    let namespace_stream = crate::watch_all(&client, namespaces_writer).applied_objects();
 
     let on_pools = services.clone();
     let on_namespace = services.clone();
@@ -182,13 +165,7 @@ pub async fn run(
     )));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
-        .watches_stream(pool_stream, move |_pool: IPPool| {
-            on_pools
-                .state()
-                .iter()
-                .map(|s| ObjectRef::from_obj(&**s))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(pool_stream, move |_: IPPool| crate::all_services(&on_pools))
         .watches_stream(namespace_stream, move |ns: Namespace| {
             let name = ns.name_any();
             on_namespace

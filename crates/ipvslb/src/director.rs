@@ -104,9 +104,7 @@ pub async fn run<D: Dataplane>(
     });
 
     let on_delete = ctx.clone();
-    let service_stream = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(services_writer)
+    let service_stream = crate::watch_all(&client, services_writer)
         .inspect_ok(move |event| {
             if let watcher::Event::Delete(service) = event {
                 let ctx = on_delete.clone();
@@ -119,37 +117,10 @@ pub async fn run<D: Dataplane>(
             }
         })
         .applied_objects();
-    let all = |store: Store<Service>| {
-        move || {
-            store
-                .state()
-                .iter()
-                .map(|s| ObjectRef::from_obj(&**s))
-                .collect::<Vec<_>>()
-        }
-    };
-    let (all_on_pool, all_on_set, all_on_node) = (
-        all(services.clone()),
-        all(services.clone()),
-        all(services.clone()),
-    );
-    let pool_stream = watcher(
-        Api::<IPPool>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(pools_writer)
-    .touched_objects();
-    let set_stream = watcher(
-        Api::<NodeSet>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .reflect(node_sets_writer)
-    .touched_objects();
-    let node_stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
-        .reflect(nodes_writer)
+    let (on_pool, on_set, on_node) = (services.clone(), services.clone(), services.clone());
+    let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
+    let set_stream = crate::watch_all(&client, node_sets_writer).touched_objects();
+    let node_stream = crate::watch_all(&client, nodes_writer)
         .touched_objects()
         .predicate_filter(node_relevance, Default::default());
     let slice_stream = watcher(
@@ -164,9 +135,9 @@ pub async fn run<D: Dataplane>(
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
-        .watches_stream(pool_stream, move |_: IPPool| all_on_pool())
-        .watches_stream(set_stream, move |_: NodeSet| all_on_set())
-        .watches_stream(node_stream, move |_: Node| all_on_node())
+        .watches_stream(pool_stream, move |_: IPPool| crate::all_services(&on_pool))
+        .watches_stream(set_stream, move |_: NodeSet| crate::all_services(&on_set))
+        .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
         .watches_stream(slice_stream, |slice: EndpointSlice| {
             let namespace = slice.namespace().unwrap_or_default();
             slice

@@ -668,6 +668,30 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
         "no permission was missing:\n{}",
         logs()
     );
+    let expected = [
+        "ipvslb_leader 1",
+        "ipvslb_assignments{pool=\"rbac\"} 1",
+        "ipvslb_reconcile_duration_seconds_count{controller=\"allocator\"}",
+        "ipvslb_pool_addresses{pool=\"rbac\",family=\"IPv4\",state=\"available\"} 10",
+    ];
+    let deadline = std::time::Instant::now() + 20 * SECOND;
+    loop {
+        let ready = http_get(&probes, "/readyz");
+        let metrics = http_get(&probes, "/metrics");
+        let healthy = http_get(&probes, "/healthz").starts_with("HTTP/1.0 200");
+        if healthy
+            && ready.starts_with("HTTP/1.0 200")
+            && expected.iter().all(|e| metrics.contains(e))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "probes on {probes}: /readyz {ready:?}\nwanted {expected:?} in /metrics:\n{metrics}\nlog:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Take away the status write: the next assignment fails with a line naming what and why.
     let narrowed = std::fs::read_to_string(&role).unwrap().replace(
