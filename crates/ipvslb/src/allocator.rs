@@ -97,6 +97,9 @@ pub struct Context {
     /// one, or the second would forget what the first assigned meanwhile.
     rebuilding: tokio::sync::Mutex<()>,
     caches_ready: tokio::sync::OnceCell<()>,
+    /// Services refused for now; an address coming free requeues them.
+    pending: Mutex<std::collections::BTreeSet<ServiceName>>,
+    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     pools_changed: Notify,
@@ -129,6 +132,7 @@ pub async fn run(
     let (services, services_writer) = reflector::store();
     let (pools, pools_writer) = reflector::store();
     let (namespaces, namespaces_writer) = reflector::store();
+    let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
         client: client.clone(),
         config,
@@ -139,6 +143,8 @@ pub async fn run(
         state: Mutex::new(None),
         rebuilding: tokio::sync::Mutex::new(()),
         caches_ready: tokio::sync::OnceCell::new(),
+        pending: Mutex::new(std::collections::BTreeSet::new()),
+        requeue: requeue_tx,
         recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         metrics,
         pools_changed: Notify::new(),
@@ -156,6 +162,7 @@ pub async fn run(
     let namespace_stream = crate::watch_all(&client, namespaces_writer).applied_objects();
 
     let on_pools = services.clone();
+    let (pool_store, pool_filter) = (pools.clone(), crate::ChangeFilter::new());
     let on_namespace = services.clone();
     let became_leader = leadership_gained(leading.clone());
     // Dies with this future: an aborted controller must not leave a writer behind.
@@ -165,7 +172,15 @@ pub async fn run(
     )));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
-        .watches_stream(pool_stream, move |_: IPPool| crate::all_services(&on_pools))
+        .watches_stream(pool_stream, move |pool: IPPool| {
+            crate::on_spec_change(
+                &pool_store,
+                &pool_filter,
+                &on_pools,
+                &pool,
+                pool.spec.clone(),
+            )
+        })
         .watches_stream(namespace_stream, move |ns: Namespace| {
             let name = ns.name_any();
             on_namespace
@@ -176,6 +191,7 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         .reconcile_all_on(became_leader)
+        .reconcile_on(requeue_rx)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })
@@ -236,9 +252,9 @@ impl Context {
         // stores, the others for it.
         self.caches_ready
             .get_or_try_init(|| async {
-                self.pools.wait_until_ready().await?;
-                self.namespaces.wait_until_ready().await?;
-                self.services.wait_until_ready().await
+                crate::filled(&self.pools).await?;
+                crate::filled(&self.namespaces).await?;
+                crate::filled(&self.services).await
             })
             .await
             .map_err(|_| Error::Poisoned)?;
@@ -346,6 +362,7 @@ impl Context {
         let ours = self.config.classes.serves(service)
             && service.metadata.deletion_timestamp.is_none()
             && !gone;
+        let before = state.allocator.assignment(&name).cloned();
         let decision = if !ours {
             state.allocator.release(&name);
             Decision::NotOurs
@@ -355,8 +372,22 @@ impl Context {
                 Err(e) => Decision::Failed(e),
             }
         };
+        let changed = state.allocator.assignment(&name) != before.as_ref();
         drop(guard);
-        self.pools_changed.notify_one();
+        if let Ok(mut pending) = self.pending.lock() {
+            if matches!(decision, Decision::Failed(_)) {
+                pending.insert(name.clone());
+            } else {
+                pending.remove(&name);
+            }
+        }
+        // Only a change of what is held moves the pool's counts or frees space.
+        if changed {
+            self.pools_changed.notify_one();
+            if before.is_some() {
+                self.retry_pending();
+            }
+        }
         Ok(decision)
     }
 
@@ -379,9 +410,14 @@ impl Context {
                     .is_none()
             })
             .collect();
+        let freed = !vanished.is_empty();
         for name in vanished {
             info!(service = %name, "released the addresses of a Service that is gone");
             state.allocator.release(&name);
+        }
+        drop(guard);
+        if freed {
+            self.retry_pending();
         }
     }
 
@@ -393,6 +429,22 @@ impl Context {
         {
             debug!(service = %name, "released the addresses of a deleted Service");
             self.pools_changed.notify_one();
+            self.retry_pending();
+        }
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(name);
+        }
+    }
+
+    /// Requeues every Service waiting for an address: one may have come free.
+    fn retry_pending(&self) {
+        let Ok(pending) = self.pending.lock() else {
+            return;
+        };
+        for name in pending.iter() {
+            let _ = self
+                .requeue
+                .unbounded_send(ObjectRef::new(&name.name).within(&name.namespace));
         }
     }
 

@@ -118,6 +118,8 @@ pub async fn run<D: Dataplane>(
         })
         .applied_objects();
     let (on_pool, on_set, on_node) = (services.clone(), services.clone(), services.clone());
+    let (on_pool_store, on_pool_filter) = (pools.clone(), crate::ChangeFilter::new());
+    let (on_set_store, on_set_filter) = (node_sets.clone(), crate::ChangeFilter::new());
     let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
     let set_stream = crate::watch_all(&client, node_sets_writer).touched_objects();
     let node_stream = crate::watch_all(&client, nodes_writer)
@@ -135,8 +137,24 @@ pub async fn run<D: Dataplane>(
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let mut stop = shutdown.clone();
     Controller::for_stream(service_stream, services)
-        .watches_stream(pool_stream, move |_: IPPool| crate::all_services(&on_pool))
-        .watches_stream(set_stream, move |_: NodeSet| crate::all_services(&on_set))
+        .watches_stream(pool_stream, move |object: IPPool| {
+            crate::on_spec_change(
+                &on_pool_store,
+                &on_pool_filter,
+                &on_pool,
+                &object,
+                object.spec.clone(),
+            )
+        })
+        .watches_stream(set_stream, move |object: NodeSet| {
+            crate::on_spec_change(
+                &on_set_store,
+                &on_set_filter,
+                &on_set,
+                &object,
+                object.spec.clone(),
+            )
+        })
         .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
         .watches_stream(slice_stream, |slice: EndpointSlice| {
             let namespace = slice.namespace().unwrap_or_default();
@@ -204,11 +222,11 @@ fn error_policy<D: Dataplane>(
 /// The full pass, at start (once the caches are filled) and every `resync`.
 async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Receiver<bool>) {
     let caches = async {
-        ctx.pools.wait_until_ready().await?;
-        ctx.node_sets.wait_until_ready().await?;
-        ctx.nodes.wait_until_ready().await?;
-        ctx.slices.wait_until_ready().await?;
-        ctx.services.wait_until_ready().await
+        crate::filled(&ctx.pools).await?;
+        crate::filled(&ctx.node_sets).await?;
+        crate::filled(&ctx.nodes).await?;
+        crate::filled(&ctx.slices).await?;
+        crate::filled(&ctx.services).await
     };
     if caches.await.is_err() {
         return;

@@ -73,11 +73,114 @@ pub fn all_services(
         .collect()
 }
 
+/// Tells a real change of an object from a write to its status: remembers the last value each
+/// object (by name) was seen with. A controller writing a pool's status must not requeue every
+/// Service, or each status write would start the next.
+pub struct ChangeFilter<V> {
+    seen: std::sync::Mutex<std::collections::BTreeMap<String, V>>,
+}
+
+impl<V: PartialEq> ChangeFilter<V> {
+    /// An empty filter: the first sighting of each object is a change.
+    pub fn new() -> Self {
+        Self {
+            seen: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Whether `name` now holding `value` (`None`: deleted) differs from the last sighting.
+    pub fn changed(&self, name: String, value: Option<V>) -> bool {
+        let Ok(mut seen) = self.seen.lock() else {
+            return true;
+        };
+        match value {
+            None => seen.remove(&name).is_some(),
+            Some(value) => {
+                let changed = seen.get(&name) != Some(&value);
+                seen.insert(name, value);
+                changed
+            }
+        }
+    }
+}
+
+impl<V: PartialEq> Default for ChangeFilter<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The Services a change of the object `object` (from `store`, holding its spec `spec`) may
+/// affect: all of them when its spec changed or it was deleted, none for a status write.
+pub fn on_spec_change<K, V>(
+    store: &kube::runtime::reflector::Store<K>,
+    filter: &ChangeFilter<V>,
+    services: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
+    object: &K,
+    spec: V,
+) -> Vec<kube::runtime::reflector::ObjectRef<k8s_openapi::api::core::v1::Service>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+    V: PartialEq,
+{
+    use kube::ResourceExt;
+    let present = store
+        .get(&kube::runtime::reflector::ObjectRef::from_obj(object))
+        .is_some();
+    if filter.changed(object.name_any(), present.then_some(spec)) {
+        all_services(services)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Waits until `store` has been filled once. Polls in short rounds: with several tasks waiting
+/// on one store at once (the Controller's runner among them), a single long wait was seen never
+/// to wake.
+pub async fn filled<K>(
+    store: &kube::runtime::reflector::Store<K>,
+) -> Result<(), kube::runtime::reflector::store::WriterDropped>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        let round = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            store.wait_until_ready(),
+        );
+        if let Ok(result) = round.await {
+            return result;
+        }
+    }
+}
+
 /// Aborts a spawned task when dropped, so a task's helpers end with it.
 pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChangeFilter;
+
+    #[test]
+    fn a_change_filter_passes_first_sightings_changes_and_deletions_only() {
+        let filter = ChangeFilter::new();
+        assert!(filter.changed("pool".into(), Some(1)));
+        assert!(
+            !filter.changed("pool".into(), Some(1)),
+            "a status write keeps the spec"
+        );
+        assert!(filter.changed("pool".into(), Some(2)));
+        assert!(filter.changed("pool".into(), None));
+        assert!(
+            !filter.changed("pool".into(), None),
+            "a deletion is seen once"
+        );
     }
 }
