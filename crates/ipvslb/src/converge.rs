@@ -109,16 +109,7 @@ impl<D: Dataplane> Converger<D> {
         }
         let mut report =
             self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
-        let vips: BTreeSet<IpAddr> = desired
-            .services
-            .keys()
-            .filter_map(|k| k.address())
-            .collect();
-        let present = self.dataplane.addresses()?;
-        for vip in vips.difference(&present) {
-            self.dataplane.add_address(*vip)?;
-            report.addresses_added += 1;
-        }
+        let (vips, present) = self.add_missing_vips(desired, &mut report)?;
         let mut state = self.lock()?;
         if desired.services.is_empty() {
             state.held.remove(name);
@@ -157,6 +148,21 @@ impl<D: Dataplane> Converger<D> {
     ) -> Result<Report, dataplane::Error> {
         let actual = self.dataplane.dump(owned)?;
         let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
+        let (vips, present) = self.add_missing_vips(desired, &mut report)?;
+        for vip in present.difference(&vips) {
+            self.dataplane.del_address(*vip)?;
+            report.addresses_removed += 1;
+        }
+        self.lock()?.held = by_service;
+        Ok(report)
+    }
+
+    /// Adds the VIPs of `desired` the interface lacks; returns the wanted and the present ones.
+    fn add_missing_vips(
+        &self,
+        desired: &Table,
+        report: &mut Report,
+    ) -> Result<(BTreeSet<IpAddr>, BTreeSet<IpAddr>), dataplane::Error> {
         let vips: BTreeSet<IpAddr> = desired
             .services
             .keys()
@@ -167,12 +173,7 @@ impl<D: Dataplane> Converger<D> {
             self.dataplane.add_address(*vip)?;
             report.addresses_added += 1;
         }
-        for vip in present.difference(&vips) {
-            self.dataplane.del_address(*vip)?;
-            report.addresses_removed += 1;
-        }
-        self.lock()?.held = by_service;
-        Ok(report)
+        Ok((vips, present))
     }
 
     /// Diffs with draining: destinations that left `desired` go to weight 0 and stay there
