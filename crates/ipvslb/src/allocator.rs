@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use ipvslb_api::{IPPool, IPPoolStatus, MAX_STATUS_ALLOCATIONS};
 use ipvslb_core::alloc::{AllocError, Allocator, Assignment};
 use ipvslb_core::{IpFamily, PoolSpec, ServiceClaim, ServiceName};
@@ -20,18 +20,22 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
 
 /// The annotation that records which pool a Service's VIPs came from. Written by the allocator;
 /// its presence also marks the status as ipvslb's to clear.
 pub const ANNOTATION_ASSIGNED_POOL: &str = "ipvslb.io/assigned-pool";
+
+/// Services per page when a new leader lists them all.
+const LIST_PAGE: u32 = 500;
 
 /// The field manager of every write.
 const MANAGER: &str = "ipvslb-allocator";
@@ -63,6 +67,13 @@ pub enum Error {
     /// The shared state was poisoned by a panic elsewhere.
     #[error("allocator state is unusable after an earlier failure")]
     Poisoned,
+    /// This replica lost the Lease while the reconcile ran: it must not write. Becoming leader
+    /// again requeues every Service.
+    #[error("not the leader any more: this replica does not hold the Lease")]
+    NotLeading,
+    /// The caches stopped (shutting down).
+    #[error("the caches stopped before they were filled")]
+    Stopped,
 }
 
 impl Error {
@@ -73,6 +84,8 @@ impl Error {
             Error::WriteStatus { .. } => "write_status",
             Error::Annotate { .. } => "annotate",
             Error::Poisoned => "poisoned",
+            Error::NotLeading => "not_leading",
+            Error::Stopped => "stopped",
         }
     }
 }
@@ -82,6 +95,8 @@ impl Error {
 pub struct Config {
     /// Which Services are ours.
     pub classes: ClassPolicy,
+    /// How many Services are reconciled at once.
+    pub concurrency: u16,
 }
 
 /// What reconciles share.
@@ -125,11 +140,16 @@ enum Decision {
 pub async fn run(
     client: Client,
     config: Config,
+    services: Subscription<Service>,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (services, services_writer) = reflector::store();
+    let Subscription {
+        store: services,
+        applied,
+        mut deleted,
+    } = services;
     let (pools, pools_writer) = reflector::store();
     let (namespaces, namespaces_writer) = reflector::store();
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
@@ -150,14 +170,12 @@ pub async fn run(
         pools_changed: Notify::new(),
     });
 
-    let deleted = ctx.clone();
-    let service_stream = crate::watch_all(&client, services_writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::Delete(service) = event {
-                deleted.forget(&translate::service_name(service));
-            }
-        })
-        .applied_objects();
+    let on_delete = ctx.clone();
+    let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
+        while let Some(service) = deleted.recv().await {
+            on_delete.forget(&translate::service_name(&service));
+        }
+    }));
     let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
     let namespace_stream = crate::watch_all(&client, namespaces_writer).applied_objects();
 
@@ -171,7 +189,9 @@ pub async fn run(
         shutdown.clone(),
     )));
     let mut stop = shutdown.clone();
-    Controller::for_stream(service_stream, services)
+    let concurrency = ctx.config.concurrency;
+    Controller::for_shared_stream(applied, services)
+        .with_config(crate::controller_config(concurrency))
         .watches_stream(pool_stream, move |pool: IPPool| {
             crate::on_spec_change(
                 &pool_store,
@@ -232,6 +252,10 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 fn error_policy(service: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Action {
+    if matches!(error, Error::NotLeading | Error::Stopped) {
+        debug!(service = %translate::service_name(&service), %error, "not acting");
+        return Action::await_change();
+    }
     warn!(service = %translate::service_name(&service), %error, "allocation failed; retrying");
     ctx.metrics.reconcile_error("allocator", error.kind());
     Action::requeue(Duration::from_secs(5))
@@ -257,7 +281,7 @@ impl Context {
                 crate::filled(&self.services).await
             })
             .await
-            .map_err(|_| Error::Poisoned)?;
+            .map_err(|_| Error::Stopped)?;
         let _rebuilding = self.rebuilding.lock().await;
         let (pools, problems) = self.current_pools();
         let previous: Option<BTreeMap<ServiceName, Assignment>> = {
@@ -273,28 +297,17 @@ impl Context {
                 None => None,
             }
         };
-        let services: Vec<Service> = match previous {
+        let mut claims: Vec<ServiceClaim> = match &previous {
             // A new leader reads the API, not its cache: the old leader's last writes may not
             // have reached the cache yet, and missing one would hand an address out twice.
-            None => {
-                Api::<Service>::all(self.client.clone())
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(Error::Rebuild)?
-                    .items
-            }
+            None => self.listed_claims().await?,
             Some(_) => self
                 .services
                 .state()
                 .iter()
-                .map(|s| (**s).clone())
+                .filter_map(|s| self.claim_if_ours(s))
                 .collect(),
         };
-        let mut claims: Vec<ServiceClaim> = services
-            .iter()
-            .filter(|s| self.config.classes.serves(s) && s.metadata.deletion_timestamp.is_none())
-            .map(|s| self.claim(s))
-            .collect();
         if let Some(previous) = &previous {
             for claim in &mut claims {
                 if let Some(held) = previous.get(&claim.name) {
@@ -340,6 +353,29 @@ impl Context {
         (pools, problems)
     }
 
+    /// The claims of every Service of ours, listed from the API a page at a time: a whole list
+    /// at once, managed fields and all, was seen to take ten times the cache's memory for a
+    /// moment, and the heap kept it.
+    async fn listed_claims(&self) -> Result<Vec<ServiceClaim>, Error> {
+        let api = Api::<Service>::all(self.client.clone());
+        let mut params = ListParams::default().limit(LIST_PAGE);
+        let mut claims = Vec::new();
+        loop {
+            let page = api.list(&params).await.map_err(Error::Rebuild)?;
+            claims.extend(page.items.iter().filter_map(|s| self.claim_if_ours(s)));
+            match page.metadata.continue_.as_deref() {
+                Some(token) if !token.is_empty() => params = params.continue_token(token),
+                _ => return Ok(claims),
+            }
+        }
+    }
+
+    /// The claim of `service` if it is ours and not being deleted.
+    fn claim_if_ours(&self, service: &Service) -> Option<ServiceClaim> {
+        (self.config.classes.serves(service) && service.metadata.deletion_timestamp.is_none())
+            .then(|| self.claim(service))
+    }
+
     fn claim(&self, service: &Service) -> ServiceClaim {
         let namespace = service.namespace().unwrap_or_default();
         let labels = self
@@ -353,8 +389,9 @@ impl Context {
     fn decide(&self, service: &Service) -> Result<Decision, Error> {
         let name = translate::service_name(service);
         let mut guard = self.state.lock().map_err(|_| Error::Poisoned)?;
+        // ensure_state just built it: only a lost lease drops it.
         let Some(state) = guard.as_mut() else {
-            return Err(Error::Poisoned);
+            return Err(Error::NotLeading);
         };
         // A Service deleted while this reconcile ran must not keep what it is given now: the
         // cache drops it before the delete event releases it, and both happen under this lock.
@@ -578,7 +615,7 @@ impl Context {
             Ok(())
         } else {
             self.drop_state();
-            Err(Error::Poisoned)
+            Err(Error::NotLeading)
         }
     }
 

@@ -65,8 +65,35 @@ pub struct Converger<D> {
 
 #[derive(Default)]
 struct State {
-    held: BTreeMap<ServiceName, BTreeSet<ServiceKey>>,
+    /// The keys each Service was given, sorted: a `Vec` of the usual one or two keys costs a
+    /// fraction of a set's node.
+    held: BTreeMap<ServiceName, Vec<ServiceKey>>,
+    /// How many held keys each VIP carries: an address goes when its count reaches zero.
+    vip_users: BTreeMap<IpAddr, usize>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
+}
+
+impl State {
+    /// Records that `name` now holds `keys` (none: it holds nothing).
+    fn hold(&mut self, name: &ServiceName, keys: Vec<ServiceKey>) {
+        if let Some(previous) = self.held.remove(name) {
+            for vip in previous.iter().filter_map(|k| k.address()) {
+                if let Some(count) = self.vip_users.get_mut(&vip) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.vip_users.remove(&vip);
+                    }
+                }
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        for vip in keys.iter().filter_map(|k| k.address()) {
+            *self.vip_users.entry(vip).or_default() += 1;
+        }
+        self.held.insert(name.clone(), keys);
+    }
 }
 
 impl<D: Dataplane> Converger<D> {
@@ -111,24 +138,16 @@ impl<D: Dataplane> Converger<D> {
             self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
         let (vips, present) = self.add_missing_vips(desired, &mut report)?;
         let mut state = self.lock()?;
-        if desired.services.is_empty() {
-            state.held.remove(name);
-        } else {
-            state
-                .held
-                .insert(name.clone(), desired.services.keys().copied().collect());
-        }
+        state.hold(name, desired.services.keys().copied().collect());
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
-        let still_used: BTreeSet<IpAddr> = state
-            .held
-            .values()
-            .flatten()
+        let released: BTreeSet<IpAddr> = previous
+            .iter()
             .filter_map(|k| k.address())
+            .filter(|vip| !state.vip_users.contains_key(vip))
             .collect();
         drop(state);
-        let released: BTreeSet<IpAddr> = previous.iter().filter_map(|k| k.address()).collect();
-        for vip in released.difference(&still_used) {
+        for vip in &released {
             if present.contains(vip) && !vips.contains(vip) {
                 self.dataplane.del_address(*vip)?;
                 report.addresses_removed += 1;
@@ -153,7 +172,12 @@ impl<D: Dataplane> Converger<D> {
             self.dataplane.del_address(*vip)?;
             report.addresses_removed += 1;
         }
-        self.lock()?.held = by_service;
+        let mut state = self.lock()?;
+        state.held.clear();
+        state.vip_users.clear();
+        for (name, keys) in by_service {
+            state.hold(&name, keys.into_iter().collect());
+        }
         Ok(report)
     }
 

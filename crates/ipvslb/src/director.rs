@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use ipvslb_api::{IPPool, LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::converge::{Converger, Owned, Report};
 use crate::dataplane::{self, Dataplane};
 use crate::metrics::Metrics;
+use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
 
 /// Why a director reconcile failed; retried with backoff.
@@ -56,6 +57,8 @@ pub struct Config {
     pub resync: Duration,
     /// How long removed destinations drain at weight 0 before deletion.
     pub drain_grace: Duration,
+    /// How many Services are reconciled at once.
+    pub concurrency: u16,
 }
 
 /// What reconciles share.
@@ -83,11 +86,16 @@ struct View {
 pub async fn run<D: Dataplane>(
     client: Client,
     config: Config,
+    services: Subscription<Service>,
     dataplane: D,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (services, services_writer) = reflector::store();
+    let Subscription {
+        store: services,
+        applied,
+        mut deleted,
+    } = services;
     let (pools, pools_writer) = reflector::store();
     let (node_sets, node_sets_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
@@ -104,19 +112,14 @@ pub async fn run<D: Dataplane>(
     });
 
     let on_delete = ctx.clone();
-    let service_stream = crate::watch_all(&client, services_writer)
-        .inspect_ok(move |event| {
-            if let watcher::Event::Delete(service) = event {
-                let ctx = on_delete.clone();
-                let name = translate::service_name(service);
-                tokio::spawn(async move {
-                    if let Err(e) = ctx.converge(&name, Table::new()).await {
-                        warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
-                    }
-                });
+    let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
+        while let Some(service) = deleted.recv().await {
+            let name = translate::service_name(&service);
+            if let Err(e) = on_delete.converge(&name, Table::new()).await {
+                warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
             }
-        })
-        .applied_objects();
+        }
+    }));
     let (on_pool, on_set, on_node) = (services.clone(), services.clone(), services.clone());
     let (on_pool_store, on_pool_filter) = (pools.clone(), crate::ChangeFilter::new());
     let (on_set_store, on_set_filter) = (node_sets.clone(), crate::ChangeFilter::new());
@@ -136,7 +139,9 @@ pub async fn run<D: Dataplane>(
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let mut stop = shutdown.clone();
-    Controller::for_stream(service_stream, services)
+    let concurrency = ctx.config.concurrency;
+    Controller::for_shared_stream(applied, services)
+        .with_config(crate::controller_config(concurrency))
         .watches_stream(pool_stream, move |object: IPPool| {
             crate::on_spec_change(
                 &on_pool_store,

@@ -13,6 +13,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod plan;
 pub mod run;
+pub mod shared;
 pub mod translate;
 
 use translate::Unclassed;
@@ -46,20 +47,49 @@ where
         + 'static,
 {
     use kube::runtime::WatchStreamExt;
+    watch_stream(client, |_| {}).reflect(writer)
+}
+
+/// A retried watch of every object of kind `K` in the cluster, each object trimmed by `slim`
+/// (and of what no kind needs) before anyone sees it.
+pub fn watch_stream<K>(
+    client: &kube::Client,
+    slim: fn(&mut K),
+) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
++ Send
++ use<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
     kube::runtime::watcher(
         kube::Api::<K>::all(client.clone()),
         kube::runtime::watcher::Config::default(),
     )
     .default_backoff()
     // Nothing reads managedFields or kubectl's last-applied copy, and they are most of a
-    // cached object's size: drop them before they reach the store.
-    .modify(|object: &mut K| {
-        object.meta_mut().managed_fields = None;
-        if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+    // cached object's size: drop them before they reach a cache.
+    .modify(move |object: &mut K| {
+        let meta = object.meta_mut();
+        meta.managed_fields = None;
+        if let Some(annotations) = meta.annotations.as_mut() {
             annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
         }
+        slim(object);
     })
-    .reflect(writer)
+}
+
+/// The settings of a Service controller: at most `concurrency` reconciles at once. Unbounded,
+/// a burst of thousands of Services became as many simultaneous requests, which starved the
+/// Lease renewals of the API server's attention and cost a connection and buffers each.
+pub fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency.max(1))
 }
 
 /// A reference to every Service in `store`: what a change to a pool or a NodeSet may affect.

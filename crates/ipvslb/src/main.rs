@@ -67,6 +67,9 @@ fn main() -> ExitCode {
 
 fn run_command(args: run::RunArgs) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        // The data plane's blocking calls are bounded by the reconcile concurrency; the
+        // default of 512 threads would only hold idle stacks.
+        .max_blocking_threads(16)
         .enable_all()
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;

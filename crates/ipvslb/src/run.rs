@@ -14,8 +14,9 @@ use tracing::{error, info};
 
 use crate::dataplane::Memory;
 use crate::metrics::Metrics;
+use crate::shared::SharedWatch;
 use crate::translate::ClassPolicy;
-use crate::{ClassArgs, allocator, director, leader};
+use crate::{AbortOnDrop, ClassArgs, allocator, director, leader};
 
 /// Which controllers run in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,6 +85,9 @@ pub struct RunArgs {
     /// This replica's identity in the Lease (default: the Pod name, else host name and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How many Services each controller reconciles at once.
+    #[arg(long, env = "IPVSLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
     /// Lease duration; a standby takes over this long after a leader dies without releasing.
     #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -104,6 +108,8 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     info!(role = ?args.role, metrics = %args.metrics_addr, "starting");
 
     let mut tasks = Vec::new();
+    // Both roles follow every Service: one watch, one cache.
+    let mut services = SharedWatch::new();
     if args.role != Role::Director {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
         let timings = leader::Timings {
@@ -129,10 +135,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         });
         let config = allocator::Config {
             classes: classes.clone(),
+            concurrency: args.concurrency,
         };
         tasks.push(tokio::spawn(allocator::run(
             client.clone(),
             config,
+            services.subscribe(),
             metrics.clone(),
             leading,
             shutdown.clone(),
@@ -146,6 +154,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             classes,
             resync: args.resync,
             drain_grace: args.drain_grace,
+            concurrency: args.concurrency,
         };
         match args.dataplane {
             DataplaneKind::Kernel => {
@@ -156,6 +165,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                 tasks.push(tokio::spawn(director::run(
                     client.clone(),
                     config,
+                    services.subscribe(),
                     kernel,
                     metrics.clone(),
                     shutdown.clone(),
@@ -166,6 +176,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                 tasks.push(tokio::spawn(director::run(
                     client.clone(),
                     config,
+                    services.subscribe(),
                     Memory::default(),
                     metrics.clone(),
                     shutdown.clone(),
@@ -173,6 +184,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             }
         }
     }
+    let _services = AbortOnDrop(tokio::spawn(
+        services.run(&client, crate::translate::slim_service),
+    ));
 
     tokio::select! {
         _ = termination() => info!("stopping: finishing in-flight work and releasing the lease"),

@@ -14,7 +14,7 @@ use ipvslb_core::{
     TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -64,6 +64,37 @@ impl ClassPolicy {
             None => self.unclassed == Unclassed::Serve,
         }
     }
+}
+
+/// Trims a Service to what this module reads of it, before it is cached: a cluster's Services
+/// are the largest cache ipvslb holds. A field read here must be kept here.
+pub fn slim_service(service: &mut Service) {
+    let meta = &mut service.metadata;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    meta.generate_name = None;
+    let Some(spec) = service.spec.take() else {
+        return;
+    };
+    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    // Of another type, only the type is read: it tells whether the Service stopped being ours.
+    service.spec = Some(if load_balancer {
+        ServiceSpec {
+            type_: spec.type_,
+            load_balancer_class: spec.load_balancer_class,
+            load_balancer_ip: spec.load_balancer_ip,
+            ip_families: spec.ip_families,
+            ip_family_policy: spec.ip_family_policy,
+            external_traffic_policy: spec.external_traffic_policy,
+            ports: spec.ports,
+            ..ServiceSpec::default()
+        }
+    } else {
+        ServiceSpec {
+            type_: spec.type_,
+            ..ServiceSpec::default()
+        }
+    });
 }
 
 /// The `namespace/name` of a namespaced object.

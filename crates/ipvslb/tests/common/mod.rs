@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use ipvslb::dataplane::Memory;
 use ipvslb::metrics::Metrics;
+use ipvslb::shared::SharedWatch;
 use ipvslb::translate::{ClassPolicy, Unclassed};
 use ipvslb::{allocator, director};
 use ipvslb_api::{IPPool, NodeSet};
@@ -205,11 +206,14 @@ impl Controllers {
         let dataplane = Arc::new(Memory::default());
         let (shutdown, stop) = watch::channel(false);
         let mut tasks = Vec::new();
+        let mut services = SharedWatch::new();
         tasks.push(tokio::spawn(allocator::run(
             client.clone(),
             allocator::Config {
                 classes: classes.clone(),
+                concurrency: 8,
             },
+            services.subscribe(),
             metrics.clone(),
             leading,
             stop.clone(),
@@ -218,14 +222,19 @@ impl Controllers {
             classes,
             resync: Duration::from_secs(2),
             drain_grace: Duration::ZERO,
+            concurrency: 8,
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),
             config,
+            services.subscribe(),
             dataplane.clone(),
             metrics.clone(),
             stop,
         )));
+        tasks.push(tokio::spawn(
+            services.run(client, ipvslb::translate::slim_service),
+        ));
         if let Some(sender) = keep {
             // Keep the leadership channel open for the life of the controllers.
             tasks.push(tokio::spawn(async move {
