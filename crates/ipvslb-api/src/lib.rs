@@ -20,6 +20,36 @@ use kube::CustomResourceExt;
 /// Every CRD of ipvslb, in a stable order (the order of `crds/*.yaml`).
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![IPPool::crd(), NodeSet::crd()]
+        .into_iter()
+        .map(with_kubernetes_formats)
+        .collect()
+}
+
+/// The API server knows the integer formats `int32` and `int64` only, and warns on each apply of
+/// a schema with another: the unsigned ones the schema generator writes become the signed
+/// format that holds them (their `minimum: 0` stays).
+fn with_kubernetes_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(format)) = map.get_mut("format") {
+                    match format.as_str() {
+                        "uint8" | "uint16" => *format = "int32".into(),
+                        "uint32" | "uint64" | "uint" => *format = "int64".into(),
+                        _ => {}
+                    }
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// A CRD as YAML. Keys come out sorted (through `serde_json::Value`), so the text is stable and a

@@ -108,6 +108,94 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A free loopback port for the probes server of a child `ipvslb`.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Starts `ipvslb run` on the in-memory data plane, serving `CLASS`, its probes on `port`.
+fn spawn_ipvslb(cluster: &common::Cluster, port: u16, log: &str) -> std::process::Child {
+    let log = cluster.dir.join(log);
+    std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
+        .args([
+            "run",
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().unwrap(),
+            "--dataplane",
+            "memory",
+        ])
+        .args([
+            "--load-balancer-class",
+            CLASS,
+            "--unclassed-services",
+            "ignore",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("ipvslb runs")
+}
+
+/// The value of `series` (a metric name with its labels) on a child's `/metrics`.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// Waits until the child's allocator holds `count` assignments in pool `bench`.
+async fn wait_for_assignments(port: u16, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while metric(port, "ipvslb_assignments{pool=\"bench\"}") != Some(count as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "{count} assignments within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn delete_all(client: &Client, namespace: &str) {
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let names: Vec<String> = api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .collect();
+    futures::stream::iter(names)
+        .for_each_concurrent(16, |name| {
+            let api = api.clone();
+            async move {
+                let _ = api.delete(&name, &Default::default()).await;
+            }
+        })
+        .await;
+}
+
+/// Stops a child with SIGTERM, as a rolling update does: it releases its Lease on the way out.
+fn stop(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let cluster = common::cluster();
@@ -124,27 +212,8 @@ async fn main() {
 
     let baseline = latencies(&client, "bench-baseline", true).await;
 
-    let log = cluster.dir.join("bench-ipvslb.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
-        .args([
-            "run",
-            "--kubeconfig",
-            cluster.kubeconfig.to_str().unwrap(),
-            "--dataplane",
-            "memory",
-        ])
-        .args([
-            "--load-balancer-class",
-            CLASS,
-            "--unclassed-services",
-            "ignore",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("ipvslb runs");
+    let port = free_port();
+    let child = spawn_ipvslb(cluster, port, "bench-latency.log");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let measured = latencies(&client, "bench-latency", false).await;
 
@@ -160,10 +229,18 @@ async fn main() {
             ours.as_secs_f64() / base.as_secs_f64()
         );
     }
+    stop(child);
 
-    let api: Api<Service> = Api::namespaced(client.clone(), "bench-memory");
-    let mut assigned = watch_assignments(&client, "bench-memory");
+    // The memory phase: a fresh process on a cluster holding the measured Services only.
+    delete_all(&client, "bench-baseline").await;
+    delete_all(&client, "bench-latency").await;
+    let port = free_port();
+    let child = spawn_ipvslb(cluster, port, "bench-memory.log");
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let idle = rss_kib(child.id());
+    let api: Api<Service> = Api::namespaced(client.clone(), "bench-memory");
+    let mut seen = watch_assignments(&client, "bench-memory");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     let names: Vec<String> = (0..MEMORY_SERVICES).map(|i| format!("m{i}")).collect();
     futures::stream::iter(names.iter())
@@ -176,24 +253,43 @@ async fn main() {
             }
         })
         .await;
+    let created = started.elapsed();
     let mut done = BTreeMap::new();
     while done.len() < MEMORY_SERVICES {
-        let (name, at) = tokio::time::timeout(Duration::from_secs(120), assigned.recv())
+        let (name, at) = tokio::time::timeout(Duration::from_secs(120), seen.recv())
             .await
             .expect("assignments keep coming")
-            .expect("watch");
+            .expect("the watch runs");
         done.insert(name, at);
     }
-    let elapsed = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let rss = rss_kib(child.id());
-    println!(
-        "{MEMORY_SERVICES} Services created (16 at a time) and all assigned in {:.1} s; ipvslb RSS {:.1} MiB (idle before: {:.1} MiB, ratio {:.2})",
-        elapsed.as_secs_f64(),
-        rss as f64 / 1024.0,
-        idle as f64 / 1024.0,
-        rss as f64 / idle.max(1) as f64
-    );
+    let assigned = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after_burst = rss_kib(child.id());
+    stop(child);
+
+    // A restart finds them all assigned: the steady state of a director or a new leader.
+    let port = free_port();
+    let mut child = spawn_ipvslb(cluster, port, "bench-restart.log");
+    let restarted = Instant::now();
+    wait_for_assignments(port, MEMORY_SERVICES).await;
+    let restored = restarted.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let steady = rss_kib(child.id());
     let _ = child.kill();
     let _ = child.wait();
+
+    println!(
+        "{MEMORY_SERVICES} Services created 16 at a time in {:.1} s, all assigned after {:.1} s",
+        created.as_secs_f64(),
+        assigned.as_secs_f64()
+    );
+    println!(
+        "  ipvslb RSS: idle {:.1} MiB; after the burst {:.1} MiB (ratio {:.2}); restarted with all {MEMORY_SERVICES} in place {:.1} MiB (ratio {:.2}), restored in {:.1} s",
+        mib(idle),
+        mib(after_burst),
+        after_burst as f64 / idle.max(1) as f64,
+        mib(steady),
+        steady as f64 / idle.max(1) as f64,
+        restored.as_secs_f64()
+    );
 }

@@ -26,6 +26,7 @@ use serde_json::json;
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cached::CachedService;
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
@@ -33,9 +34,6 @@ use crate::translate::{self, ClassPolicy};
 /// The annotation that records which pool a Service's VIPs came from. Written by the allocator;
 /// its presence also marks the status as ipvslb's to clear.
 pub const ANNOTATION_ASSIGNED_POOL: &str = "ipvslb.io/assigned-pool";
-
-/// Services per page when a new leader lists them all.
-const LIST_PAGE: u32 = 500;
 
 /// The field manager of every write.
 const MANAGER: &str = "ipvslb-allocator";
@@ -103,7 +101,7 @@ pub struct Config {
 pub struct Context {
     client: Client,
     config: Config,
-    services: Store<Service>,
+    services: Store<CachedService>,
     pools: Store<IPPool>,
     namespaces: Store<Namespace>,
     leading: watch::Receiver<bool>,
@@ -114,8 +112,9 @@ pub struct Context {
     caches_ready: tokio::sync::OnceCell<()>,
     /// Services refused for now; an address coming free requeues them.
     pending: Mutex<std::collections::BTreeSet<ServiceName>>,
-    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<Service>>,
-    recorder: Recorder,
+    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
+    /// Publishes Warning Events, counting repeats into a series.
+    warnings: Recorder,
     metrics: Arc<Metrics>,
     pools_changed: Notify,
 }
@@ -140,7 +139,7 @@ enum Decision {
 pub async fn run(
     client: Client,
     config: Config,
-    services: Subscription<Service>,
+    services: Subscription<CachedService>,
     metrics: Arc<Metrics>,
     leading: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
@@ -165,7 +164,7 @@ pub async fn run(
         caches_ready: tokio::sync::OnceCell::new(),
         pending: Mutex::new(std::collections::BTreeSet::new()),
         requeue: requeue_tx,
-        recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         metrics,
         pools_changed: Notify::new(),
     });
@@ -173,14 +172,12 @@ pub async fn run(
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
         while let Some(service) = deleted.recv().await {
-            on_delete.forget(&translate::service_name(&service));
+            on_delete.forget(&service.service_name());
         }
     }));
     let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
     let namespace_stream = crate::watch_all(&client, namespaces_writer).applied_objects();
 
-    let on_pools = services.clone();
-    let (pool_store, pool_filter) = (pools.clone(), crate::ChangeFilter::new());
     let on_namespace = services.clone();
     let became_leader = leadership_gained(leading.clone());
     // Dies with this future: an aborted controller must not leave a writer behind.
@@ -188,19 +185,13 @@ pub async fn run(
         ctx.clone(),
         shutdown.clone(),
     )));
-    let mut stop = shutdown.clone();
     let concurrency = ctx.config.concurrency;
-    Controller::for_shared_stream(applied, services)
+    Controller::for_shared_stream(applied, services.clone())
         .with_config(crate::controller_config(concurrency))
-        .watches_stream(pool_stream, move |pool: IPPool| {
-            crate::on_spec_change(
-                &pool_store,
-                &pool_filter,
-                &on_pools,
-                &pool,
-                pool.spec.clone(),
-            )
-        })
+        .watches_stream(
+            pool_stream,
+            crate::on_spec_change(pools.clone(), services.clone(), |p: &IPPool| p.spec.clone()),
+        )
         .watches_stream(namespace_stream, move |ns: Namespace| {
             let name = ns.name_any();
             on_namespace
@@ -212,9 +203,7 @@ pub async fn run(
         })
         .reconcile_all_on(became_leader)
         .reconcile_on(requeue_rx)
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .graceful_shutdown_on(crate::stopped(shutdown.clone()))
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -232,8 +221,8 @@ fn leadership_gained(leading: watch::Receiver<bool>) -> impl futures::Stream<Ite
     })
 }
 
-async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let name = translate::service_name(&service);
+async fn reconcile(cached: Arc<CachedService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = cached.service_name();
     let _timer = ctx.metrics.reconcile_timer("allocator");
     if !*ctx.leading.borrow() {
         ctx.drop_state();
@@ -244,6 +233,7 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
         debug!("reconciling");
         ctx.ensure_state().await?;
         debug!("state ready");
+        let service = cached.to_service();
         let decision = ctx.decide(&service)?;
         ctx.apply(&service, &name, decision).await
     }
@@ -251,12 +241,12 @@ async fn reconcile(service: Arc<Service>, ctx: Arc<Context>) -> Result<Action, E
     .await
 }
 
-fn error_policy(service: Arc<Service>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(service: Arc<CachedService>, error: &Error, ctx: Arc<Context>) -> Action {
     if matches!(error, Error::NotLeading | Error::Stopped) {
-        debug!(service = %translate::service_name(&service), %error, "not acting");
+        debug!(service = %service.service_name(), %error, "not acting");
         return Action::await_change();
     }
-    warn!(service = %translate::service_name(&service), %error, "allocation failed; retrying");
+    warn!(service = %service.service_name(), %error, "allocation failed; retrying");
     ctx.metrics.reconcile_error("allocator", error.kind());
     Action::requeue(Duration::from_secs(5))
 }
@@ -305,7 +295,7 @@ impl Context {
                 .services
                 .state()
                 .iter()
-                .filter_map(|s| self.claim_if_ours(s))
+                .filter_map(|s| self.claim_if_ours(&s.to_service()))
                 .collect(),
         };
         if let Some(previous) = &previous {
@@ -358,7 +348,7 @@ impl Context {
     /// moment, and the heap kept it.
     async fn listed_claims(&self) -> Result<Vec<ServiceClaim>, Error> {
         let api = Api::<Service>::all(self.client.clone());
-        let mut params = ListParams::default().limit(LIST_PAGE);
+        let mut params = ListParams::default().limit(crate::LIST_PAGE);
         let mut claims = Vec::new();
         loop {
             let page = api.list(&params).await.map_err(Error::Rebuild)?;
@@ -395,7 +385,10 @@ impl Context {
         };
         // A Service deleted while this reconcile ran must not keep what it is given now: the
         // cache drops it before the delete event releases it, and both happen under this lock.
-        let gone = self.services.get(&ObjectRef::from_obj(service)).is_none();
+        let gone = self
+            .services
+            .get(&ObjectRef::new(&name.name).within(&name.namespace))
+            .is_none();
         let ours = self.config.classes.serves(service)
             && service.metadata.deletion_timestamp.is_none()
             && !gone;
@@ -633,7 +626,18 @@ impl Context {
             action: "Allocate".to_owned(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+        // kube's recorder keeps each Event it sent for six minutes, to count repeats into a
+        // series. Warnings repeat (a refused Service is retried); an assignment's Normal Event
+        // does not, and caching one per Service was a fifth of the memory after a burst.
+        let published = match type_ {
+            EventType::Warning => self.warnings.publish(&event, &object.object_ref(&())).await,
+            EventType::Normal => {
+                Recorder::new(self.client.clone(), Reporter::from(MANAGER))
+                    .publish(&event, &object.object_ref(&()))
+                    .await
+            }
+        };
+        if let Err(e) = published {
             warn!(error = %e, reason, "could not publish an event");
         }
     }

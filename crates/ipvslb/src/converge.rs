@@ -54,13 +54,24 @@ impl Owned {
     }
 }
 
-/// Per-director memory that is allowed to be lost: which keys each Service was given, and when
-/// each draining destination started draining. After a restart the full pass rebuilds the first
-/// and draining restarts its clock, which only lengthens a grace period.
+/// Per-director memory that is allowed to be lost: which keys each Service was given, when each
+/// draining destination started draining, and the interface's addresses as last seen. After a
+/// restart the full pass rebuilds the first and the last, and draining restarts its clock, which
+/// only lengthens a grace period.
 pub struct Converger<D> {
     dataplane: D,
     grace: Duration,
     state: Mutex<State>,
+}
+
+/// Where a convergence takes the interface's addresses from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Addresses {
+    /// The kernel, read afresh: the full pass repairs what someone else changed.
+    Read,
+    /// What this converger last read or wrote: reading every VIP of the interface for each
+    /// Service would make a burst of n Services cost n².
+    Remembered,
 }
 
 #[derive(Default)]
@@ -70,6 +81,8 @@ struct State {
     held: BTreeMap<ServiceName, Vec<ServiceKey>>,
     /// How many held keys each VIP carries: an address goes when its count reaches zero.
     vip_users: BTreeMap<IpAddr, usize>,
+    /// The interface's addresses as last read or written (`None`: unknown, read next time).
+    interface: Option<BTreeSet<IpAddr>>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
 }
 
@@ -136,23 +149,17 @@ impl<D: Dataplane> Converger<D> {
         }
         let mut report =
             self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
-        let (vips, present) = self.add_missing_vips(desired, &mut report)?;
+        let vips = self.add_missing_vips(desired, Addresses::Remembered, &mut report)?;
         let mut state = self.lock()?;
         state.hold(name, desired.services.keys().copied().collect());
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
-        let released: BTreeSet<IpAddr> = previous
+        let released: Vec<IpAddr> = previous
             .iter()
             .filter_map(|k| k.address())
-            .filter(|vip| !state.vip_users.contains_key(vip))
+            .filter(|vip| !state.vip_users.contains_key(vip) && !vips.contains(vip))
             .collect();
-        drop(state);
-        for vip in &released {
-            if present.contains(vip) && !vips.contains(vip) {
-                self.dataplane.del_address(*vip)?;
-                report.addresses_removed += 1;
-            }
-        }
+        self.del_vips(&mut state, released, &mut report)?;
         Ok(report)
     }
 
@@ -167,12 +174,16 @@ impl<D: Dataplane> Converger<D> {
     ) -> Result<Report, dataplane::Error> {
         let actual = self.dataplane.dump(owned)?;
         let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
-        let (vips, present) = self.add_missing_vips(desired, &mut report)?;
-        for vip in present.difference(&vips) {
-            self.dataplane.del_address(*vip)?;
-            report.addresses_removed += 1;
-        }
+        let vips = self.add_missing_vips(desired, Addresses::Read, &mut report)?;
         let mut state = self.lock()?;
+        let unwanted: Vec<IpAddr> = state
+            .interface
+            .iter()
+            .flatten()
+            .filter(|vip| !vips.contains(vip))
+            .copied()
+            .collect();
+        self.del_vips(&mut state, unwanted, &mut report)?;
         state.held.clear();
         state.vip_users.clear();
         for (name, keys) in by_service {
@@ -181,23 +192,52 @@ impl<D: Dataplane> Converger<D> {
         Ok(report)
     }
 
-    /// Adds the VIPs of `desired` the interface lacks; returns the wanted and the present ones.
+    /// Adds the VIPs of `desired` the interface lacks; returns the wanted ones.
     fn add_missing_vips(
         &self,
         desired: &Table,
+        source: Addresses,
         report: &mut Report,
-    ) -> Result<(BTreeSet<IpAddr>, BTreeSet<IpAddr>), dataplane::Error> {
+    ) -> Result<BTreeSet<IpAddr>, dataplane::Error> {
         let vips: BTreeSet<IpAddr> = desired
             .services
             .keys()
             .filter_map(|k| k.address())
             .collect();
-        let present = self.dataplane.addresses()?;
-        for vip in vips.difference(&present) {
-            self.dataplane.add_address(*vip)?;
+        let mut state = self.lock()?;
+        // Unknown until written back: a failure halfway leaves it to the next read.
+        let mut present = match (source, state.interface.take()) {
+            (Addresses::Remembered, Some(known)) => known,
+            _ => self.dataplane.addresses()?,
+        };
+        let missing: Vec<IpAddr> = vips.difference(&present).copied().collect();
+        for vip in missing {
+            self.dataplane.add_address(vip)?;
+            present.insert(vip);
             report.addresses_added += 1;
         }
-        Ok((vips, present))
+        state.interface = Some(present);
+        Ok(vips)
+    }
+
+    /// Removes `vips` from the interface, those it holds.
+    fn del_vips(
+        &self,
+        state: &mut State,
+        vips: Vec<IpAddr>,
+        report: &mut Report,
+    ) -> Result<(), dataplane::Error> {
+        let Some(mut present) = state.interface.take() else {
+            return Ok(());
+        };
+        for vip in vips {
+            if present.remove(&vip) {
+                self.dataplane.del_address(vip)?;
+                report.addresses_removed += 1;
+            }
+        }
+        state.interface = Some(present);
+        Ok(())
     }
 
     /// Diffs with draining: destinations that left `desired` go to weight 0 and stay there
@@ -310,6 +350,48 @@ mod tests {
         assert!(second.is_noop(), "{second:?}");
         assert_eq!(c.dataplane().writes(), writes);
         assert_eq!(c.dataplane().table().unwrap(), desired);
+    }
+
+    #[test]
+    fn the_per_service_path_remembers_the_interface_and_the_full_pass_rereads_it() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let api = table(&[(key("10.240.0.211", 80), &[("10.0.0.1", 1)])]);
+        c.converge_service(&svc("web"), &web, &owned(), now)
+            .unwrap();
+        // Someone removes the VIP behind the director's back.
+        c.dataplane().del_address(ip("10.240.0.210")).unwrap();
+        let other = c
+            .converge_service(&svc("api"), &api, &owned(), now)
+            .unwrap();
+        assert_eq!(other.addresses_added, 1, "only its own VIP: {other:?}");
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.211")]),
+            "the per-Service path does not list the interface"
+        );
+        let mut both = web.clone();
+        both.services.extend(api.services.clone());
+        let by_service = BTreeMap::from([
+            (svc("web"), BTreeSet::from([key("10.240.0.210", 80)])),
+            (svc("api"), BTreeSet::from([key("10.240.0.211", 80)])),
+        ]);
+        let repaired = c.converge_all(&both, by_service, &owned(), now).unwrap();
+        assert_eq!(repaired.addresses_added, 1, "{repaired:?}");
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210"), ip("10.240.0.211")])
+        );
+        // Giving up a VIP removes it, remembered or not.
+        let gone = c
+            .converge_service(&svc("api"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(gone.addresses_removed, 1, "{gone:?}");
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210")])
+        );
     }
 
     #[test]

@@ -17,7 +17,6 @@ use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
@@ -25,6 +24,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cached::CachedService;
 use crate::converge::{Converger, Owned, Report};
 use crate::dataplane::{self, Dataplane};
 use crate::metrics::Metrics;
@@ -65,7 +65,7 @@ pub struct Config {
 pub struct Context<D> {
     config: Config,
     converger: Arc<Converger<D>>,
-    services: Store<Service>,
+    services: Store<CachedService>,
     pools: Store<IPPool>,
     node_sets: Store<NodeSet>,
     nodes: Store<Node>,
@@ -86,7 +86,7 @@ struct View {
 pub async fn run<D: Dataplane>(
     client: Client,
     config: Config,
-    services: Subscription<Service>,
+    services: Subscription<CachedService>,
     dataplane: D,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
@@ -114,52 +114,43 @@ pub async fn run<D: Dataplane>(
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
         while let Some(service) = deleted.recv().await {
-            let name = translate::service_name(&service);
+            let name = service.service_name();
             if let Err(e) = on_delete.converge(&name, Table::new()).await {
                 warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
             }
         }
     }));
-    let (on_pool, on_set, on_node) = (services.clone(), services.clone(), services.clone());
-    let (on_pool_store, on_pool_filter) = (pools.clone(), crate::ChangeFilter::new());
-    let (on_set_store, on_set_filter) = (node_sets.clone(), crate::ChangeFilter::new());
+    let on_node = services.clone();
     let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
     let set_stream = crate::watch_all(&client, node_sets_writer).touched_objects();
-    let node_stream = crate::watch_all(&client, nodes_writer)
-        .touched_objects()
-        .predicate_filter(node_relevance, Default::default());
-    let slice_stream = watcher(
-        Api::<EndpointSlice>::all(client.clone()),
+    let node_stream =
+        crate::watch_stream(&client, watcher::Config::default(), translate::trim_node)
+            .reflect(nodes_writer)
+            .touched_objects()
+            .predicate_filter(node_relevance, Default::default());
+    let slice_stream = crate::watch_stream(
+        &client,
         watcher::Config::default().labels(LABEL_SERVICE_NAME),
+        |_: &mut EndpointSlice| {},
     )
-    .default_backoff()
     .reflect(slices_writer)
     .touched_objects();
 
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
-    let mut stop = shutdown.clone();
     let concurrency = ctx.config.concurrency;
-    Controller::for_shared_stream(applied, services)
+    Controller::for_shared_stream(applied, services.clone())
         .with_config(crate::controller_config(concurrency))
-        .watches_stream(pool_stream, move |object: IPPool| {
-            crate::on_spec_change(
-                &on_pool_store,
-                &on_pool_filter,
-                &on_pool,
-                &object,
-                object.spec.clone(),
-            )
-        })
-        .watches_stream(set_stream, move |object: NodeSet| {
-            crate::on_spec_change(
-                &on_set_store,
-                &on_set_filter,
-                &on_set,
-                &object,
-                object.spec.clone(),
-            )
-        })
+        .watches_stream(
+            pool_stream,
+            crate::on_spec_change(pools.clone(), services.clone(), |p: &IPPool| p.spec.clone()),
+        )
+        .watches_stream(
+            set_stream,
+            crate::on_spec_change(node_sets.clone(), services.clone(), |s: &NodeSet| {
+                s.spec.clone()
+            }),
+        )
         .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
         .watches_stream(slice_stream, |slice: EndpointSlice| {
             let namespace = slice.namespace().unwrap_or_default();
@@ -168,9 +159,7 @@ pub async fn run<D: Dataplane>(
                 .get(LABEL_SERVICE_NAME)
                 .map(|name| ObjectRef::new(name).within(&namespace))
         })
-        .graceful_shutdown_on(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .graceful_shutdown_on(crate::stopped(shutdown.clone()))
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
@@ -187,15 +176,15 @@ fn node_relevance(node: &Node) -> Option<u64> {
 }
 
 async fn reconcile<D: Dataplane>(
-    service: Arc<Service>,
+    cached: Arc<CachedService>,
     ctx: Arc<Context<D>>,
 ) -> Result<Action, Error> {
-    let name = translate::service_name(&service);
+    let name = cached.service_name();
     let _timer = ctx.metrics.reconcile_timer("director");
     let span = info_span!("direct", service = %name);
     async {
         let view = ctx.view();
-        let desired = ctx.desired_for(&service, &view);
+        let desired = ctx.desired_for(&cached.to_service(), &view);
         let report = ctx.converge(&name, desired).await?;
         Ok(match report.next_drain_deadline {
             Some(deadline) => Action::requeue(
@@ -209,11 +198,11 @@ async fn reconcile<D: Dataplane>(
 }
 
 fn error_policy<D: Dataplane>(
-    service: Arc<Service>,
+    service: Arc<CachedService>,
     error: &Error,
     ctx: Arc<Context<D>>,
 ) -> Action {
-    warn!(service = %translate::service_name(&service), %error, "converging failed; retrying");
+    warn!(service = %service.service_name(), %error, "converging failed; retrying");
     ctx.metrics.reconcile_error(
         "director",
         match error {
@@ -366,20 +355,16 @@ impl<D: Dataplane> Context<D> {
 
     async fn full_pass(&self) -> Result<Report, Error> {
         let view = self.view();
-        let slices: Vec<EndpointSlice> =
-            self.slices.state().iter().map(|s| (**s).clone()).collect();
-        let mut endpoints = translate::ready_endpoints(slices.iter());
+        let mut endpoints = translate::ready_endpoints(self.slices.state().iter().map(|s| &**s));
         let planned: Vec<PlannedService> = self
             .services
             .state()
             .iter()
             .filter_map(|s| {
                 self.planned(
-                    s,
+                    &s.to_service(),
                     &view,
-                    endpoints
-                        .remove(&translate::service_name(s))
-                        .unwrap_or_default(),
+                    endpoints.remove(&s.service_name()).unwrap_or_default(),
                 )
             })
             .collect();

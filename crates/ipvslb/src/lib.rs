@@ -5,6 +5,7 @@
 //! parses the command line.
 
 pub mod allocator;
+pub mod cached;
 pub mod converge;
 pub mod dataplane;
 pub mod director;
@@ -29,6 +30,33 @@ pub struct ClassArgs {
     pub unclassed_services: Unclassed,
 }
 
+/// Objects per page of a list. A page is held whole, managed fields and all, while it is read:
+/// small pages keep that peak small (it stays as resident memory after).
+pub const LIST_PAGE: u32 = 100;
+
+/// A kind of object ipvslb watches: cluster-wide, deserialized, shared between tasks.
+pub trait Watched:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// A cached, retried watch of every object of kind `K` in the cluster: `writer`'s store stays
 /// filled, and the stream yields the watch events for a controller's triggers.
 pub fn watch_all<K>(
@@ -38,39 +66,28 @@ pub fn watch_all<K>(
 + Send
 + use<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     use kube::runtime::WatchStreamExt;
-    watch_stream(client, |_| {}).reflect(writer)
+    watch_stream(client, kube::runtime::watcher::Config::default(), |_| {}).reflect(writer)
 }
 
-/// A retried watch of every object of kind `K` in the cluster, each object trimmed by `slim`
+/// A retried watch of the objects of kind `K` that `config` selects, each object trimmed by `slim`
 /// (and of what no kind needs) before anyone sees it.
 pub fn watch_stream<K>(
     client: &kube::Client,
+    config: kube::runtime::watcher::Config,
     slim: fn(&mut K),
 ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
 + Send
 + use<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     use kube::runtime::WatchStreamExt;
     kube::runtime::watcher(
         kube::Api::<K>::all(client.clone()),
-        kube::runtime::watcher::Config::default(),
+        config.page_size(LIST_PAGE),
     )
     .default_backoff()
     // Nothing reads managedFields or kubectl's last-applied copy, and they are most of a
@@ -94,8 +111,8 @@ pub fn controller_config(concurrency: u16) -> kube::runtime::controller::Config 
 
 /// A reference to every Service in `store`: what a change to a pool or a NodeSet may affect.
 pub fn all_services(
-    store: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
-) -> Vec<kube::runtime::reflector::ObjectRef<k8s_openapi::api::core::v1::Service>> {
+    store: &kube::runtime::reflector::Store<cached::CachedService>,
+) -> Vec<kube::runtime::reflector::ObjectRef<cached::CachedService>> {
     store
         .state()
         .iter()
@@ -140,28 +157,35 @@ impl<V: PartialEq> Default for ChangeFilter<V> {
     }
 }
 
-/// The Services a change of the object `object` (from `store`, holding its spec `spec`) may
-/// affect: all of them when its spec changed or it was deleted, none for a status write.
+/// A trigger for a Service controller: a change of an object of `store` (its spec read by
+/// `spec`) requeues every Service of `services` when the spec changed or the object went, and
+/// none for a status write.
 pub fn on_spec_change<K, V>(
-    store: &kube::runtime::reflector::Store<K>,
-    filter: &ChangeFilter<V>,
-    services: &kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Service>,
-    object: &K,
-    spec: V,
-) -> Vec<kube::runtime::reflector::ObjectRef<k8s_openapi::api::core::v1::Service>>
+    store: kube::runtime::reflector::Store<K>,
+    services: kube::runtime::reflector::Store<cached::CachedService>,
+    spec: fn(&K) -> V,
+) -> impl Fn(K) -> Vec<kube::runtime::reflector::ObjectRef<cached::CachedService>>
 where
     K: kube::Resource<DynamicType = ()> + Clone,
     V: PartialEq,
 {
     use kube::ResourceExt;
-    let present = store
-        .get(&kube::runtime::reflector::ObjectRef::from_obj(object))
-        .is_some();
-    if filter.changed(object.name_any(), present.then_some(spec)) {
-        all_services(services)
-    } else {
-        Vec::new()
+    let filter = ChangeFilter::new();
+    move |object: K| {
+        let present = store
+            .get(&kube::runtime::reflector::ObjectRef::from_obj(&object))
+            .is_some();
+        if filter.changed(object.name_any(), present.then(|| spec(&object))) {
+            all_services(&services)
+        } else {
+            Vec::new()
+        }
     }
+}
+
+/// Resolves once `shutdown` says so (or its sender is gone).
+pub async fn stopped(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
 }
 
 /// Waits until `store` has been filled once. Polls in short rounds: with several tasks waiting

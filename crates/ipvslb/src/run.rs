@@ -185,7 +185,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         }
     }
     let _services = AbortOnDrop(tokio::spawn(
-        services.run(&client, crate::translate::slim_service),
+        services.run(&client, crate::cached::CachedService::trim),
     ));
 
     tokio::select! {

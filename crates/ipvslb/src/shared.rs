@@ -9,13 +9,15 @@ use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
+use crate::Watched;
+
 /// How many changes the watch may run ahead of its slowest subscriber.
 const BUFFER: usize = 1024;
 
 /// A watch of every object of kind `K` that hands out [`Subscription`]s, then runs.
 pub struct SharedWatch<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    K: Watched,
 {
     writer: Writer<K>,
     deletions: Vec<mpsc::UnboundedSender<Arc<K>>>,
@@ -25,7 +27,7 @@ where
 /// objects that were deleted (which a controller cannot read from a cache that dropped them).
 pub struct Subscription<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    K: Watched,
 {
     /// The shared cache.
     pub store: Store<K>,
@@ -37,13 +39,7 @@ where
 
 impl<K> SharedWatch<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     /// A watch with no subscribers yet.
     pub fn new() -> Self {
@@ -77,7 +73,7 @@ where
         slim: fn(&mut K),
     ) -> impl Future<Output = ()> + Send + use<K> {
         let deletions = self.deletions;
-        let stream = crate::watch_stream::<K>(client, slim)
+        let stream = crate::watch_stream::<K>(client, watcher::Config::default(), slim)
             .inspect_ok(move |event| {
                 if let watcher::Event::Delete(object) = event {
                     let object = Arc::new(object.clone());
@@ -93,13 +89,7 @@ where
 
 impl<K> Default for SharedWatch<K>
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     fn default() -> Self {
         Self::new()

@@ -14,7 +14,7 @@ use ipvslb_core::{
     TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
-use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -66,42 +66,12 @@ impl ClassPolicy {
     }
 }
 
-/// Trims a Service to what this module reads of it, before it is cached: a cluster's Services
-/// are the largest cache ipvslb holds. A field read here must be kept here.
-pub fn slim_service(service: &mut Service) {
-    let meta = &mut service.metadata;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    meta.generate_name = None;
-    let Some(spec) = service.spec.take() else {
-        return;
-    };
-    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
-    // Of another type, only the type is read: it tells whether the Service stopped being ours.
-    service.spec = Some(if load_balancer {
-        ServiceSpec {
-            type_: spec.type_,
-            load_balancer_class: spec.load_balancer_class,
-            load_balancer_ip: spec.load_balancer_ip,
-            ip_families: spec.ip_families,
-            ip_family_policy: spec.ip_family_policy,
-            external_traffic_policy: spec.external_traffic_policy,
-            ports: spec.ports,
-            ..ServiceSpec::default()
-        }
-    } else {
-        ServiceSpec {
-            type_: spec.type_,
-            ..ServiceSpec::default()
-        }
-    });
-}
-
 /// The `namespace/name` of a namespaced object.
-pub fn service_name(service: &Service) -> ServiceName {
+pub fn service_name(service: &impl kube::Resource) -> ServiceName {
+    let meta = service.meta();
     ServiceName::new(
-        service.metadata.namespace.as_deref().unwrap_or("default"),
-        service.metadata.name.as_deref().unwrap_or(""),
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or(""),
     )
 }
 
@@ -452,16 +422,38 @@ fn scheduler(name: SchedulerName) -> Scheduler {
     }
 }
 
+/// Trims a Node to what [`node`] reads, before it is cached: a Node's status lists its images
+/// and volumes, many times the size of the rest.
+pub fn trim_node(node: &mut Node) {
+    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus};
+    node.metadata.annotations = None;
+    node.metadata.owner_references = None;
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        unschedulable: spec.unschedulable,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.take().map(|status| NodeStatus {
+        addresses: status.addresses,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .collect()
+        }),
+        ..NodeStatus::default()
+    });
+}
+
 /// A Node as the core sees it. Addresses that are not IPs (hostnames) are skipped: they are
 /// legal in `status.addresses` but useless to IPVS.
 pub fn node(node: &Node) -> NodeInfo {
-    let status = node.status.clone().unwrap_or_default();
+    let status = node.status.as_ref();
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
         labels: node.metadata.labels.clone().unwrap_or_default(),
         ready: status
-            .conditions
-            .iter()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         unschedulable: node
@@ -470,8 +462,8 @@ pub fn node(node: &Node) -> NodeInfo {
             .and_then(|s| s.unschedulable)
             .unwrap_or(false),
         addresses: status
-            .addresses
-            .iter()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
             .flatten()
             .filter_map(|a| {
                 let kind = match a.type_.as_str() {
@@ -522,4 +514,33 @@ pub fn ready_endpoints<'a>(
         *slot = (*slot).max(count);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trimmed_node_reads_the_same_and_drops_its_images() {
+        let full: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "node1", "labels": {"zone": "a"},
+                         "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {"unschedulable": true, "podCIDR": "10.244.1.0/24"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "10.240.0.101"},
+                              {"type": "Hostname", "address": "node1"}],
+                "conditions": [{"type": "Ready", "status": "True"},
+                               {"type": "MemoryPressure", "status": "False"}],
+                "images": [{"names": ["registry.example/app:1"], "sizeBytes": 1000}]
+            }
+        }))
+        .unwrap();
+        let mut trimmed = full.clone();
+        trim_node(&mut trimmed);
+        assert_eq!(node(&trimmed), node(&full));
+        let status = trimmed.status.unwrap();
+        assert_eq!(status.images, None);
+        assert_eq!(status.conditions.map(|c| c.len()), Some(1));
+        assert_eq!(trimmed.metadata.annotations, None);
+    }
 }

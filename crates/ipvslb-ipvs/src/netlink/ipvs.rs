@@ -9,7 +9,7 @@ use neli::genl::{Genlmsghdr, GenlmsghdrBuilder};
 use neli::nl::{NlPayload, Nlmsghdr};
 
 use super::codec::{self, Attrs};
-use super::socket::{Conn, SocketError};
+use super::socket::{Conn, Expect, SocketError};
 use super::{Error, Request, Result};
 use crate::consts::*;
 use crate::diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
@@ -304,33 +304,14 @@ impl Ipvs {
             .map_err(|e| SocketError::Codec(e.to_string()))
     }
 
-    /// Sends one request and returns the one reply with its sequence number.
+    /// Sends one request and returns its one reply.
     fn get(&mut self, op: Request, key: String, cmd: u8, attrs: Attrs) -> Result<GenlMsg> {
-        let socket = |source| Error::Socket {
+        let mut replies = self.request(op, key.clone(), cmd, attrs, Expect::One)?;
+        replies.pop().ok_or(Error::Socket {
             op,
-            key: key.clone(),
-            source,
-        };
-        let seq = self.conn.next_seq();
-        let genl = self.genl(cmd, attrs).map_err(socket)?;
-        let message = Conn::message(self.family, NlmF::empty(), seq, genl).map_err(socket)?;
-        self.conn.send(&[message]).map_err(socket)?;
-        loop {
-            let replies = self.conn.recv::<GenlMsg>().map_err(socket)?;
-            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-                match reply.nl_payload() {
-                    NlPayload::Payload(p) => return Ok(p.clone()),
-                    NlPayload::Err(e) => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+            key,
+            source: SocketError::Codec("the request ended without an answer".into()),
+        })
     }
 
     /// Sends one dump request and returns every reply until `NLMSG_DONE`.
@@ -341,40 +322,24 @@ impl Ipvs {
         cmd: u8,
         attrs: Attrs,
     ) -> Result<Vec<GenlMsg>> {
-        let socket = |source| Error::Socket {
-            op,
-            key: key.clone(),
-            source,
+        self.request(op, key, cmd, attrs, Expect::All)
+    }
+
+    fn request(
+        &mut self,
+        op: Request,
+        key: String,
+        cmd: u8,
+        attrs: Attrs,
+        expect: Expect,
+    ) -> Result<Vec<GenlMsg>> {
+        let genl = match self.genl(cmd, attrs) {
+            Ok(genl) => genl,
+            Err(source) => return Err(Error::Socket { op, key, source }),
         };
-        let seq = self.conn.next_seq();
-        let genl = self.genl(cmd, attrs).map_err(socket)?;
-        let message = Conn::message(self.family, NlmF::DUMP, seq, genl).map_err(socket)?;
-        self.conn.send(&[message]).map_err(socket)?;
-        let mut out = Vec::new();
-        loop {
-            let replies = self.conn.recv::<GenlMsg>().map_err(socket)?;
-            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-                match reply.nl_payload() {
-                    NlPayload::Err(e) => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    NlPayload::DumpExtAck(e) if *e.error() != 0 => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    _ if *reply.nl_type() == NLMSG_DONE => return Ok(out),
-                    NlPayload::Payload(p) => out.push(p.clone()),
-                    _ => {}
-                }
-            }
-        }
+        self.conn
+            .request(self.family, NlmF::empty(), genl, expect)
+            .map_err(|failure| Error::of_request(op, key, failure))
     }
 
     /// Sends `ops` in one `sendmsg`, each acknowledged, and returns the failures.

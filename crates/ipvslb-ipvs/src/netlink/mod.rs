@@ -125,6 +125,14 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error of request `op` about `key` that failed with `failure`.
+    fn of_request(op: Request, key: String, failure: socket::Failure) -> Self {
+        match failure {
+            socket::Failure::Socket(source) => Error::Socket { op, key, source },
+            socket::Failure::Refused(errno) => Error::Kernel { op, key, errno },
+        }
+    }
+
     /// The kernel's error number, for [`Error::Kernel`].
     pub fn errno(&self) -> Option<i32> {
         match self {

@@ -12,6 +12,8 @@ use neli::types::NlBuffer;
 use neli::utils::Groups;
 use neli::{FromBytesWithInput, Size, ToBytes};
 
+use crate::consts::NLMSG_DONE;
+
 /// The largest datagram the kernel sends us (it caps dump messages at 32 KiB).
 const RECV_BUFFER: usize = 64 * 1024;
 
@@ -27,6 +29,26 @@ pub enum SocketError {
     /// A message could not be serialized or parsed.
     #[error("{0}")]
     Codec(String),
+}
+
+/// What a request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The kernel's acknowledgement (a write, sent with `NLM_F_ACK`).
+    Ack,
+    /// One answer (a get).
+    One,
+    /// Every answer up to `NLMSG_DONE` (a dump, sent with `NLM_F_DUMP`).
+    All,
+}
+
+/// Why one request failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The socket failed, or no reply came in time.
+    Socket(SocketError),
+    /// The kernel refused it with this (positive) error number.
+    Refused(i32),
 }
 
 /// A netlink socket of one protocol.
@@ -105,6 +127,51 @@ impl Conn {
             )));
         }
         Ok(())
+    }
+
+    /// Sends one request of type `nl_type` and reads the replies to it until `expect` is met;
+    /// returns the answers (none for [`Expect::Ack`], one for [`Expect::One`]).
+    pub fn request<P>(
+        &mut self,
+        nl_type: u16,
+        flags: NlmF,
+        payload: P,
+        expect: Expect,
+    ) -> Result<Vec<P>, Failure>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
+    {
+        let flags = match expect {
+            Expect::Ack => flags | NlmF::ACK,
+            Expect::One => flags,
+            Expect::All => flags | NlmF::DUMP,
+        };
+        let seq = self.next_seq();
+        let message = Self::message(nl_type, flags, seq, payload).map_err(Failure::Socket)?;
+        self.send(&[message]).map_err(Failure::Socket)?;
+        let mut answers = Vec::new();
+        loop {
+            let replies = self.recv::<P>().map_err(Failure::Socket)?;
+            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
+                match reply.nl_payload() {
+                    NlPayload::Err(e) => return Err(Failure::Refused(-e.error())),
+                    NlPayload::DumpExtAck(e) if *e.error() != 0 => {
+                        return Err(Failure::Refused(-e.error()));
+                    }
+                    _ if expect == Expect::All && *reply.nl_type() == NLMSG_DONE => {
+                        return Ok(answers);
+                    }
+                    NlPayload::Ack(_) if expect == Expect::Ack => return Ok(answers),
+                    NlPayload::Payload(p) => {
+                        answers.push(p.clone());
+                        if expect == Expect::One {
+                            return Ok(answers);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
 
     /// The messages of the next datagram from the kernel.

@@ -9,12 +9,11 @@ use neli::attr::Attribute;
 use neli::consts::nl::NlmF;
 use neli::consts::rtnl::{Arphrd, Ifa, IfaF, Iff, Ifla, IflaInfo, RtAddrFamily, RtScope, Rtm};
 use neli::consts::socket::NlFamily;
-use neli::nl::NlPayload;
 use neli::rtnl::{Ifaddrmsg, IfaddrmsgBuilder, Ifinfomsg, IfinfomsgBuilder, RtattrBuilder};
 use neli::types::{Buffer, RtBuffer};
 use neli::{FromBytesWithInput, Size, ToBytes};
 
-use super::socket::{Conn, SocketError};
+use super::socket::{Conn, Expect, SocketError};
 use super::{Error, Request, Result};
 use crate::model::host_prefix;
 
@@ -262,33 +261,10 @@ impl Vips {
     /// Sends one request with `NLM_F_ACK` and waits for its acknowledgement.
     fn ack<P>(&mut self, op: Request, key: String, kind: Rtm, flags: NlmF, payload: P) -> Result<()>
     where
-        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug,
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
     {
-        let socket = |source| Error::Socket {
-            op,
-            key: key.clone(),
-            source,
-        };
-        let seq = self.conn.next_seq();
-        let message =
-            Conn::message(kind.into(), flags | NlmF::ACK, seq, payload).map_err(socket)?;
-        self.conn.send(&[message]).map_err(socket)?;
-        loop {
-            let replies = self.conn.recv::<P>().map_err(socket)?;
-            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-                match reply.nl_payload() {
-                    NlPayload::Ack(_) => return Ok(()),
-                    NlPayload::Err(e) => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.request(op, key, kind, flags, payload, Expect::Ack)
+            .map(|_| ())
     }
 
     /// Sends one request and returns its reply.
@@ -297,30 +273,13 @@ impl Vips {
         P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
     {
         let key = self.name.clone();
-        let socket = |source| Error::Socket {
+        let mut replies =
+            self.request(op, key.clone(), kind, NlmF::empty(), payload, Expect::One)?;
+        replies.pop().ok_or(Error::Socket {
             op,
-            key: key.clone(),
-            source,
-        };
-        let seq = self.conn.next_seq();
-        let message = Conn::message(kind.into(), NlmF::empty(), seq, payload).map_err(socket)?;
-        self.conn.send(&[message]).map_err(socket)?;
-        loop {
-            let replies = self.conn.recv::<P>().map_err(socket)?;
-            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-                match reply.nl_payload() {
-                    NlPayload::Payload(p) => return Ok(p.clone()),
-                    NlPayload::Err(e) => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+            key,
+            source: SocketError::Codec("the request ended without an answer".into()),
+        })
     }
 
     /// Sends one dump request and returns every reply until `NLMSG_DONE`.
@@ -328,34 +287,24 @@ impl Vips {
     where
         P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
     {
-        let socket = |source| Error::Socket {
-            op,
-            key: key.clone(),
-            source,
-        };
-        let seq = self.conn.next_seq();
-        let message = Conn::message(kind.into(), NlmF::DUMP, seq, payload).map_err(socket)?;
-        self.conn.send(&[message]).map_err(socket)?;
-        let mut out = Vec::new();
-        loop {
-            let replies = self.conn.recv::<P>().map_err(socket)?;
-            for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-                if *reply.nl_type() == crate::consts::NLMSG_DONE {
-                    return Ok(out);
-                }
-                match reply.nl_payload() {
-                    NlPayload::Payload(p) => out.push(p.clone()),
-                    NlPayload::Err(e) => {
-                        return Err(Error::Kernel {
-                            op,
-                            key,
-                            errno: -e.error(),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.request(op, key, kind, NlmF::empty(), payload, Expect::All)
+    }
+
+    fn request<P>(
+        &mut self,
+        op: Request,
+        key: String,
+        kind: Rtm,
+        flags: NlmF,
+        payload: P,
+        expect: Expect,
+    ) -> Result<Vec<P>>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
+    {
+        self.conn
+            .request(kind.into(), flags, payload, expect)
+            .map_err(|failure| Error::of_request(op, key, failure))
     }
 }
 

@@ -63,6 +63,9 @@ pub fn cluster() -> &'static Cluster {
         };
         let out = cluster.kubectl(&["apply", "-f", crds.to_str().unwrap()]);
         assert!(out.status.success(), "installing the CRDs: {}", String::from_utf8_lossy(&out.stderr));
+        // The API server warns about any schema it does not fully understand.
+        let warnings = String::from_utf8_lossy(&out.stderr);
+        assert!(!warnings.contains("Warning"), "the CRDs draw warnings from the API server:\n{warnings}");
         let out = cluster.kubectl(&["wait", "--for=condition=Established", "crd/ippools.ipvslb.io", "crd/nodesets.ipvslb.io", "--timeout=30s"]);
         assert!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
         cluster
@@ -233,7 +236,7 @@ impl Controllers {
             stop,
         )));
         tasks.push(tokio::spawn(
-            services.run(client, ipvslb::translate::slim_service),
+            services.run(client, ipvslb::cached::CachedService::trim),
         ));
         if let Some(sender) = keep {
             // Keep the leadership channel open for the life of the controllers.
