@@ -17,10 +17,10 @@ use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -186,27 +186,28 @@ pub async fn run(
         shutdown.clone(),
     )));
     let concurrency = ctx.config.concurrency;
-    Controller::for_shared_stream(applied, services.clone())
-        .with_config(crate::controller_config(concurrency))
-        .watches_stream(
-            pool_stream,
-            crate::on_spec_change(pools.clone(), services.clone(), |p: &IPPool| p.spec.clone()),
-        )
-        .watches_stream(namespace_stream, move |ns: Namespace| {
-            let name = ns.name_any();
-            on_namespace
-                .state()
-                .iter()
-                .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
-                .map(|s| ObjectRef::from_obj(&**s))
-                .collect::<Vec<_>>()
-        })
-        .reconcile_all_on(became_leader)
-        .reconcile_on(requeue_rx)
-        .graceful_shutdown_on(crate::stopped(shutdown.clone()))
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+    crate::service_controller(
+        applied,
+        services.clone(),
+        pools.clone(),
+        pool_stream,
+        concurrency,
+    )
+    .watches_stream(namespace_stream, move |ns: Namespace| {
+        let name = ns.name_any();
+        on_namespace
+            .state()
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
+            .map(|s| ObjectRef::from_obj(&**s))
+            .collect::<Vec<_>>()
+    })
+    .reconcile_all_on(became_leader)
+    .reconcile_on(requeue_rx)
+    .graceful_shutdown_on(crate::stopped(shutdown.clone()))
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
 }
 
 /// A stream that yields each time this replica becomes leader.

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -139,30 +139,31 @@ pub async fn run<D: Dataplane>(
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let concurrency = ctx.config.concurrency;
-    Controller::for_shared_stream(applied, services.clone())
-        .with_config(crate::controller_config(concurrency))
-        .watches_stream(
-            pool_stream,
-            crate::on_spec_change(pools.clone(), services.clone(), |p: &IPPool| p.spec.clone()),
-        )
-        .watches_stream(
-            set_stream,
-            crate::on_spec_change(node_sets.clone(), services.clone(), |s: &NodeSet| {
-                s.spec.clone()
-            }),
-        )
-        .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
-        .watches_stream(slice_stream, |slice: EndpointSlice| {
-            let namespace = slice.namespace().unwrap_or_default();
-            slice
-                .labels()
-                .get(LABEL_SERVICE_NAME)
-                .map(|name| ObjectRef::new(name).within(&namespace))
-        })
-        .graceful_shutdown_on(crate::stopped(shutdown.clone()))
-        .run(reconcile, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+    crate::service_controller(
+        applied,
+        services.clone(),
+        pools.clone(),
+        pool_stream,
+        concurrency,
+    )
+    .watches_stream(
+        set_stream,
+        crate::on_spec_change(node_sets.clone(), services.clone(), |s: &NodeSet| {
+            s.spec.clone()
+        }),
+    )
+    .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
+    .watches_stream(slice_stream, |slice: EndpointSlice| {
+        let namespace = slice.namespace().unwrap_or_default();
+        slice
+            .labels()
+            .get(LABEL_SERVICE_NAME)
+            .map(|name| ObjectRef::new(name).within(&namespace))
+    })
+    .graceful_shutdown_on(crate::stopped(shutdown.clone()))
+    .run(reconcile, error_policy, ctx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
 }
 
 /// Only what the planner reads of a Node: its labels, readiness, addresses, cordon. Kubelets

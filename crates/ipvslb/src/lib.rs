@@ -102,11 +102,27 @@ where
     })
 }
 
-/// The settings of a Service controller: at most `concurrency` reconciles at once. Unbounded,
-/// a burst of thousands of Services became as many simultaneous requests, which starved the
-/// Lease renewals of the API server's attention and cost a connection and buffers each.
-pub fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
-    kube::runtime::controller::Config::default().concurrency(concurrency.max(1))
+/// A Service controller fed by the shared watch (`applied`, `services`), at most `concurrency`
+/// reconciles at once, that requeues every Service when a pool's spec changes (both roles read
+/// the pools). Unbounded, a burst of thousands of Services became as many simultaneous
+/// requests, which starved the Lease renewals of the API server's attention and cost a
+/// connection and buffers each.
+pub fn service_controller(
+    applied: kube::runtime::reflector::ReflectHandle<cached::CachedService>,
+    services: kube::runtime::reflector::Store<cached::CachedService>,
+    pools: kube::runtime::reflector::Store<ipvslb_api::IPPool>,
+    pool_changes: impl futures::Stream<Item = Result<ipvslb_api::IPPool, kube::runtime::watcher::Error>>
+    + Send
+    + 'static,
+    concurrency: u16,
+) -> kube::runtime::Controller<cached::CachedService> {
+    let config = kube::runtime::controller::Config::default().concurrency(concurrency.max(1));
+    kube::runtime::Controller::for_shared_stream(applied, services.clone())
+        .with_config(config)
+        .watches_stream(
+            pool_changes,
+            on_spec_change(pools, services, |p: &ipvslb_api::IPPool| p.spec.clone()),
+        )
 }
 
 /// A reference to every Service in `store`: what a change to a pool or a NodeSet may affect.

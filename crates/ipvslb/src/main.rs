@@ -9,11 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ipvslb::translate::ClassPolicy;
 use ipvslb::{ClassArgs, manifests, plan, run};
 
-// glibc's allocator kept the peak of a burst (a new leader's list, thousands of writes in
-// flight) as resident memory; mimalloc hands freed pages back, so RSS follows what is live.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Assigns VIPs to LoadBalancer Services from IPPools and programs Linux IPVS to serve them.
 #[derive(Parser)]
 #[command(name = "ipvslb", version, about)]
