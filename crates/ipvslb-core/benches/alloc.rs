@@ -42,7 +42,7 @@ fn claims(family: IpFamily) -> Vec<ServiceClaim> {
             }],
             current: Vec::new(),
             labels: BTreeMap::new(),
-            namespace_labels: BTreeMap::new(),
+            namespace_labels: Default::default(),
         })
         .collect()
 }

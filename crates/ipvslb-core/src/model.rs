@@ -123,8 +123,9 @@ pub struct ServiceClaim {
     pub current: Vec<IpAddr>,
     /// The Service's labels (for pool service selectors).
     pub labels: BTreeMap<String, String>,
-    /// The labels of the Service's namespace (for pool namespace selectors).
-    pub namespace_labels: BTreeMap<String, String>,
+    /// The labels of the Service's namespace (for pool namespace selectors), shared by the
+    /// claims of one namespace: a new leader builds a claim for every Service at once.
+    pub namespace_labels: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 /// The addresses a Service asks for.

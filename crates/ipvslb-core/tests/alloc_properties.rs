@@ -105,7 +105,7 @@ fn any_claim(index: usize) -> impl Strategy<Value = ServiceClaim> {
                         .collect(),
                     current,
                     labels: BTreeMap::new(),
-                    namespace_labels: BTreeMap::new(),
+                    namespace_labels: Default::default(),
                 }
             },
         )

@@ -38,7 +38,7 @@ fn svc(path: &str) -> ServiceClaim {
         ports: vec![tcp(80)],
         current: Vec::new(),
         labels: BTreeMap::new(),
-        namespace_labels: BTreeMap::new(),
+        namespace_labels: Default::default(),
     }
 }
 
@@ -102,7 +102,7 @@ impl ClaimExt for ServiceClaim {
         self
     }
     fn ns_label(mut self, k: &str, v: &str) -> Self {
-        self.namespace_labels.insert(k.into(), v.into());
+        std::sync::Arc::make_mut(&mut self.namespace_labels).insert(k.into(), v.into());
         self
     }
 }

@@ -119,6 +119,9 @@ pub struct Context {
     pools_changed: Notify,
 }
 
+/// The labels of each namespace, shared by the claims built in one pass.
+type NamespaceLabels = BTreeMap<String, Arc<BTreeMap<String, String>>>;
+
 /// The allocator as rebuilt for the current pools and leadership.
 struct State {
     pools: Vec<PoolSpec>,
@@ -292,12 +295,14 @@ impl Context {
             // A new leader reads the API, not its cache: the old leader's last writes may not
             // have reached the cache yet, and missing one would hand an address out twice.
             None => self.listed_claims().await?,
-            Some(_) => self
-                .services
-                .state()
-                .iter()
-                .filter_map(|s| self.claim_if_ours(&s.to_service()))
-                .collect(),
+            Some(_) => {
+                let mut memo = NamespaceLabels::new();
+                self.services
+                    .state()
+                    .iter()
+                    .filter_map(|s| self.claim_if_ours(&s.to_service(), &mut memo))
+                    .collect()
+            }
         };
         if let Some(previous) = &previous {
             for claim in &mut claims {
@@ -351,9 +356,14 @@ impl Context {
         let api = Api::<Service>::all(self.client.clone());
         let mut params = ListParams::default().limit(crate::LIST_PAGE);
         let mut claims = Vec::new();
+        let mut memo = NamespaceLabels::new();
         loop {
             let page = api.list(&params).await.map_err(Error::Rebuild)?;
-            claims.extend(page.items.iter().filter_map(|s| self.claim_if_ours(s)));
+            claims.extend(
+                page.items
+                    .iter()
+                    .filter_map(|s| self.claim_if_ours(s, &mut memo)),
+            );
             match page.metadata.continue_.as_deref() {
                 Some(token) if !token.is_empty() => params = params.continue_token(token),
                 _ => return Ok(claims),
@@ -362,18 +372,26 @@ impl Context {
     }
 
     /// The claim of `service` if it is ours and not being deleted.
-    fn claim_if_ours(&self, service: &Service) -> Option<ServiceClaim> {
+    fn claim_if_ours(&self, service: &Service, memo: &mut NamespaceLabels) -> Option<ServiceClaim> {
         (self.config.classes.serves(service) && service.metadata.deletion_timestamp.is_none())
-            .then(|| self.claim(service))
+            .then(|| self.claim(service, memo))
     }
 
-    fn claim(&self, service: &Service) -> ServiceClaim {
+    fn claim(&self, service: &Service, memo: &mut NamespaceLabels) -> ServiceClaim {
         let namespace = service.namespace().unwrap_or_default();
-        let labels = self
-            .namespaces
-            .get(&ObjectRef::new(&namespace))
-            .and_then(|ns| ns.metadata.labels.clone())
-            .unwrap_or_default();
+        let labels = match memo.get(&namespace) {
+            Some(labels) => labels.clone(),
+            None => {
+                let labels = Arc::new(
+                    self.namespaces
+                        .get(&ObjectRef::new(&namespace))
+                        .and_then(|ns| ns.metadata.labels.clone())
+                        .unwrap_or_default(),
+                );
+                memo.insert(namespace, labels.clone());
+                labels
+            }
+        };
         translate::claim(service, &labels)
     }
 
@@ -398,7 +416,10 @@ impl Context {
             state.allocator.release(&name);
             Decision::NotOurs
         } else {
-            match state.allocator.assign(&self.claim(service)) {
+            match state
+                .allocator
+                .assign(&self.claim(service, &mut NamespaceLabels::new()))
+            {
                 Ok(a) => Decision::Assigned(a),
                 Err(e) => Decision::Failed(e),
             }

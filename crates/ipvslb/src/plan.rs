@@ -88,13 +88,13 @@ pub fn run(manifests: &Manifests, classes: &ClassPolicy) -> Result<Outcome, Erro
         .iter()
         .map(|(_, n)| translate::node(n))
         .collect();
-    let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = manifests
+    let namespace_labels: BTreeMap<String, std::sync::Arc<BTreeMap<String, String>>> = manifests
         .namespaces
         .iter()
         .map(|(_, ns)| {
             (
                 ns.metadata.name.clone().unwrap_or_default(),
-                ns.metadata.labels.clone().unwrap_or_default(),
+                std::sync::Arc::new(ns.metadata.labels.clone().unwrap_or_default()),
             )
         })
         .collect();
@@ -106,7 +106,7 @@ pub fn run(manifests: &Manifests, classes: &ClassPolicy) -> Result<Outcome, Erro
         .filter(|s| classes.serves(s))
         .map(|s| (translate::service_name(s), s))
         .collect();
-    let no_labels = BTreeMap::new();
+    let no_labels = std::sync::Arc::default();
     let claims: Vec<_> = services
         .iter()
         .map(|(name, s)| {

@@ -77,7 +77,10 @@ pub fn service_name(service: &impl kube::Resource) -> ServiceName {
 
 /// What `service` asks of the allocator. Malformed requests become [`Requested::Malformed`]
 /// rather than errors, so the Service keeps what it has and gets a readable reason.
-pub fn claim(service: &Service, namespace_labels: &BTreeMap<String, String>) -> ServiceClaim {
+pub fn claim(
+    service: &Service,
+    namespace_labels: &std::sync::Arc<BTreeMap<String, String>>,
+) -> ServiceClaim {
     let spec = service.spec.clone().unwrap_or_default();
     let annotations = service.metadata.annotations.clone().unwrap_or_default();
     let requested = requested(
