@@ -76,7 +76,14 @@ pub fn cluster() -> &'static Cluster {
 /// never dropped, so a small shell loop watches our pid.
 fn watchdog(dir: &Path) {
     let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; for f in {dir}/*.pid; do kill $(cat $f) 2>/dev/null; done; sleep 2; rm -rf {dir}",
+        // The API server first, while etcd still answers: without etcd its graceful shutdown
+        // was seen to hang for good. Whatever is left after 15 s is killed.
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         for name in kube-apiserver etcd; do \
+           p=$(cat {dir}/$name.pid 2>/dev/null) || continue; kill $p 2>/dev/null; \
+           for i in $(seq 15); do kill -0 $p 2>/dev/null || break; sleep 1; done; \
+           kill -9 $p 2>/dev/null; \
+         done; rm -rf {dir}",
         pid = std::process::id(),
         dir = dir.display()
     );
