@@ -36,7 +36,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
 
 fn run(mode: Mode, args: &[String]) -> Result<(), String> {
     let started = Instant::now();
-    let cache = cache_dir()?;
+    let cache = xtask::cache_root().join("vm");
     std::fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
 
     host_tools()?;
@@ -82,18 +82,6 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
             outcome.status
         ))
     }
-}
-
-/// `${IPVSLB_CACHE:-$HOME/.cache/ipvslb}/vm`.
-fn cache_dir() -> Result<PathBuf, String> {
-    let base = match std::env::var_os("IPVSLB_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let home = std::env::var_os("HOME").ok_or("neither IPVSLB_CACHE nor HOME is set")?;
-            PathBuf::from(home).join(".cache").join("ipvslb")
-        }
-    };
-    Ok(base.join("vm"))
 }
 
 /// The host programs the harness needs, each with the Debian package that has it.
@@ -167,7 +155,7 @@ fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
     let mut binaries: Vec<PathBuf> = stdout
         .lines()
         .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
-        .filter_map(|line| json_string(line, "executable"))
+        .filter_map(|line| xtask::json_string(line, "executable"))
         .map(PathBuf::from)
         .filter(|path| {
             path.file_name()
@@ -182,14 +170,6 @@ fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
         return Err("cargo built no kernel_* test binary".to_owned());
     }
     Ok(binaries)
-}
-
-/// The string value of `"key":"..."` in one line of cargo's JSON (paths have no escapes).
-fn json_string(line: &str, key: &str) -> Option<String> {
-    let pattern = format!("\"{key}\":\"");
-    let start = line.find(&pattern)? + pattern.len();
-    let end = line[start..].find('"')?;
-    Some(line[start..start + end].to_owned())
 }
 
 /// Runs `command`, failing with its name when it does not succeed.
@@ -217,20 +197,5 @@ fn output_of(command: &mut Command) -> Result<String, String> {
             output.status,
             String::from_utf8_lossy(&output.stderr)
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::json_string;
-
-    #[test]
-    fn the_executable_is_read_from_a_cargo_message() {
-        let line = r#"{"reason":"compiler-artifact","target":{"name":"kernel_ipvs"},"executable":"/t/debug/deps/kernel_ipvs-0a1b","fresh":true}"#;
-        assert_eq!(
-            json_string(line, "executable").as_deref(),
-            Some("/t/debug/deps/kernel_ipvs-0a1b")
-        );
-        assert_eq!(json_string(line, "missing"), None);
     }
 }

@@ -138,19 +138,10 @@ pub const IPVS_INFO_ATTR_VERSION: u16 = 1;
 /// `IPVS_INFO_ATTR_CONN_TAB_SIZE` (u32)
 pub const IPVS_INFO_ATTR_CONN_TAB_SIZE: u16 = 2;
 
-/// `NLMSG_ERROR`
-pub const NLMSG_ERROR: u16 = 2;
 /// `NLMSG_DONE`
 pub const NLMSG_DONE: u16 = 3;
 /// `GENL_ID_CTRL`: the generic netlink controller.
 pub const GENL_ID_CTRL: u16 = 0x10;
-
-/// `IFF_UP`
-pub const IFF_UP: u32 = 0x1;
-/// `IFA_F_NODAD`: no duplicate address detection for an IPv6 address.
-pub const IFA_F_NODAD: u8 = 0x02;
-/// `RT_SCOPE_UNIVERSE`
-pub const RT_SCOPE_UNIVERSE: u8 = 0;
 
 /// `CTRL_CMD_GETFAMILY`
 pub const CTRL_CMD_GETFAMILY: u8 = 3;

@@ -406,7 +406,7 @@ impl Context {
         // cache drops it before the delete event releases it, and both happen under this lock.
         let gone = self
             .services
-            .get(&ObjectRef::new(&name.name).within(&name.namespace))
+            .get(&CachedService::reference(&name))
             .is_none();
         let ours = self.config.classes.serves(service)
             && service.metadata.deletion_timestamp.is_none()
@@ -456,11 +456,7 @@ impl Context {
             .allocator
             .assignments()
             .map(|(name, _)| name.clone())
-            .filter(|name| {
-                self.services
-                    .get(&ObjectRef::new(&name.name).within(&name.namespace))
-                    .is_none()
-            })
+            .filter(|name| self.services.get(&CachedService::reference(name)).is_none())
             .collect();
         let freed = !vanished.is_empty();
         for name in vanished {
@@ -494,9 +490,7 @@ impl Context {
             return;
         };
         for name in pending.iter() {
-            let _ = self
-                .requeue
-                .unbounded_send(ObjectRef::new(&name.name).within(&name.namespace));
+            let _ = self.requeue.unbounded_send(CachedService::reference(name));
         }
     }
 
@@ -508,7 +502,7 @@ impl Context {
         decision: Decision,
     ) -> Result<Action, Error> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &name.namespace);
-        let recorded = recorded_ingress(service);
+        let recorded = translate::ingress_ips(service);
         let annotated = service.annotations().get(ANNOTATION_ASSIGNED_POOL).cloned();
         match decision {
             Decision::Assigned(assignment) => {
@@ -663,16 +657,6 @@ impl Context {
             warn!(error = %e, reason, "could not publish an event");
         }
     }
-}
-
-fn recorded_ingress(service: &Service) -> Vec<String> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| ingress.iter().filter_map(|i| i.ip.clone()).collect())
-        .unwrap_or_default()
 }
 
 /// Keeps every IPPool's status and the pool metrics current, at most twice a second.

@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
+use kube::runtime::reflector::ObjectRef;
 use serde::Deserialize;
 
 use ipvslb_core::ServiceName;
@@ -94,6 +95,11 @@ impl CachedService {
     /// `namespace/name`.
     pub fn service_name(&self) -> ServiceName {
         crate::translate::service_name(self)
+    }
+
+    /// The cache's key of the Service `name`.
+    pub fn reference(name: &ServiceName) -> ObjectRef<CachedService> {
+        ObjectRef::new(&name.name).within(&name.namespace)
     }
 
     /// The Service as the translation code reads it.

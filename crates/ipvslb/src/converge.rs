@@ -168,7 +168,7 @@ impl<D: Dataplane> Converger<D> {
     pub fn converge_all(
         &self,
         desired: &Table,
-        by_service: BTreeMap<ServiceName, BTreeSet<ServiceKey>>,
+        by_service: BTreeMap<ServiceName, Vec<ServiceKey>>,
         owned: &Owned,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
@@ -187,7 +187,7 @@ impl<D: Dataplane> Converger<D> {
         state.held.clear();
         state.vip_users.clear();
         for (name, keys) in by_service {
-            state.hold(&name, keys.into_iter().collect());
+            state.hold(&name, keys);
         }
         Ok(report)
     }
@@ -374,8 +374,8 @@ mod tests {
         let mut both = web.clone();
         both.services.extend(api.services.clone());
         let by_service = BTreeMap::from([
-            (svc("web"), BTreeSet::from([key("10.240.0.210", 80)])),
-            (svc("api"), BTreeSet::from([key("10.240.0.211", 80)])),
+            (svc("web"), vec![key("10.240.0.210", 80)]),
+            (svc("api"), vec![key("10.240.0.211", 80)]),
         ]);
         let repaired = c.converge_all(&both, by_service, &owned(), now).unwrap();
         assert_eq!(repaired.addresses_added, 1, "{repaired:?}");
@@ -514,7 +514,7 @@ mod tests {
             ])
             .unwrap();
         let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
-        let by_service = BTreeMap::from([(svc("web"), BTreeSet::from([key("10.240.0.210", 80)]))]);
+        let by_service = BTreeMap::from([(svc("web"), vec![key("10.240.0.210", 80)])]);
         let report = c
             .converge_all(&desired, by_service.clone(), &owned(), now)
             .unwrap();

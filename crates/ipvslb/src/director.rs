@@ -6,8 +6,7 @@
 //! pass at start and every `resync` collects owned entries no Service claims (deleted while the
 //! director was down) and repairs drift (someone ran `ipvsadm -C`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,7 +114,8 @@ pub async fn run<D: Dataplane>(
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
         while let Some(service) = deleted.recv().await {
             let name = service.service_name();
-            if let Err(e) = on_delete.converge(&name, Table::new()).await {
+            let owned = on_delete.view().owned;
+            if let Err(e) = on_delete.converge(&name, Table::new(), owned).await {
                 warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
             }
         }
@@ -186,7 +186,7 @@ async fn reconcile<D: Dataplane>(
     async {
         let view = ctx.view();
         let desired = ctx.desired_for(&cached.to_service(), &view);
-        let report = ctx.converge(&name, desired).await?;
+        let report = ctx.converge(&name, desired, view.owned).await?;
         Ok(match report.next_drain_deadline {
             Some(deadline) => Action::requeue(
                 deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
@@ -289,16 +289,7 @@ impl<D: Dataplane> Context<D> {
         if !self.config.classes.serves(service) || service.metadata.deletion_timestamp.is_some() {
             return None;
         }
-        let addresses: Vec<IpAddr> = service
-            .status
-            .as_ref()?
-            .load_balancer
-            .as_ref()?
-            .ingress
-            .iter()
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
-            .collect();
+        let addresses = translate::ingress_addresses(service);
         let pool = view.pools.iter().find(|p| {
             addresses
                 .first()
@@ -331,8 +322,12 @@ impl<D: Dataplane> Context<D> {
         }
     }
 
-    async fn converge(&self, name: &ServiceName, desired: Table) -> Result<Report, Error> {
-        let owned = self.view().owned;
+    async fn converge(
+        &self,
+        name: &ServiceName,
+        desired: Table,
+        owned: Owned,
+    ) -> Result<Report, Error> {
         let converger = self.converger.clone();
         let service = name.clone();
         let report = tokio::task::spawn_blocking(move || {
@@ -373,9 +368,10 @@ impl<D: Dataplane> Context<D> {
         for problem in &plan.problems {
             debug!(service = %problem.service, error = %problem.error, "planned in part");
         }
-        let mut by_service: BTreeMap<ServiceName, BTreeSet<ServiceKey>> = BTreeMap::new();
+        // The owners come in key order, so each Service's keys come sorted.
+        let mut by_service: BTreeMap<ServiceName, Vec<ServiceKey>> = BTreeMap::new();
         for (key, service) in &plan.owners {
-            by_service.entry(service.clone()).or_default().insert(*key);
+            by_service.entry(service.clone()).or_default().push(*key);
         }
         let converger = self.converger.clone();
         let owned = view.owned;

@@ -75,6 +75,25 @@ pub fn service_name(service: &impl kube::Resource) -> ServiceName {
     )
 }
 
+/// The addresses recorded in `status.loadBalancer.ingress`, as written.
+pub fn ingress_ips(service: &Service) -> Vec<String> {
+    service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .map(|ingress| ingress.iter().filter_map(|i| i.ip.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// The recorded ingress addresses that are IP addresses.
+pub fn ingress_addresses(service: &Service) -> Vec<IpAddr> {
+    ingress_ips(service)
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
+}
+
 /// What `service` asks of the allocator. Malformed requests become [`Requested::Malformed`]
 /// rather than errors, so the Service keeps what it has and gets a readable reason.
 pub fn claim(
@@ -87,18 +106,7 @@ pub fn claim(
         spec.load_balancer_ip.as_deref(),
         annotations.get(ANNOTATION_LOAD_BALANCER_IPS),
     );
-    let current = service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|ingress| {
-            ingress
-                .iter()
-                .filter_map(|i| i.ip.as_deref()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let current = ingress_addresses(service);
     ServiceClaim {
         name: service_name(service),
         created: service

@@ -76,7 +76,7 @@ pub struct Binaries {
 impl Binaries {
     /// The cache locations for `versions` (the files may not exist yet).
     pub fn in_cache(versions: &Versions) -> Self {
-        let dir = cache_root()
+        let dir = crate::cache_root()
             .join("k8s")
             .join(&versions.kubernetes)
             .join("bin");
@@ -100,15 +100,6 @@ impl Binaries {
     }
 }
 
-/// The cache root: `$IPVSLB_CACHE`, else `$HOME/.cache/ipvslb`.
-pub fn cache_root() -> PathBuf {
-    if let Some(dir) = env::var_os("IPVSLB_CACHE").filter(|v| !v.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = env::var_os("HOME").unwrap_or_else(|| ".".into());
-    Path::new(&home).join(".cache").join("ipvslb")
-}
-
 /// The cached binaries for `versions`, or an error saying how to build them.
 pub fn cached(versions: &Versions) -> Result<Binaries, String> {
     let bins = Binaries::in_cache(versions);
@@ -130,9 +121,21 @@ pub fn cached(versions: &Versions) -> Result<Binaries, String> {
 /// Builds whatever of `versions` is not cached yet and returns the binaries.
 pub fn ensure(versions: &Versions) -> Result<Binaries, String> {
     let bins = Binaries::in_cache(versions);
+    let kubernetes_cached = bins.kube_apiserver.is_file() && bins.kubectl.is_file();
+    let etcd_cached = bins.etcd_is(&versions.etcd);
+    if kubernetes_cached && etcd_cached {
+        println!(
+            "kube-apiserver, kubectl {} and etcd {} cached in {}",
+            versions.kubernetes,
+            versions.etcd,
+            bins.dir.display()
+        );
+        return Ok(bins);
+    }
     fs::create_dir_all(&bins.dir).map_err(|e| format!("creating {}: {e}", bins.dir.display()))?;
+    // Go is needed only to build: a machine with everything cached runs without it.
     let go = Go::detect()?;
-    if bins.kube_apiserver.is_file() && bins.kubectl.is_file() {
+    if kubernetes_cached {
         println!(
             "kube-apiserver and kubectl {} cached in {}",
             versions.kubernetes,
@@ -141,7 +144,7 @@ pub fn ensure(versions: &Versions) -> Result<Binaries, String> {
     } else {
         build_kubernetes(&go, &versions.kubernetes, &bins)?;
     }
-    if bins.etcd_is(&versions.etcd) {
+    if etcd_cached {
         println!("etcd {} cached in {}", versions.etcd, bins.dir.display());
     } else {
         build_etcd(&go, &versions.etcd, &bins)?;
@@ -342,7 +345,7 @@ fn build_etcd(go: &Go, version: &str, bins: &Binaries) -> Result<(), String> {
 /// Downloads `module@version` into the module cache and returns the text of its `go.mod`.
 fn upstream_gomod(go: &Go, dir: &Path, module: &str) -> Result<String, String> {
     let info = go.run(dir, &["mod", "download", "-json", module])?;
-    let path = json_string(&info, "GoMod")
+    let path = crate::json_string(&info, "GoMod")
         .ok_or_else(|| format!("no GoMod in `go mod download` output:\n{info}"))?;
     fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))
 }
@@ -386,14 +389,6 @@ fn go_directive(gomod: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The value of `"key": "value"` in `go ... -json` output (no escapes expected).
-fn json_string(json: &str, key: &str) -> Option<String> {
-    let needle = format!("\"{key}\":");
-    let start = json.find(&needle)? + needle.len();
-    let rest = json[start..].trim_start().strip_prefix('"')?;
-    Some(rest[..rest.find('"')?].to_owned())
-}
-
 fn write(path: &Path, text: &str) -> Result<(), String> {
     fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
 }
@@ -423,15 +418,5 @@ mod tests {
             ["k8s.io/api", "k8s.io/client-go", "k8s.io/kms"]
         );
         assert_eq!(go_directive(gomod), Some("1.26.0"));
-    }
-
-    #[test]
-    fn reads_json_strings() {
-        let json = "{\n\t\"Path\": \"k8s.io/kubernetes\",\n\t\"GoMod\": \"/m/v1.37.2.mod\"\n}";
-        assert_eq!(
-            json_string(json, "GoMod").as_deref(),
-            Some("/m/v1.37.2.mod")
-        );
-        assert_eq!(json_string(json, "Zip"), None);
     }
 }

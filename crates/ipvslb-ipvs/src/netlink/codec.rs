@@ -115,7 +115,7 @@ fn addr_of_bytes(family: Family, bytes: &[u8]) -> Result<IpAddr, DecodeError> {
     }
 }
 
-fn u16_of(bytes: &[u8], what: &str) -> Result<u16, DecodeError> {
+pub fn u16_of(bytes: &[u8], what: &str) -> Result<u16, DecodeError> {
     bytes
         .get(..2)
         .and_then(|b| b.try_into().ok())

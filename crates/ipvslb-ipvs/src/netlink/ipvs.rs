@@ -6,10 +6,10 @@ use std::time::Duration;
 use neli::consts::nl::NlmF;
 use neli::consts::socket::NlFamily;
 use neli::genl::{Genlmsghdr, GenlmsghdrBuilder};
-use neli::nl::{NlPayload, Nlmsghdr};
+use neli::nl::NlPayload;
 
 use super::codec::{self, Attrs};
-use super::socket::{Conn, Expect, SocketError};
+use super::socket::{Conn, Expect, Failure, SocketError};
 use super::{Error, Request, Result};
 use crate::consts::*;
 use crate::diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
@@ -17,8 +17,6 @@ use crate::model::{Family, ServiceEntry, ServiceKey, Table};
 
 /// A generic netlink message with IPVS commands and attributes.
 type GenlMsg = Genlmsghdr<u8, u16>;
-/// The netlink message carrying it.
-type Message = Nlmsghdr<u16, GenlMsg>;
 
 /// How long a reply may take before the request counts as failed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -295,23 +293,16 @@ impl Ipvs {
         Ok(())
     }
 
-    fn genl(&self, cmd: u8, attrs: Attrs) -> std::result::Result<GenlMsg, SocketError> {
-        GenlmsghdrBuilder::default()
-            .cmd(cmd)
-            .version(IPVS_GENL_VERSION)
-            .attrs(attrs)
-            .build()
-            .map_err(|e| SocketError::Codec(e.to_string()))
-    }
-
     /// Sends one request and returns its one reply.
     fn get(&mut self, op: Request, key: String, cmd: u8, attrs: Attrs) -> Result<GenlMsg> {
-        let mut replies = self.request(op, key.clone(), cmd, attrs, Expect::One)?;
-        replies.pop().ok_or(Error::Socket {
+        let genl = genl(cmd, IPVS_GENL_VERSION, attrs).map_err(|source| Error::Socket {
             op,
-            key,
-            source: SocketError::Codec("the request ended without an answer".into()),
-        })
+            key: key.clone(),
+            source,
+        })?;
+        self.conn
+            .get(self.family, NlmF::empty(), genl)
+            .map_err(|failure| Error::of_request(op, key, failure))
     }
 
     /// Sends one dump request and returns every reply until `NLMSG_DONE`.
@@ -322,23 +313,13 @@ impl Ipvs {
         cmd: u8,
         attrs: Attrs,
     ) -> Result<Vec<GenlMsg>> {
-        self.request(op, key, cmd, attrs, Expect::All)
-    }
-
-    fn request(
-        &mut self,
-        op: Request,
-        key: String,
-        cmd: u8,
-        attrs: Attrs,
-        expect: Expect,
-    ) -> Result<Vec<GenlMsg>> {
-        let genl = match self.genl(cmd, attrs) {
-            Ok(genl) => genl,
-            Err(source) => return Err(Error::Socket { op, key, source }),
-        };
+        let genl = genl(cmd, IPVS_GENL_VERSION, attrs).map_err(|source| Error::Socket {
+            op,
+            key: key.clone(),
+            source,
+        })?;
         self.conn
-            .request(self.family, NlmF::empty(), genl, expect)
+            .request(self.family, NlmF::empty(), genl, Expect::All)
             .map_err(|failure| Error::of_request(op, key, failure))
     }
 
@@ -355,7 +336,7 @@ impl Ipvs {
             let (cmd, attrs) = request_of(op)
                 .map_err(|e| decode(Request::Write(op.kind()), op.service_key(), e))?;
             let seq = self.conn.next_seq();
-            let genl = self.genl(cmd, attrs).map_err(batch_error)?;
+            let genl = genl(cmd, IPVS_GENL_VERSION, attrs).map_err(batch_error)?;
             messages.push(Conn::message(self.family, NlmF::ACK, seq, genl).map_err(batch_error)?);
             seqs.push(seq);
         }
@@ -476,65 +457,47 @@ fn decode(op: Request, key: &ServiceKey, e: codec::DecodeError) -> Error {
     }
 }
 
+/// A generic netlink message of command `cmd`.
+fn genl(cmd: u8, version: u8, attrs: Attrs) -> std::result::Result<GenlMsg, SocketError> {
+    GenlmsghdrBuilder::default()
+        .cmd(cmd)
+        .version(version)
+        .attrs(attrs)
+        .build()
+        .map_err(|e| SocketError::Codec(e.to_string()))
+}
+
 /// The id of the generic netlink family `IPVS`, from the controller.
 fn resolve_family(conn: &mut Conn) -> Result<u16> {
     let op = Request::ResolveFamily;
-    let socket = |source| Error::Socket {
+    let key = || IPVS_GENL_NAME.to_owned();
+    let decode = |reason: String| Error::Decode {
         op,
-        key: IPVS_GENL_NAME.to_owned(),
-        source,
+        key: key(),
+        reason,
     };
     let mut name = IPVS_GENL_NAME.as_bytes().to_vec();
     name.push(0);
     let mut attrs = Attrs::new();
-    attrs.push(
-        codec::attr(CTRL_ATTR_FAMILY_NAME, &name).map_err(|e| Error::Decode {
-            op,
-            key: String::new(),
-            reason: e.0,
-        })?,
-    );
-    let genl: GenlMsg = GenlmsghdrBuilder::default()
-        .cmd(CTRL_CMD_GETFAMILY)
-        .version(1)
-        .attrs(attrs)
-        .build()
-        .map_err(|e| socket(SocketError::Codec(e.to_string())))?;
-    let seq = conn.next_seq();
-    let message: Message = Conn::message(GENL_ID_CTRL, NlmF::empty(), seq, genl).map_err(socket)?;
-    conn.send(&[message]).map_err(socket)?;
-    loop {
-        let replies = conn.recv::<GenlMsg>().map_err(socket)?;
-        for reply in replies.iter().filter(|m| *m.nl_seq() == seq) {
-            match reply.nl_payload() {
-                NlPayload::Err(e) if -e.error() == libc::ENOENT => return Err(Error::Unavailable),
-                NlPayload::Err(e) => {
-                    return Err(Error::Kernel {
-                        op,
-                        key: IPVS_GENL_NAME.to_owned(),
-                        errno: -e.error(),
-                    });
-                }
-                NlPayload::Payload(p) => {
-                    let id = p
-                        .attrs()
-                        .iter()
-                        .find(|a| codec::kind(a) == CTRL_ATTR_FAMILY_ID)
-                        .and_then(|a| {
-                            neli::attr::Attribute::payload(a)
-                                .as_ref()
-                                .get(..2)
-                                .and_then(|b| b.try_into().ok())
-                                .map(u16::from_ne_bytes)
-                        });
-                    return id.ok_or_else(|| Error::Decode {
-                        op,
-                        key: IPVS_GENL_NAME.to_owned(),
-                        reason: "no CTRL_ATTR_FAMILY_ID".to_owned(),
-                    });
-                }
-                _ => {}
-            }
-        }
-    }
+    attrs.push(codec::attr(CTRL_ATTR_FAMILY_NAME, &name).map_err(|e| decode(e.0))?);
+    let request = genl(CTRL_CMD_GETFAMILY, 1, attrs).map_err(|source| Error::Socket {
+        op,
+        key: key(),
+        source,
+    })?;
+    let reply = match conn.get(GENL_ID_CTRL, NlmF::empty(), request) {
+        Ok(reply) => reply,
+        Err(Failure::Refused(libc::ENOENT)) => return Err(Error::Unavailable),
+        Err(failure) => return Err(Error::of_request(op, key(), failure)),
+    };
+    let id = reply
+        .attrs()
+        .iter()
+        .find(|a| codec::kind(a) == CTRL_ATTR_FAMILY_ID)
+        .ok_or_else(|| decode("no CTRL_ATTR_FAMILY_ID".to_owned()))?;
+    codec::u16_of(
+        neli::attr::Attribute::payload(id).as_ref(),
+        "CTRL_ATTR_FAMILY_ID",
+    )
+    .map_err(|e| decode(e.0))
 }

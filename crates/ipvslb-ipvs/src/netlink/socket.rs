@@ -174,6 +174,17 @@ impl Conn {
         }
     }
 
+    /// Sends one request and returns its one answer.
+    pub fn get<P>(&mut self, nl_type: u16, flags: NlmF, payload: P) -> Result<P, Failure>
+    where
+        P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
+    {
+        // `Expect::One` returns right after its answer: the list is never empty.
+        self.request(nl_type, flags, payload, Expect::One)?
+            .pop()
+            .ok_or_else(|| Failure::Socket(SocketError::Codec("no answer".into())))
+    }
+
     /// The messages of the next datagram from the kernel.
     pub fn recv<P: Size + FromBytesWithInput<Input = usize> + Debug>(
         &mut self,

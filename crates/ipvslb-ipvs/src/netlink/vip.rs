@@ -273,13 +273,9 @@ impl Vips {
         P: Size + ToBytes + FromBytesWithInput<Input = usize> + Debug + Clone,
     {
         let key = self.name.clone();
-        let mut replies =
-            self.request(op, key.clone(), kind, NlmF::empty(), payload, Expect::One)?;
-        replies.pop().ok_or(Error::Socket {
-            op,
-            key,
-            source: SocketError::Codec("the request ended without an answer".into()),
-        })
+        self.conn
+            .get(kind.into(), NlmF::empty(), payload)
+            .map_err(|failure| Error::of_request(op, key, failure))
     }
 
     /// Sends one dump request and returns every reply until `NLMSG_DONE`.

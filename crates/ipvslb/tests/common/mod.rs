@@ -303,15 +303,7 @@ where
 }
 
 /// The addresses in a Service's status.
-pub fn ingress(service: &Service) -> Vec<String> {
-    service
-        .status
-        .as_ref()
-        .and_then(|s| s.load_balancer.as_ref())
-        .and_then(|lb| lb.ingress.as_ref())
-        .map(|i| i.iter().filter_map(|i| i.ip.clone()).collect())
-        .unwrap_or_default()
-}
+pub use ipvslb::translate::ingress_ips as ingress;
 
 /// Waits until `namespace/name` has exactly `want` in its status.
 pub async fn wait_ingress(
