@@ -108,7 +108,7 @@ where
 /// requests, which starved the Lease renewals of the API server's attention and cost a
 /// connection and buffers each.
 pub fn service_controller(
-    applied: kube::runtime::reflector::ReflectHandle<cached::CachedService>,
+    applied: futures::stream::BoxStream<'static, std::sync::Arc<cached::CachedService>>,
     services: kube::runtime::reflector::Store<cached::CachedService>,
     pools: kube::runtime::reflector::Store<ipvslb_api::IPPool>,
     pool_changes: impl futures::Stream<Item = Result<ipvslb_api::IPPool, kube::runtime::watcher::Error>>

@@ -4,22 +4,26 @@
 
 use std::sync::Arc;
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt};
-use kube::runtime::reflector::{self, ReflectHandle, Store, store::Writer};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::mpsc;
 
 use crate::Watched;
 
-/// How many changes the watch may run ahead of its slowest subscriber.
-const BUFFER: usize = 1024;
-
 /// A watch of every object of kind `K` that hands out [`Subscription`]s, then runs.
+///
+/// The fan-out is its own rather than kube's shared reflector: kube's handle, asked for an
+/// object deleted before it was read, returned `Pending` without a waker and stalled its
+/// controller until something else woke it (Services created meanwhile waited a minute).
 pub struct SharedWatch<K>
 where
     K: Watched,
 {
+    store: Store<K>,
     writer: Writer<K>,
+    applied: Vec<mpsc::UnboundedSender<ObjectRef<K>>>,
     deletions: Vec<mpsc::UnboundedSender<Arc<K>>>,
 }
 
@@ -31,8 +35,9 @@ where
 {
     /// The shared cache.
     pub store: Store<K>,
-    /// Each object that was created or changed, and every object after each (re)list.
-    pub applied: ReflectHandle<K>,
+    /// Each object that was created or changed, and every object after each (re)list, as the
+    /// cache holds it; one deleted meanwhile is skipped.
+    pub applied: BoxStream<'static, Arc<K>>,
     /// Each object that was deleted, as last seen.
     pub deleted: mpsc::UnboundedReceiver<Arc<K>>,
 }
@@ -43,24 +48,30 @@ where
 {
     /// A watch with no subscribers yet.
     pub fn new() -> Self {
-        let (_, writer) = reflector::store_shared(BUFFER);
+        let (store, writer) = reflector::store();
         Self {
+            store,
             writer,
+            applied: Vec::new(),
             deletions: Vec::new(),
         }
     }
 
-    /// A subscription; every subscriber must keep polling its `applied` stream, or the watch
-    /// waits for it.
+    /// A subscription.
     pub fn subscribe(&mut self) -> Subscription<K> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.applied.push(tx);
         let (tx, deleted) = mpsc::unbounded_channel();
         self.deletions.push(tx);
+        let store = self.store.clone();
+        let applied = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|changed| (changed, rx))
+        })
+        .filter_map(move |changed| futures::future::ready(store.get(&changed)))
+        .boxed();
         Subscription {
-            store: self.writer.as_reader(),
-            applied: self
-                .writer
-                .subscribe()
-                .expect("a writer made by store_shared has subscribers"),
+            store: self.store.clone(),
+            applied,
             deleted,
         }
     }
@@ -72,17 +83,38 @@ where
         client: &kube::Client,
         slim: fn(&mut K),
     ) -> impl Future<Output = ()> + Send + use<K> {
-        let deletions = self.deletions;
+        let Self {
+            store,
+            writer,
+            applied,
+            deletions,
+        } = self;
+        // After `reflect`: a subscriber reads what it is told of from the cache.
         let stream = crate::watch_stream::<K>(client, watcher::Config::default(), slim)
-            .inspect_ok(move |event| {
-                if let watcher::Event::Delete(object) = event {
+            .reflect(writer)
+            .inspect_ok(move |event| match event {
+                watcher::Event::Apply(object) => {
+                    let changed = ObjectRef::from_obj(object);
+                    for tx in &applied {
+                        let _ = tx.send(changed.clone());
+                    }
+                }
+                watcher::Event::InitDone => {
+                    for object in store.state() {
+                        let changed = ObjectRef::from_obj(&*object);
+                        for tx in &applied {
+                            let _ = tx.send(changed.clone());
+                        }
+                    }
+                }
+                watcher::Event::Delete(object) => {
                     let object = Arc::new(object.clone());
                     for tx in &deletions {
                         let _ = tx.send(object.clone());
                     }
                 }
-            })
-            .reflect_shared(self.writer);
+                watcher::Event::Init | watcher::Event::InitApply(_) => {}
+            });
         drain(stream)
     }
 }
