@@ -19,6 +19,8 @@ const CHURN: usize = 10_000;
 fn pool(range: &str, avoid_buggy_ips: bool) -> PoolSpec {
     PoolSpec {
         name: "bench".into(),
+        created: 0,
+        role: ipvslb_core::PoolRole::Serving,
         ranges: vec![range.parse().expect("bench range")],
         auto_assign: true,
         avoid_buggy_ips,

@@ -37,6 +37,8 @@ fn inputs() -> (
         .collect();
     let pool = PoolSpec {
         name: "pool".into(),
+        created: 0,
+        role: ipvslb_core::PoolRole::Serving,
         ranges: vec!["10.240.0.0/16".parse().expect("a valid CIDR")],
         auto_assign: true,
         avoid_buggy_ips: false,

@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::model::{
-    FamilyPolicy, IpFamily, PoolSpec, PortKey, Requested, ServiceClaim, ServiceName,
+    FamilyPolicy, IpFamily, PoolRole, PoolSpec, PortKey, Requested, ServiceClaim, ServiceName,
 };
 use crate::range::{IpRange, from_u128, to_u128};
 use free::FreeSpace;
@@ -187,6 +187,51 @@ pub enum AllocError {
     /// There is no recorded address to restore.
     #[error("this Service has no recorded address to restore")]
     NothingRecorded,
+    /// The pool is invalid as written, so it gives out no new address.
+    #[error("pool {pool} is invalid and assigns no new addresses until it is fixed: {reason}")]
+    PoolInvalid {
+        /// The pool.
+        pool: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The pool belongs to another installation's load-balancer class.
+    #[error(
+        "pool {pool} belongs to load-balancer class {class}, which this ipvslb does not serve; use a pool of this class"
+    )]
+    PoolOfOtherClass {
+        /// The pool.
+        pool: String,
+        /// Its class.
+        class: String,
+    },
+}
+
+/// Recorded addresses a Service could not keep, and why: what its Warning Event says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// The addresses it held.
+    pub addresses: Vec<IpAddr>,
+    /// Why it could not keep them.
+    pub reason: AllocError,
+}
+
+impl Released {
+    /// Whether the Service itself asked for the change (another address or another pool), as
+    /// opposed to a pool edit taking its addresses away.
+    pub fn asked_for(&self) -> bool {
+        matches!(
+            self.reason,
+            AllocError::RequestChanged { .. } | AllocError::RequestedNotInNamedPool { .. }
+        )
+    }
+}
+
+impl fmt::Display for Released {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addresses: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
+        write!(f, "released {}: {}", addresses.join(", "), self.reason)
+    }
 }
 
 fn family_unavailable(family: IpFamily, pool: Option<&str>) -> String {
@@ -228,15 +273,17 @@ impl fmt::Display for NoPoolReason {
 /// Something wrong with the pools themselves, reported once when the allocator is built.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolProblem {
-    /// `pool` (the later name) has a range sharing addresses with `other`; that range is not used.
+    /// `pool` shares addresses with `other`, which came first (created earlier, or the same
+    /// second and its name sorts first): `other` keeps the shared stretch, the rest of `range`
+    /// stays in `pool`.
     Overlapping {
-        /// The pool whose range is set aside (its name sorts after `other`).
+        /// The younger pool, which loses the shared addresses.
         pool: String,
-        /// The pool that keeps the addresses.
+        /// The older pool, which keeps them.
         other: String,
-        /// The range of `pool` that is set aside.
+        /// The range of `pool` concerned.
         range: IpRange,
-        /// The addresses both claim (the first stretch of them).
+        /// The addresses both claim (one stretch; each stretch is its own problem).
         shared: IpRange,
     },
     /// The pool lists no ranges at all.
@@ -290,7 +337,7 @@ impl fmt::Display for PoolProblem {
                 shared,
             } => write!(
                 f,
-                "pool {pool} overlaps pool {other} on {shared}; its range {range} is not used until the overlap is removed"
+                "pool {pool} overlaps pool {other} on {shared}; those addresses stay with {other}, which came first, and the rest of {range} is used"
             ),
             PoolProblem::NoRanges { pool } => {
                 write!(f, "pool {pool} has no address ranges; add at least one")
@@ -318,6 +365,10 @@ pub struct PoolUsage {
     /// IPv6 addresses that a new Service could get. Saturates: a pool holding `::/0` reports
     /// `u128::MAX` minus what is assigned, one short of the truth.
     pub available_v6: u128,
+    /// Services holding addresses of the pool that its rules as now written would not give
+    /// them (its serviceAllocation, autoAssign or avoidBuggyIPs changed, or it became
+    /// invalid): they keep their addresses; only new assignments follow the new rules.
+    pub non_matching: u64,
     allocations: Vec<HeldAddress>,
 }
 
@@ -340,6 +391,8 @@ pub struct Allocation {
     pub allocator: Allocator,
     /// Each Service's assignment or the reason it has none.
     pub results: BTreeMap<ServiceName, Result<Assignment, AllocError>>,
+    /// Services whose recorded addresses could not be kept, and why.
+    pub released: BTreeMap<ServiceName, Released>,
     /// Problems found in the pools.
     pub problems: Vec<PoolProblem>,
 }
@@ -353,30 +406,51 @@ pub struct Allocation {
 /// for the contested one, an error naming the holder. Claims are expected to have distinct names;
 /// of duplicates only the oldest is considered.
 pub fn allocate_all(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Allocation {
-    let (mut allocator, problems) = Allocator::new(pools);
-    let mut order: Vec<&ServiceClaim> = claims.iter().collect();
-    order.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-    let mut seen = BTreeSet::new();
-    order.retain(|c| seen.insert(&c.name));
-
-    let mut results = BTreeMap::new();
-    for claim in order.iter().filter(|c| !c.current.is_empty()) {
-        if let Ok(assignment) = allocator.restore(claim) {
-            results.insert(claim.name.clone(), Ok(assignment));
+    let (mut allocator, problems) = Allocator::restored(pools, claims);
+    let order = by_age(claims);
+    let mut results: BTreeMap<ServiceName, Result<Assignment, AllocError>> = BTreeMap::new();
+    for claim in &order {
+        if let Some(held) = allocator.assignment(&claim.name) {
+            results.insert(claim.name.clone(), Ok(held.clone()));
         }
     }
     let (explicit, rest): (Vec<&ServiceClaim>, Vec<&ServiceClaim>) = order
         .into_iter()
         .filter(|c| !results.contains_key(&c.name))
         .partition(|c| matches!(&c.requested, Requested::Addresses(a) if !a.is_empty()));
+    let mut released = BTreeMap::new();
     for claim in explicit.into_iter().chain(rest) {
-        results.insert(claim.name.clone(), allocator.assign(claim));
+        let (result, lost) = allocator.assign_explained(claim);
+        if let Some(lost) = lost {
+            released.insert(claim.name.clone(), lost);
+        }
+        results.insert(claim.name.clone(), result);
     }
     Allocation {
         allocator,
         results,
+        released,
         problems,
     }
+}
+
+/// The claims oldest first (creation time, then name), each name once (the oldest).
+fn by_age(claims: &[ServiceClaim]) -> Vec<&ServiceClaim> {
+    let mut order: Vec<&ServiceClaim> = claims.iter().collect();
+    order.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    let mut seen = BTreeSet::new();
+    order.retain(|c| seen.insert(&c.name));
+    order
+}
+
+/// Why addresses are being taken: what checks apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taking {
+    /// The Service already holds them (its status records them): they stay while they lie in
+    /// a pool of ours, even one whose rules now would not give them, or one that is invalid.
+    Record,
+    /// The Service asks for them: the pool's rules as now written apply.
+    Request,
 }
 
 /// One pool with its free space and counters.
@@ -391,11 +465,53 @@ struct Pool {
     capacity: [u128; 2],
     /// Held addresses per family.
     assigned: [u64; 2],
+    /// Held IPv4 addresses that avoidBuggyIPs excludes from `capacity` (held from before the
+    /// pool avoided them).
+    assigned_avoided: u64,
+    /// Holders whose addresses the pool's current rules would not give them.
+    non_matching: u64,
 }
 
 impl Pool {
+    fn empty(spec: PoolSpec) -> Self {
+        Self {
+            spec,
+            intervals: Vec::new(),
+            free: Default::default(),
+            capacity: [0, 0],
+            assigned: [0, 0],
+            assigned_avoided: 0,
+            non_matching: 0,
+        }
+    }
+
     fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Whether it may give out new addresses; the error says why not.
+    fn serving(&self) -> Result<(), AllocError> {
+        match &self.spec.role {
+            PoolRole::Serving => Ok(()),
+            PoolRole::Frozen(reason) => Err(AllocError::PoolInvalid {
+                pool: self.name().to_owned(),
+                reason: reason.clone(),
+            }),
+            PoolRole::Foreign(class) => Err(AllocError::PoolOfOtherClass {
+                pool: self.name().to_owned(),
+                class: class.clone(),
+            }),
+        }
+    }
+
+    /// Whether its rules as now written would give `addrs` to the claim.
+    fn fits(&self, claim: &ServiceClaim, addrs: &[IpAddr]) -> bool {
+        let asked = claim.pool.is_some()
+            || matches!(&claim.requested, Requested::Addresses(a) if !a.is_empty());
+        self.serving().is_ok()
+            && (claim.pool.is_some() || self.selects(claim))
+            && (asked || self.spec.auto_assign)
+            && !addrs.iter().any(|a| self.avoids(*a))
     }
 
     fn has_family(&self, family: IpFamily) -> bool {
@@ -429,6 +545,8 @@ impl Pool {
 #[derive(Debug, Clone)]
 struct Holding {
     assignment: Assignment,
+    /// Whether the pool's rules, when it was taken or last kept, would give it.
+    fits: bool,
     sharing_key: Option<String>,
     ports: Vec<PortKey>,
 }
@@ -504,7 +622,7 @@ impl Slot {
 /// Assigns VIPs from IP pools to Services; see the [module documentation](self).
 #[derive(Debug, Clone)]
 pub struct Allocator {
-    /// Sorted by name, names unique.
+    /// Sorted by name, names unique (foreign pools included: they only fence addresses off).
     pools: Vec<Pool>,
     /// Every range in use: (family, first) -> (last, pool index). Ranges never overlap.
     owners: BTreeMap<(IpFamily, u128), (u128, usize)>,
@@ -533,9 +651,10 @@ fn primary(policy: FamilyPolicy) -> IpFamily {
 impl Allocator {
     /// An allocator over `pools`, holding nothing yet, and the problems found in the pools.
     ///
-    /// Pools are considered in name order; a range that shares addresses with a range of a pool
-    /// whose name sorts earlier is set aside (reported as [`PoolProblem::Overlapping`]), so no
-    /// address ever belongs to two pools.
+    /// Where pools share addresses, the pool that came first (created earlier; the same second:
+    /// the name that sorts first) keeps them and only the shared stretches are set aside in the
+    /// other (reported as [`PoolProblem::Overlapping`]), so no address ever belongs to two pools
+    /// and a newcomer never takes an address from a pool in use.
     pub fn new(pools: Vec<PoolSpec>) -> (Allocator, Vec<PoolProblem>) {
         let mut specs = pools;
         specs.sort_by(|a, b| a.name.cmp(&b.name));
@@ -548,18 +667,48 @@ impl Allocator {
             problems: Vec::new(),
         };
         for spec in specs {
-            allocator.add_pool(spec);
+            if allocator
+                .pools
+                .last()
+                .is_some_and(|p| p.spec.name == spec.name)
+            {
+                allocator
+                    .problems
+                    .push(PoolProblem::DuplicateName { pool: spec.name });
+                continue;
+            }
+            allocator.pools.push(Pool::empty(spec));
+        }
+        let mut by_age: Vec<usize> = (0..allocator.pools.len()).collect();
+        by_age.sort_by_key(|&i| {
+            let spec = &allocator.pools[i].spec;
+            (spec.created, spec.name.clone())
+        });
+        for index in by_age {
+            allocator.take_ranges(index);
         }
         let problems = allocator.problems.clone();
         (allocator, problems)
     }
 
-    fn add_pool(&mut self, spec: PoolSpec) {
-        if self.pools.last().is_some_and(|p| p.spec.name == spec.name) {
-            self.problems
-                .push(PoolProblem::DuplicateName { pool: spec.name });
-            return;
+    /// An allocator over `pools` holding what each claim records (`current`), restored oldest
+    /// first so that when two record one address the older keeps it. What cannot be restored
+    /// is left for [`assign_explained`](Allocator::assign_explained), which says why.
+    pub fn restored(
+        pools: Vec<PoolSpec>,
+        claims: &[ServiceClaim],
+    ) -> (Allocator, Vec<PoolProblem>) {
+        let (mut allocator, problems) = Allocator::new(pools);
+        for claim in by_age(claims).into_iter().filter(|c| !c.current.is_empty()) {
+            // A failure holds nothing; the Service's next assignment explains it.
+            let _ = allocator.restore(claim);
         }
+        (allocator, problems)
+    }
+
+    /// Gives pool `index` the addresses of its ranges that no pool before it has taken.
+    fn take_ranges(&mut self, index: usize) {
+        let spec = self.pools[index].spec.clone();
         if spec.ranges.is_empty() {
             self.problems.push(PoolProblem::NoRanges {
                 pool: spec.name.clone(),
@@ -567,27 +716,43 @@ impl Allocator {
         }
         let mut accepted: [Vec<(u128, u128)>; 2] = Default::default();
         for range in &spec.ranges {
-            if let Some((other, shared)) = self.first_overlap(range) {
-                self.problems.push(PoolProblem::Overlapping {
-                    pool: spec.name.clone(),
-                    other: self.pools[other].spec.name.clone(),
-                    range: *range,
-                    shared,
-                });
-                continue;
-            }
+            let family = range.family();
             let (first, last) = (to_u128(range.first()), to_u128(range.last()));
-            let avoided = spec.avoid_buggy_ips && range.family() == IpFamily::V4;
+            let avoided = spec.avoid_buggy_ips && family == IpFamily::V4;
             if avoided && free::buggy_count(first, last) == range.size() {
                 self.problems.push(PoolProblem::NothingUsable {
                     pool: spec.name.clone(),
                     range: *range,
                 });
             }
-            accepted[fam(range.family())].push((first, last));
+            // The stretches between the parts other pools own are this pool's.
+            let mut next = Some(first);
+            for (start, end, other) in self.owned_within(family, first, last) {
+                let shared = (start.max(first), end.min(last));
+                if let Some(shared_range) =
+                    IpRange::new(from_u128(family, shared.0), from_u128(family, shared.1))
+                {
+                    self.problems.push(PoolProblem::Overlapping {
+                        pool: spec.name.clone(),
+                        other: self.pools[other].spec.name.clone(),
+                        range: *range,
+                        shared: shared_range,
+                    });
+                }
+                if let Some(from) = next
+                    && from < shared.0
+                {
+                    accepted[fam(family)].push((from, shared.0 - 1));
+                }
+                next = shared.1.checked_add(1);
+            }
+            if let Some(from) = next
+                && from <= last
+            {
+                accepted[fam(family)].push((from, last));
+            }
         }
 
-        let index = self.pools.len();
         let mut intervals = Vec::new();
         let mut capacity = [0u128; 2];
         for family in [IpFamily::V4, IpFamily::V6] {
@@ -604,35 +769,28 @@ impl Allocator {
             }
             accepted[fam(family)] = merged;
         }
-        let free = [
+        let pool = &mut self.pools[index];
+        pool.free = [
             FreeSpace::new(&accepted[0], spec.avoid_buggy_ips),
             FreeSpace::new(&accepted[1], false),
         ];
-        self.pools.push(Pool {
-            spec,
-            intervals,
-            free,
-            capacity,
-            assigned: [0, 0],
-        });
+        pool.intervals = intervals;
+        pool.capacity = capacity;
     }
 
-    /// The earlier pool sharing the lowest addresses with `range`, and the shared stretch.
-    fn first_overlap(&self, range: &IpRange) -> Option<(usize, IpRange)> {
-        let family = range.family();
-        let (first, last) = (to_u128(range.first()), to_u128(range.last()));
-        let covering_first = self
+    /// The ranges already owned that share addresses with `first..=last`, in address order:
+    /// (start, end, pool index).
+    fn owned_within(&self, family: IpFamily, first: u128, last: u128) -> Vec<(u128, u128, usize)> {
+        let before = self
             .owners
-            .range(..=(family, first))
+            .range(..(family, first))
             .next_back()
             .filter(|((f, _), (end, _))| *f == family && *end >= first);
-        let (&(_, start), &(end, pool)) = covering_first
-            .or_else(|| self.owners.range((family, first)..=(family, last)).next())?;
-        let shared = IpRange::new(
-            from_u128(family, start.max(first)),
-            from_u128(family, end.min(last)),
-        )?;
-        Some((pool, shared))
+        before
+            .into_iter()
+            .chain(self.owners.range((family, first)..=(family, last)))
+            .map(|(&(_, start), &(end, pool))| (start, end, pool))
+            .collect()
     }
 
     /// The problems found in the pools when the allocator was built.
@@ -649,7 +807,7 @@ impl Allocator {
             return Err(AllocError::NothingRecorded);
         }
         let previous = self.unhold(&claim.name);
-        let restored = self.take_exact(claim, &claim.current);
+        let restored = self.take_exact(claim, &claim.current, Taking::Record);
         if restored.is_err()
             && let Some(previous) = previous
         {
@@ -669,23 +827,40 @@ impl Allocator {
     /// [`restore`](Allocator::restore) would take it. A malformed request keeps a held or
     /// recorded assignment and is an error without one.
     pub fn assign(&mut self, claim: &ServiceClaim) -> Result<Assignment, AllocError> {
+        self.assign_explained(claim).0
+    }
+
+    /// [`assign`](Allocator::assign), and what became of the recorded addresses when the
+    /// Service could not keep them (they left every pool of ours, or its request changed).
+    pub fn assign_explained(
+        &mut self,
+        claim: &ServiceClaim,
+    ) -> (Result<Assignment, AllocError>, Option<Released>) {
         if let Some(kept) = self.keep(claim) {
-            return Ok(kept);
+            return (Ok(kept), None);
         }
         // The Service's status is the allocation record: when it fits, take it back rather
         // than move the Service (a restore that happens late, or after a release).
-        if !claim.current.is_empty()
-            && let Ok(recorded) = self.take_exact(claim, &claim.current)
-        {
-            return Ok(self.widen(claim, recorded));
+        let mut released = None;
+        if !claim.current.is_empty() {
+            match self.take_exact(claim, &claim.current, Taking::Record) {
+                Ok(recorded) => return (Ok(self.widen(claim, recorded)), None),
+                Err(reason) => {
+                    released = Some(Released {
+                        addresses: claim.current.clone(),
+                        reason,
+                    })
+                }
+            }
         }
-        match &claim.requested {
+        let result = match &claim.requested {
             Requested::Malformed(message) => Err(AllocError::MalformedRequest(message.clone())),
             Requested::Addresses(wanted) if !wanted.is_empty() => {
                 self.assign_requested(claim, wanted)
             }
             _ => self.assign_any(claim),
-        }
+        };
+        (result, released)
     }
 
     /// Frees what the Service holds and returns it.
@@ -724,11 +899,14 @@ impl Allocator {
         let index = self.pool_named(pool)?;
         let p = &self.pools[index];
         let (allocations, _) = self.allocations(pool, usize::MAX)?;
+        // Avoided addresses held from before are outside the capacity: they take nothing from it.
+        let counted_v4 = p.assigned[0].saturating_sub(p.assigned_avoided);
         Some(PoolUsage {
             assigned_v4: p.assigned[0],
             assigned_v6: p.assigned[1],
-            available_v4: p.capacity[0].saturating_sub(u128::from(p.assigned[0])),
+            available_v4: p.capacity[0].saturating_sub(u128::from(counted_v4)),
             available_v6: p.capacity[1].saturating_sub(u128::from(p.assigned[1])),
+            non_matching: p.non_matching,
             allocations,
         })
     }
@@ -759,7 +937,7 @@ impl Allocator {
         // Checking against the other holders is simplest with this Service's own use removed.
         let previous = self.unhold(&claim.name)?;
         let kept = self
-            .take_exact(claim, &previous.assignment.addresses)
+            .take_exact(claim, &previous.assignment.addresses, Taking::Record)
             .ok()?;
         Some(self.widen(claim, kept))
     }
@@ -776,7 +954,7 @@ impl Allocator {
             return kept;
         };
         let missing = IpFamily::of(&only).other();
-        if !self.pools[index].has_family(missing) {
+        if !self.pools[index].has_family(missing) || self.pools[index].serving().is_err() {
             return kept;
         }
         let Some(extra) = self.pick(claim, index, missing) else {
@@ -791,6 +969,7 @@ impl Allocator {
         &mut self,
         claim: &ServiceClaim,
         addrs: &[IpAddr],
+        taking: Taking,
     ) -> Result<Assignment, AllocError> {
         check_shape(claim.families, addrs)?;
         if let FamilyPolicy::RequireDualStack { primary } = claim.families {
@@ -807,7 +986,7 @@ impl Allocator {
                 requested: *requested,
             });
         }
-        let index = self.pool_for_addresses(claim, addrs)?;
+        let index = self.pool_for_addresses(claim, addrs, taking)?;
         self.check_available(claim, index, addrs)?;
         Ok(self.commit(claim, index, primary(claim.families), addrs.to_vec()))
     }
@@ -820,7 +999,7 @@ impl Allocator {
         wanted: &[IpAddr],
     ) -> Result<Assignment, AllocError> {
         check_shape(claim.families, wanted)?;
-        let index = self.pool_for_addresses(claim, wanted)?;
+        let index = self.pool_for_addresses(claim, wanted, Taking::Request)?;
         self.check_available(claim, index, wanted)?;
         let mut addrs = wanted.to_vec();
         let primary = primary(claim.families);
@@ -879,12 +1058,13 @@ impl Allocator {
     /// else matching selective pools by priority then name, then the other autoAssign pools.
     fn candidates(&self, claim: &ServiceClaim) -> Result<Vec<usize>, AllocError> {
         if let Some(name) = &claim.pool {
-            return self
+            let index = self
                 .pool_named(name)
-                .map(|i| vec![i])
-                .ok_or_else(|| AllocError::UnknownPool(name.clone()));
+                .ok_or_else(|| AllocError::UnknownPool(name.clone()))?;
+            self.pools[index].serving()?;
+            return Ok(vec![index]);
         }
-        let auto = |p: &&Pool| p.spec.auto_assign && !p.intervals.is_empty();
+        let auto = |p: &&Pool| p.spec.auto_assign && !p.intervals.is_empty() && p.serving().is_ok();
         let mut selective: Vec<(i32, usize)> = self
             .pools
             .iter()
@@ -906,7 +1086,11 @@ impl Allocator {
         }
         let reason = if self.pools.is_empty() {
             NoPoolReason::NoPools
-        } else if self.pools.iter().any(|p| auto(&p)) {
+        } else if self
+            .pools
+            .iter()
+            .any(|p| p.spec.auto_assign && p.serving().is_ok())
+        {
             NoPoolReason::NoneSelects
         } else {
             NoPoolReason::NoneAutoAssigns
@@ -1007,12 +1191,13 @@ impl Allocator {
         Some(from_u128(family, n))
     }
 
-    /// The one pool holding all of `addrs`, checked against the claim's pool annotation and the
-    /// pool's serviceAllocation.
+    /// The one pool holding all of `addrs`, checked against the claim's pool annotation and,
+    /// for a request, the pool's serviceAllocation and avoidBuggyIPs as now written.
     fn pool_for_addresses(
         &self,
         claim: &ServiceClaim,
         addrs: &[IpAddr],
+        taking: Taking,
     ) -> Result<usize, AllocError> {
         if let Some(name) = &claim.pool
             && self.pool_named(name).is_none()
@@ -1035,13 +1220,20 @@ impl Allocator {
                 });
             };
             let pool = &self.pools[index];
-            if claim.pool.is_none() && !pool.selects(claim) {
+            match (&pool.spec.role, taking) {
+                (PoolRole::Foreign(_), _) | (PoolRole::Frozen(_), Taking::Request) => {
+                    pool.serving()?
+                }
+                _ => {}
+            }
+            let request = taking == Taking::Request;
+            if request && claim.pool.is_none() && !pool.selects(claim) {
                 return Err(AllocError::PoolNotForService {
                     addr,
                     pool: pool.name().to_owned(),
                 });
             }
-            if pool.avoids(addr) {
+            if request && pool.avoids(addr) {
                 return Err(AllocError::AvoidedAddress {
                     addr,
                     pool: pool.name().to_owned(),
@@ -1093,6 +1285,7 @@ impl Allocator {
     ) -> Assignment {
         addrs.sort_by_key(|a| IpFamily::of(a) != primary);
         let holding = Holding {
+            fits: self.pools[index].fits(claim, &addrs),
             assignment: Assignment {
                 addresses: addrs,
                 pool: self.pools[index].name().to_owned(),
@@ -1118,6 +1311,9 @@ impl Allocator {
                     let pool = &mut self.pools[index];
                     pool.free[fam(family)].take(to_u128(addr));
                     pool.assigned[fam(family)] += 1;
+                    if pool.avoids(addr) {
+                        pool.assigned_avoided += 1;
+                    }
                     if let Some(key) = &holding.sharing_key {
                         self.shared.entry(key.clone()).or_default().insert(addr);
                     }
@@ -1137,12 +1333,23 @@ impl Allocator {
                 }
             }
         }
+        if !holding.fits
+            && let Some(index) = self.pool_named(&holding.assignment.pool)
+        {
+            self.pools[index].non_matching += 1;
+        }
         self.services.insert(name.clone(), holding);
     }
 
     /// Forgets what `name` holds, freeing addresses nobody else holds.
     fn unhold(&mut self, name: &ServiceName) -> Option<Holding> {
         let holding = self.services.remove(name)?;
+        if !holding.fits
+            && let Some(index) = self.pool_named(&holding.assignment.pool)
+        {
+            let pool = &mut self.pools[index];
+            pool.non_matching = pool.non_matching.saturating_sub(1);
+        }
         for addr in &holding.assignment.addresses {
             let Some(slot) = self.slots.get_mut(addr) else {
                 continue;
@@ -1163,6 +1370,9 @@ impl Allocator {
             let pool = &mut self.pools[slot.pool];
             pool.free[fam(family)].put_back(to_u128(*addr));
             pool.assigned[fam(family)] = pool.assigned[fam(family)].saturating_sub(1);
+            if pool.avoids(*addr) {
+                pool.assigned_avoided = pool.assigned_avoided.saturating_sub(1);
+            }
             if let Some(key) = slot.sharing_key
                 && let Some(addrs) = self.shared.get_mut(&key)
             {

@@ -144,6 +144,11 @@ pub enum Requested {
 pub struct PoolSpec {
     /// The pool's name.
     pub name: String,
+    /// `metadata.creationTimestamp` in seconds since the epoch: when two pools overlap, the
+    /// older keeps the contested addresses (ties go to the name that sorts first).
+    pub created: i64,
+    /// What the allocator may do with the pool.
+    pub role: PoolRole,
     /// Its address ranges, each within one family.
     pub ranges: Vec<IpRange>,
     /// Whether Services that ask for no pool and no address may get one from here.
@@ -154,6 +159,21 @@ pub struct PoolSpec {
     pub node_set: String,
     /// Which Services this pool is for; `None` serves any Service.
     pub service_allocation: Option<ServiceAllocation>,
+}
+
+/// What the allocator may do with a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolRole {
+    /// Valid and of this installation's class: it serves new assignments by its rules.
+    Serving,
+    /// Invalid as written (the reason says why): it assigns nothing new, but the Services
+    /// holding its addresses keep them until it is fixed or deleted. `ranges` holds what could
+    /// be read of it.
+    Frozen(String),
+    /// Of another installation's load-balancer class (named): it assigns and holds nothing
+    /// here, but it keeps the addresses it shares with a younger pool of ours, as any older
+    /// pool does, so two installations never hand out one address.
+    Foreign(String),
 }
 
 /// A pool's `serviceAllocation`: it serves only matching Services, preferred by priority.

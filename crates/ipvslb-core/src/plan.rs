@@ -285,6 +285,8 @@ mod tests {
         PoolSpec {
             name: name.into(),
             ranges: vec!["10.240.0.210-10.240.0.215".parse().unwrap()],
+            created: 0,
+            role: crate::model::PoolRole::Serving,
             auto_assign: true,
             avoid_buggy_ips: false,
             node_set: node_set.into(),

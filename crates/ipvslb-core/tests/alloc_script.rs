@@ -110,6 +110,8 @@ impl ClaimExt for ServiceClaim {
 fn pool(name: &str, ranges: &[&str]) -> PoolSpec {
     PoolSpec {
         name: name.into(),
+        created: 0,
+        role: ipvslb_core::PoolRole::Serving,
         ranges: ranges
             .iter()
             .map(|r| r.parse::<IpRange>().expect("test range"))
@@ -763,13 +765,16 @@ fn avoid_buggy_ips_skips_dot_zero_and_dot_255() {
 }
 
 #[test]
-fn overlapping_and_empty_pools_are_reported_and_the_later_name_loses() {
+fn overlapping_and_empty_pools_are_reported_and_the_older_pool_keeps_only_the_shared_stretch() {
+    // Created in the same second: the name that sorts first counts as older.
     let (a, problems) = Allocator::new(vec![
         pool("b", &["10.0.0.128/25", "10.0.1.0/24"]),
         pool("a", &["10.0.0.0/24"]),
         pool("c", &[]),
         pool("a", &["10.7.0.0/24"]),
+        pool("d", &["10.0.0.100-10.0.0.200", "10.0.1.250-10.0.2.9"]),
     ]);
+    let range = |r: &str| r.parse::<IpRange>().expect("range");
     assert_eq!(
         problems,
         vec![
@@ -777,24 +782,45 @@ fn overlapping_and_empty_pools_are_reported_and_the_later_name_loses() {
             PoolProblem::Overlapping {
                 pool: "b".into(),
                 other: "a".into(),
-                range: "10.0.0.128/25".parse().expect("range"),
-                shared: "10.0.0.128-10.0.0.255".parse().expect("range"),
+                range: range("10.0.0.128/25"),
+                shared: range("10.0.0.128-10.0.0.255"),
             },
             PoolProblem::NoRanges { pool: "c".into() },
+            PoolProblem::Overlapping {
+                pool: "d".into(),
+                other: "a".into(),
+                range: range("10.0.0.100-10.0.0.200"),
+                shared: range("10.0.0.100-10.0.0.200"),
+            },
+            PoolProblem::Overlapping {
+                pool: "d".into(),
+                other: "b".into(),
+                range: range("10.0.1.250-10.0.2.9"),
+                shared: range("10.0.1.250-10.0.1.255"),
+            },
         ]
     );
     let overlap = problems[1].to_string();
     assert!(
-        overlap.contains("pool b overlaps pool a on 10.0.0.128-10.0.0.255"),
+        overlap.contains(
+            "pool b overlaps pool a on 10.0.0.128-10.0.0.255; those addresses stay with a"
+        ),
         "{overlap}"
     );
     assert!(problems[1].concerns("b") && !problems[1].concerns("a"));
     assert_eq!(a.pool_of(addr("10.0.0.200")), Some("a"));
     assert_eq!(a.pool_of(addr("10.0.1.5")), Some("b"));
+    assert_eq!(a.pool_of(addr("10.0.1.255")), Some("b"));
+    assert_eq!(
+        a.pool_of(addr("10.0.2.0")),
+        Some("d"),
+        "d keeps what nobody else has"
+    );
     assert_eq!(a.pool_of(addr("10.7.0.5")), None);
     assert_eq!(a.pool_of(addr("2001:db8::1")), None);
     assert_eq!(a.usage("b").expect("pool").available_v4, 256);
     assert_eq!(a.usage("c").expect("pool").available_v4, 0);
+    assert_eq!(a.usage("d").expect("pool").available_v4, 10);
     assert_eq!(a.problems(), problems.as_slice());
 }
 
@@ -844,14 +870,14 @@ fn restoring_at_start_up_keeps_recorded_addresses_and_the_older_service_wins() {
                 Want::Fails("MissingFamily", &["IPv6"]),
             ),
             restore(
-                "a record in a pool that does not select the Service is not restored",
-                svc("s3").current(&["10.0.2.1"]),
-                Want::Fails("PoolNotForService", &[]),
+                "nothing recorded, nothing restored",
+                svc("s4"),
+                Want::Fails("NothingRecorded", &[]),
             ),
             restore(
-                "nothing recorded, nothing restored",
-                svc("s3"),
-                Want::Fails("NothingRecorded", &[]),
+                "a record in a pool that no longer selects the Service is kept: narrowing a pool changes new assignments only",
+                svc("s4").current(&["10.0.2.1"]),
+                Want::FromGot("prod", &["10.0.2.1"]),
             ),
             restore(
                 "a record with a malformed request is restored",
