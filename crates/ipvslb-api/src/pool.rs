@@ -49,6 +49,14 @@ pub struct IPPoolSpec {
     /// Which Services this pool serves; absent: any Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_allocation: Option<ServiceAllocation>,
+
+    /// The load-balancer class of the ipvslb installation that uses this pool (its
+    /// `--load-balancer-class`); absent: the default class, `ipvslb.io/ipvs`. Another
+    /// installation never assigns, programs or reports this pool's addresses, and where pools
+    /// of two classes overlap the older pool keeps the shared addresses for both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub load_balancer_class: Option<String>,
 }
 
 /// One entry of `spec.addresses`: a CIDR, a `first-last` range, or one address.
@@ -120,9 +128,18 @@ pub struct IPPoolStatus {
     /// True when `allocations` was cut at its limit; the counts above stay exact.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allocations_truncated: bool,
+    /// Services holding addresses of this pool that it would not give them as now written
+    /// (its serviceAllocation, autoAssign or avoidBuggyIPs changed after they got them, or it
+    /// is invalid). They keep their addresses: a pool edit changes new assignments only.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub non_matching_holders: u64,
     /// `Ready`, `Overlapping`, `Invalid`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn default_true() -> bool {

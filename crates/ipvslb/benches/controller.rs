@@ -212,9 +212,9 @@ async fn main() {
         "ipvslb-system",
     ])
     .await;
-    cluster.apply(
-        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: bench}\nspec:\n  addresses: [10.252.0.0/18]\n",
-    );
+    cluster.apply(&format!(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {{name: bench}}\nspec:\n  loadBalancerClass: {CLASS}\n  addresses: [10.252.0.0/18]\n"
+    ));
 
     let baseline = latencies(&client, "bench-baseline", true).await;
 

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipvslb_api::{IPPool, IPPoolStatus, MAX_STATUS_ALLOCATIONS};
-use ipvslb_core::alloc::{AllocError, Allocator, Assignment};
-use ipvslb_core::{IpFamily, PoolSpec, ServiceClaim, ServiceName};
+use ipvslb_core::alloc::{AllocError, Allocator, Assignment, Released};
+use ipvslb_core::{IpFamily, PoolRole, PoolSpec, ServiceClaim, ServiceName};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -95,6 +95,9 @@ pub struct Config {
     pub classes: ClassPolicy,
     /// How many Services are reconciled at once.
     pub concurrency: u16,
+    /// How often pool statuses are checked without a change to prompt it (and deletions
+    /// missed by the watch collected).
+    pub status_resync: Duration,
 }
 
 /// What reconciles share.
@@ -128,12 +131,31 @@ struct State {
     allocator: Allocator,
 }
 
-/// What the allocator decided for one Service.
+impl State {
+    /// The allocator over `pools` holding what `claims` record, with its pools' problems logged.
+    fn restored(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Self {
+        let (allocator, problems) = Allocator::restored(pools.clone(), claims);
+        let restored = allocator.assignments().count();
+        info!(pools = pools.len(), restored, "rebuilt assignments");
+        for problem in &problems {
+            warn!(pool = problem.pool(), %problem, "pool problem");
+        }
+        for pool in &pools {
+            if let PoolRole::Frozen(reason) = &pool.role {
+                warn!(pool = %pool.name, %reason, "invalid pool: its holders keep their addresses, it assigns nothing new");
+            }
+        }
+        Self { pools, allocator }
+    }
+}
+
+/// What the allocator decided for one Service, and what became of recorded addresses it could
+/// not keep.
 enum Decision {
     /// It holds these addresses.
-    Assigned(Assignment),
+    Assigned(Assignment, Option<Released>),
     /// It gets none, for this reason.
-    Failed(AllocError),
+    Failed(AllocError, Option<Released>),
     /// It is not (or no longer) ours.
     NotOurs,
 }
@@ -262,8 +284,9 @@ impl Context {
         }
     }
 
-    /// Rebuilds the allocator when leadership is new (from a fresh list of Services) or when the
-    /// pools changed (keeping what the old allocator held, which may be newer than the cache).
+    /// Builds the allocator when leadership is new, from a fresh list of Services. (A pool
+    /// change rebuilds it inside [`decide`](Self::decide), under the same lock as every
+    /// decision, so no decision can be made on an allocator about to be replaced.)
     async fn ensure_state(&self) -> Result<(), Error> {
         // Deciding with a half-filled cache would fail Services whose pool is not read yet,
         // and a failure clears a status: wait for every cache first. One task waits for the
@@ -276,77 +299,58 @@ impl Context {
             })
             .await
             .map_err(|_| Error::Stopped)?;
+        if self.state.lock().map_err(|_| Error::Poisoned)?.is_some() {
+            return Ok(());
+        }
         let _rebuilding = self.rebuilding.lock().await;
-        let (pools, problems) = self.current_pools();
-        let previous: Option<BTreeMap<ServiceName, Assignment>> = {
-            let state = self.state.lock().map_err(|_| Error::Poisoned)?;
-            match state.as_ref() {
-                Some(s) if s.pools == pools => return Ok(()),
-                Some(s) => Some(
-                    s.allocator
-                        .assignments()
-                        .map(|(n, a)| (n.clone(), a.clone()))
-                        .collect(),
-                ),
-                None => None,
-            }
-        };
-        let mut claims: Vec<ServiceClaim> = match &previous {
-            // A new leader reads the API, not its cache: the old leader's last writes may not
-            // have reached the cache yet, and missing one would hand an address out twice.
-            None => self.listed_claims().await?,
-            Some(_) => {
-                let mut memo = NamespaceLabels::new();
-                self.services
-                    .state()
-                    .iter()
-                    .filter_map(|s| self.claim_if_ours(&s.to_service(), &mut memo))
-                    .collect()
-            }
-        };
-        if let Some(previous) = &previous {
-            for claim in &mut claims {
-                if let Some(held) = previous.get(&claim.name) {
-                    claim.current = held.addresses.clone();
-                }
-            }
+        if self.state.lock().map_err(|_| Error::Poisoned)?.is_some() {
+            return Ok(());
         }
-        claims.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
-        let (mut allocator, pool_problems) = Allocator::new(pools.clone());
-        let mut restored = 0usize;
-        for claim in claims.iter().filter(|c| !c.current.is_empty()) {
-            match allocator.restore(claim) {
-                Ok(_) => restored += 1,
-                Err(e) => {
-                    info!(service = %claim.name, reason = %e, "recorded addresses not restored; it will be reassigned")
-                }
-            }
-        }
-        info!(pools = pools.len(), restored, "rebuilt assignments");
-        for problem in pool_problems
-            .iter()
-            .map(ToString::to_string)
-            .chain(problems)
-        {
-            warn!(%problem, "pool problem");
-        }
-        *self.state.lock().map_err(|_| Error::Poisoned)? = Some(State { pools, allocator });
+        // A new leader reads the API, not its cache: the old leader's last writes may not
+        // have reached the cache yet, and missing one would hand an address out twice.
+        let claims = self.listed_claims().await?;
+        let state = State::restored(self.current_pools(), &claims);
+        *self.state.lock().map_err(|_| Error::Poisoned)? = Some(state);
         self.pools_changed.notify_one();
         Ok(())
     }
 
-    /// The valid pools, and messages for the invalid ones.
-    fn current_pools(&self) -> (Vec<PoolSpec>, Vec<String>) {
-        let mut pools = Vec::new();
-        let mut problems = Vec::new();
-        for pool in self.pools.state() {
-            match translate::pool(&pool) {
-                Ok(spec) => pools.push(spec),
-                Err(e) => problems.push(e.to_string()),
+    /// Every IPPool as this allocator uses it (its own, frozen when invalid; other classes'
+    /// only to fence their addresses off), by name.
+    fn current_pools(&self) -> Vec<PoolSpec> {
+        let mut pools: Vec<PoolSpec> = self
+            .pools
+            .state()
+            .iter()
+            .map(|p| translate::pool_for(p, &self.config.classes).0)
+            .collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        pools
+    }
+
+    /// Rebuilds `state` for changed pools from the cache's Services, each holding what the
+    /// old allocator gave it (which may be newer than the cache): only what left every pool
+    /// of ours is released.
+    fn rebuild(&self, state: &mut State, pools: Vec<PoolSpec>) {
+        let held: BTreeMap<ServiceName, Assignment> = state
+            .allocator
+            .assignments()
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect();
+        let mut memo = NamespaceLabels::new();
+        let mut claims: Vec<ServiceClaim> = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| self.claim_if_ours(&s.to_service(), &mut memo))
+            .collect();
+        for claim in &mut claims {
+            if let Some(held) = held.get(&claim.name) {
+                claim.current = held.addresses.clone();
             }
         }
-        pools.sort_by(|a, b| a.name.cmp(&b.name));
-        (pools, problems)
+        *state = State::restored(pools, &claims);
+        self.pools_changed.notify_one();
     }
 
     /// The claims of every Service of ours, listed from the API a page at a time: a whole list
@@ -402,6 +406,10 @@ impl Context {
         let Some(state) = guard.as_mut() else {
             return Err(Error::NotLeading);
         };
+        let pools = self.current_pools();
+        if state.pools != pools {
+            self.rebuild(state, pools);
+        }
         // A Service deleted while this reconcile ran must not keep what it is given now: the
         // cache drops it before the delete event releases it, and both happen under this lock.
         let gone = self
@@ -418,16 +426,16 @@ impl Context {
         } else {
             match state
                 .allocator
-                .assign(&self.claim(service, &mut NamespaceLabels::new()))
+                .assign_explained(&self.claim(service, &mut NamespaceLabels::new()))
             {
-                Ok(a) => Decision::Assigned(a),
-                Err(e) => Decision::Failed(e),
+                (Ok(a), released) => Decision::Assigned(a, released),
+                (Err(e), released) => Decision::Failed(e, released),
             }
         };
         let changed = state.allocator.assignment(&name) != before.as_ref();
         drop(guard);
         if let Ok(mut pending) = self.pending.lock() {
-            if matches!(decision, Decision::Failed(_)) {
+            if matches!(decision, Decision::Failed(..)) {
                 pending.insert(name.clone());
             } else {
                 pending.remove(&name);
@@ -504,8 +512,23 @@ impl Context {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &name.namespace);
         let recorded = translate::ingress_ips(service);
         let annotated = service.annotations().get(ANNOTATION_ASSIGNED_POOL).cloned();
+        match &decision {
+            Decision::Assigned(_, Some(released)) | Decision::Failed(_, Some(released))
+                if !released.asked_for() =>
+            {
+                warn!(%released, "recorded addresses released");
+                self.event(
+                    service,
+                    EventType::Warning,
+                    "AddressReleased",
+                    format!("{released}; it gets another address if one is free"),
+                )
+                .await;
+            }
+            _ => {}
+        }
         match decision {
-            Decision::Assigned(assignment) => {
+            Decision::Assigned(assignment, _) => {
                 let wanted: Vec<String> = assignment
                     .addresses
                     .iter()
@@ -557,7 +580,7 @@ impl Context {
                 }
                 Ok(Action::await_change())
             }
-            Decision::Failed(reason) => {
+            Decision::Failed(reason, _) => {
                 if annotated.is_some() && !recorded.is_empty() {
                     self.clear(&api, name).await?;
                 }
@@ -659,12 +682,13 @@ impl Context {
     }
 }
 
-/// Keeps every IPPool's status and the pool metrics current, at most twice a second.
+/// Keeps the status of every IPPool of this class and the pool metrics current, at most twice
+/// a second; every `status_resync` it also collects Services whose deletion was missed.
 async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = ctx.pools_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            _ = tokio::time::sleep(ctx.config.status_resync) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -673,13 +697,27 @@ async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bo
         }
         ctx.release_vanished();
         for pool in ctx.pools.state() {
-            if let Err(e) = write_pool_status(&ctx, &pool).await {
-                warn!(pool = %pool.name_any(), error = %e, "could not write the pool status");
+            if !ctx.config.classes.uses_pool(&pool) {
+                continue;
+            }
+            match write_pool_status(&ctx, &pool).await {
+                Ok(()) => {}
+                // Someone wrote the pool since the cache saw it: the watch brings the new
+                // version, and the next round writes over it.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    debug!(pool = %pool.name_any(), "pool changed while its status was written; again next round");
+                    ctx.pools_changed.notify_one();
+                }
+                Err(e) => {
+                    warn!(pool = %pool.name_any(), error = %e, "could not write the pool status")
+                }
             }
         }
     }
 }
 
+/// Writes the pool's status when it differs from the computed one. The status is replaced
+/// whole: a merge patch would keep every allocation that was ever listed.
 async fn write_pool_status(ctx: &Context, pool: &IPPool) -> Result<(), kube::Error> {
     let name = pool.name_any();
     let previous = pool.status.clone().unwrap_or_default();
@@ -690,12 +728,13 @@ async fn write_pool_status(ctx: &Context, pool: &IPPool) -> Result<(), kube::Err
         return Ok(());
     }
     let api: Api<IPPool> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &name,
-        &PatchParams::apply(MANAGER),
-        &Patch::Merge(&json!({ "status": status })),
-    )
-    .await?;
+    // The cached copy carries the resourceVersion it was read at, so a pool changed since is
+    // a conflict rather than a lost write; the status subresource ignores everything else.
+    let mut written = pool.clone();
+    written.status = Some(status.clone());
+    api.replace_status(&name, &PostParams::default(), &written)
+        .await?;
+    ctx.metrics.pool_status_writes.inc();
     for (kind, reason) in [("Invalid", "Invalid"), ("Overlapping", "Overlap")] {
         let now = status
             .conditions
@@ -743,6 +782,7 @@ impl Context {
                 .available_v4
                 .saturating_add(usage.available_v6)
                 .to_string();
+            status.non_matching_holders = usage.non_matching;
             self.record_pool_metrics(&name, &usage);
         }
         if let Some((held, truncated)) = allocator.allocations(&name, MAX_STATUS_ALLOCATIONS) {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub dataplane_ops: Family<Labels, Counter>,
     /// 1 while this process holds the allocator lease.
     pub leader: Gauge,
+    /// IPPool status writes (each one an API request).
+    pub pool_status_writes: Counter,
     ready: AtomicBool,
 }
 
@@ -77,8 +79,15 @@ impl Metrics {
             "1 while this process holds the allocator lease",
             leader.clone(),
         );
+        let pool_status_writes = Counter::default();
+        registry.register(
+            "pool_status_writes",
+            "IPPool status writes sent to the API server",
+            pool_status_writes.clone(),
+        );
         Self {
             registry,
+            pool_status_writes,
             pool_addresses,
             assignments,
             reconcile_duration,

@@ -63,14 +63,17 @@ pub fn run(manifests: &Manifests, classes: &ClassPolicy) -> Result<Outcome, Erro
         .iter()
         .map(|(origin, kind)| format!("{origin}: ignored {kind}: plan reads Services, IPPools, NodeSets, Nodes, EndpointSlices and Namespaces"))
         .collect();
+    // An invalid pool stops the plan (fix it first); the controllers freeze it instead, which
+    // a plan of the fixed pool shows exactly. Pools of another class only fence addresses off.
     let pools = manifests
         .pools
         .iter()
-        .map(|(origin, p)| {
-            translate::pool(p).map_err(|source| Error::Invalid {
+        .map(|(origin, p)| match translate::pool_for(p, classes) {
+            (_, Some(source)) => Err(Error::Invalid {
                 origin: origin.clone(),
                 source,
-            })
+            }),
+            (spec, None) => Ok(spec),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let node_sets = manifests
@@ -117,6 +120,16 @@ pub fn run(manifests: &Manifests, classes: &ClassPolicy) -> Result<Outcome, Erro
         })
         .collect();
     let allocation = allocate_all(pools.clone(), &claims);
+    notes.extend(
+        allocation
+            .released
+            .iter()
+            .map(|(name, released)| format!("{name}: {released}")),
+    );
+    let pools: Vec<_> = pools
+        .into_iter()
+        .filter(|p| p.role == ipvslb_core::PoolRole::Serving)
+        .collect();
     notes.extend(
         allocation
             .problems

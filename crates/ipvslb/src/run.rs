@@ -136,6 +136,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         let config = allocator::Config {
             classes: classes.clone(),
             concurrency: args.concurrency,
+            status_resync: Duration::from_secs(30),
         };
         tasks.push(tokio::spawn(allocator::run(
             client.clone(),

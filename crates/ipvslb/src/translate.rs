@@ -9,7 +9,8 @@ use ipvslb_api::{
     ANNOTATION_SCHEDULER, IPPool, LABEL_SERVICE_NAME, NodeSet, SchedulerFlag, SchedulerName,
 };
 use ipvslb_core::{
-    FamilyPolicy, Forwarding, IpFamily, NodeAddressType, NodeInfo, NodeSetSpec, PoolSpec, PortKey,
+    FamilyPolicy, Forwarding, IpFamily, NodeAddressType, NodeInfo, NodeSetSpec, PoolRole, PoolSpec,
+    PortKey,
     Requested, Requirement, Selector, ServiceAllocation, ServiceClaim, ServiceName, ServicePort,
     TrafficPolicy,
 };
@@ -64,6 +65,20 @@ impl ClassPolicy {
             None => self.unclassed == Unclassed::Serve,
         }
     }
+
+    /// Whether `pool` belongs to this installation: its `loadBalancerClass`, or the default
+    /// class when it names none.
+    pub fn uses_pool(&self, pool: &IPPool) -> bool {
+        pool_class(pool) == self.class
+    }
+}
+
+/// The load-balancer class a pool belongs to.
+pub fn pool_class(pool: &IPPool) -> &str {
+    pool.spec
+        .load_balancer_class
+        .as_deref()
+        .unwrap_or(ipvslb_api::LOAD_BALANCER_CLASS)
 }
 
 /// The `namespace/name` of a namespaced object.
@@ -109,12 +124,7 @@ pub fn claim(
     let current = ingress_addresses(service);
     ServiceClaim {
         name: service_name(service),
-        created: service
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.as_second())
-            .unwrap_or(i64::MAX),
+        created: created(service),
         families: family_policy(
             spec.ip_families.as_deref(),
             spec.ip_family_policy.as_deref(),
@@ -278,6 +288,50 @@ pub fn planned_service(
     })
 }
 
+/// Every IPPool as the allocator of `classes` sees it, never failing: a pool of another class is
+/// [`PoolRole::Foreign`] (it fences its addresses off), an invalid one [`PoolRole::Frozen`]
+/// with what could be read of its ranges (its holders keep their addresses), and the error
+/// says why it is frozen.
+pub fn pool_for(pool: &IPPool, classes: &ClassPolicy) -> (PoolSpec, Option<Invalid>) {
+    let readable = || PoolSpec {
+        name: pool.metadata.name.clone().unwrap_or_default(),
+        created: created(pool),
+        role: PoolRole::Serving,
+        ranges: pool
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| a.0.parse().ok())
+            .collect(),
+        auto_assign: false,
+        avoid_buggy_ips: pool.spec.avoid_buggy_ips,
+        node_set: pool.spec.node_set.clone(),
+        service_allocation: None,
+    };
+    if !classes.uses_pool(pool) {
+        let mut spec = readable();
+        spec.role = PoolRole::Foreign(pool_class(pool).to_owned());
+        return (spec, None);
+    }
+    match self::pool(pool) {
+        Ok(spec) => (spec, None),
+        Err(invalid) => {
+            let mut spec = readable();
+            spec.role = PoolRole::Frozen(invalid.to_string());
+            (spec, Some(invalid))
+        }
+    }
+}
+
+fn created(object: &impl kube::Resource) -> i64 {
+    object
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .unwrap_or(i64::MAX)
+}
+
 /// An IPPool as the core sees it. Unparsable ranges make the pool invalid as a whole: half a
 /// pool would hand out addresses the operator did not mean to give.
 pub fn pool(pool: &IPPool) -> Result<PoolSpec, Invalid> {
@@ -324,6 +378,8 @@ pub fn pool(pool: &IPPool) -> Result<PoolSpec, Invalid> {
     };
     Ok(PoolSpec {
         name: name.clone(),
+        created: created(pool),
+        role: PoolRole::Serving,
         ranges,
         auto_assign: pool.spec.auto_assign,
         avoid_buggy_ips: pool.spec.avoid_buggy_ips,

@@ -18,7 +18,8 @@ use kube::api::{Api, DeleteParams, ListParams};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn pool_yaml(name: &str, addresses: &[&str], namespaces: &[&str]) -> String {
+/// A pool of load-balancer `class` (the test controllers' own) for `namespaces`.
+fn pool_yaml(name: &str, class: &str, addresses: &[&str], namespaces: &[&str]) -> String {
     let addresses: String = addresses.iter().map(|a| format!("  - {a}\n")).collect();
     let namespaces = namespaces
         .iter()
@@ -26,7 +27,7 @@ fn pool_yaml(name: &str, addresses: &[&str], namespaces: &[&str]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  addresses:\n{addresses}  serviceAllocation:\n    namespaces: [{namespaces}]\n"
+        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  loadBalancerClass: {class}\n  addresses:\n{addresses}  serviceAllocation:\n    namespaces: [{namespaces}]\n"
     )
 }
 
@@ -211,6 +212,7 @@ async fn deleting_a_service_frees_its_address_and_changing_ports_updates_the_tab
     let class = "test.ipvslb.io/lifecycle";
     cluster.apply(&pool_yaml(
         "lifecycle",
+        class,
         &["10.250.0.10-10.250.0.11"],
         &["lifecycle"],
     ));
@@ -251,7 +253,7 @@ async fn refusals_leave_the_service_pending_with_a_warning_and_others_untouched(
     let cluster = cluster();
     let (_turn, client) = turn(&["refusals"]).await;
     let class = "test.ipvslb.io/refusals";
-    cluster.apply(&pool_yaml("refusals", &["10.250.1.10"], &["refusals"]));
+    cluster.apply(&pool_yaml("refusals", class, &["10.250.1.10"], &["refusals"]));
     let controllers = Controllers::start(&client, classes(class));
     cluster.apply(&service_yaml("refusals", "first", class, &[80], &[]));
     wait_ingress(&client, "refusals", "first", &["10.250.1.10"], 5 * SECOND).await;
@@ -331,11 +333,13 @@ async fn shared_ip_dual_stack_selective_pools_and_the_class_filter() {
     let class = "test.ipvslb.io/features";
     cluster.apply(&pool_yaml(
         "shop",
+        class,
         &["10.250.2.0/30", "2001:db8:250::/64"],
         &["shop"],
     ));
     cluster.apply(&pool_yaml(
         "sandbox",
+        class,
         &["10.250.3.10-10.250.3.20"],
         &["sandbox"],
     ));
@@ -379,7 +383,7 @@ async fn a_restart_keeps_addresses_assigns_new_services_and_releases_deleted_one
     let cluster = cluster();
     let (_turn, client) = turn(&["restart"]).await;
     let class = "test.ipvslb.io/restart";
-    cluster.apply(&pool_yaml("restart", &["10.250.4.0/29"], &["restart"]));
+    cluster.apply(&pool_yaml("restart", class, &["10.250.4.0/29"], &["restart"]));
     cluster.apply(
         "apiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata: {name: default}\nspec: {}\n",
     );
@@ -424,7 +428,7 @@ async fn of_two_allocators_one_assigns_and_the_other_takes_over_within_the_lease
     let cluster = cluster();
     let (_turn, client) = turn(&["election", "ipvslb-system"]).await;
     let class = "test.ipvslb.io/election";
-    cluster.apply(&pool_yaml("election", &["10.250.5.0/24"], &["election"]));
+    cluster.apply(&pool_yaml("election", class, &["10.250.5.0/24"], &["election"]));
     let timings = ipvslb::leader::Timings {
         lease: Duration::from_secs(3),
         renew_deadline: Duration::from_secs(2),
@@ -519,7 +523,7 @@ async fn churn_with_restarts_ends_with_unique_complete_assignments_and_exact_poo
     let cluster = cluster();
     let (_turn, client) = turn(&["churn"]).await;
     let class = "test.ipvslb.io/churn";
-    cluster.apply(&pool_yaml("churn", &["10.251.0.0/20"], &["churn"]));
+    cluster.apply(&pool_yaml("churn", class, &["10.251.0.0/20"], &["churn"]));
     let services: Api<Service> = Api::namespaced(client.clone(), "churn");
     let mut controllers = Some(Controllers::start(&client, classes(class)));
     let total = 1000usize;
@@ -626,7 +630,7 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     assert!(admin.contains(&cluster.token));
     let kubeconfig = cluster.dir.join("rbac-kubeconfig");
     std::fs::write(&kubeconfig, admin.replace(&cluster.token, &token)).unwrap();
-    cluster.apply(&pool_yaml("rbac", &["10.250.6.10-10.250.6.20"], &["rbac"]));
+    cluster.apply(&pool_yaml("rbac", class, &["10.250.6.10-10.250.6.20"], &["rbac"]));
 
     let log = cluster.dir.join("rbac-ipvslb.log");
     let probes = std::net::TcpListener::bind("127.0.0.1:0")

@@ -222,6 +222,7 @@ impl Controllers {
             allocator::Config {
                 classes: classes.clone(),
                 concurrency: 8,
+                status_resync: Duration::from_secs(1),
             },
             services.subscribe(),
             metrics.clone(),
