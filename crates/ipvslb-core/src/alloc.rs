@@ -419,12 +419,31 @@ pub fn allocate_all(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Allocation
         .filter(|c| !results.contains_key(&c.name))
         .partition(|c| matches!(&c.requested, Requested::Addresses(a) if !a.is_empty()));
     let mut released = BTreeMap::new();
-    for claim in explicit.into_iter().chain(rest) {
+    let order: Vec<&ServiceClaim> = explicit.into_iter().chain(rest).collect();
+    for claim in &order {
         let (result, lost) = allocator.assign_explained(claim);
         if let Some(lost) = lost {
             released.insert(claim.name.clone(), lost);
         }
         results.insert(claim.name.clone(), result);
+    }
+    // Once every status is written, what the released gave up is free: the Services still
+    // pending get a second try, as the controller requeues them.
+    let mut freed = false;
+    for claim in &order {
+        freed |= allocator.settle(&claim.name);
+    }
+    if freed {
+        let pending: Vec<&ServiceClaim> = order
+            .iter()
+            .copied()
+            .filter(|c| results.get(&c.name).is_some_and(Result::is_err))
+            .collect();
+        for claim in pending {
+            let mut retry = claim.clone();
+            retry.current.clear();
+            results.insert(claim.name.clone(), allocator.assign(&retry));
+        }
     }
     Allocation {
         allocator,
@@ -468,6 +487,8 @@ struct Pool {
     /// Held IPv4 addresses that avoidBuggyIPs excludes from `capacity` (held from before the
     /// pool avoided them).
     assigned_avoided: u64,
+    /// Addresses of `capacity` per family that a status still records though nobody holds them.
+    recorded: [u64; 2],
     /// Holders whose addresses the pool's current rules would not give them.
     non_matching: u64,
 }
@@ -481,6 +502,7 @@ impl Pool {
             capacity: [0, 0],
             assigned: [0, 0],
             assigned_avoided: 0,
+            recorded: [0, 0],
             non_matching: 0,
         }
     }
@@ -630,6 +652,11 @@ pub struct Allocator {
     slots: BTreeMap<IpAddr, Slot>,
     /// Sharing key -> the addresses held under it.
     shared: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Addresses nobody holds that a Service's status still records (it is giving them up,
+    /// and its new status is not written yet): not free until [`settle`](Allocator::settle)
+    /// says that status was rewritten, or a lost write followed by a new leader would find
+    /// two statuses recording one address.
+    recorded: BTreeMap<IpAddr, ServiceName>,
     problems: Vec<PoolProblem>,
 }
 
@@ -664,6 +691,7 @@ impl Allocator {
             services: BTreeMap::new(),
             slots: BTreeMap::new(),
             shared: BTreeMap::new(),
+            recorded: BTreeMap::new(),
             problems: Vec::new(),
         };
         for spec in specs {
@@ -699,9 +727,47 @@ impl Allocator {
         claims: &[ServiceClaim],
     ) -> (Allocator, Vec<PoolProblem>) {
         let (mut allocator, problems) = Allocator::new(pools);
-        for claim in by_age(claims).into_iter().filter(|c| !c.current.is_empty()) {
+        let order = by_age(claims);
+        for claim in order.iter().filter(|c| !c.current.is_empty()) {
             // A failure holds nothing; the Service's next assignment explains it.
             let _ = allocator.restore(claim);
+        }
+        for claim in &order {
+            allocator.reserve_recorded(&claim.name, &claim.current);
+        }
+        (allocator, problems)
+    }
+
+    /// The allocator for changed `pools`, from this one: every Service keeps what this
+    /// allocator holds for it (which may be newer than its status) as long as that lies in a
+    /// pool of ours and its request did not change. Where two holders now collide (one changed
+    /// its ports on a shared address), each is restored with the ports it held, so the one
+    /// that changed is the one that moves when it is next assigned. `claims` carry the
+    /// statuses as `current`: what those record and nobody holds stays out of reach until
+    /// [`settle`](Allocator::settle), as here.
+    pub fn rebuilt(
+        &self,
+        pools: Vec<PoolSpec>,
+        claims: &[ServiceClaim],
+    ) -> (Allocator, Vec<PoolProblem>) {
+        let held: Vec<ServiceClaim> = claims
+            .iter()
+            .map(|claim| {
+                let mut claim = claim.clone();
+                if let Some(holding) = self.services.get(&claim.name) {
+                    claim.current = holding.assignment.addresses.clone();
+                    claim.ports = holding.ports.clone();
+                    claim.sharing_key = holding.sharing_key.clone();
+                }
+                claim
+            })
+            .collect();
+        let (mut allocator, problems) = Allocator::restored(pools, &held);
+        for claim in claims {
+            allocator.reserve_recorded(&claim.name, &claim.current);
+        }
+        for (addr, name) in &self.recorded {
+            allocator.reserve_recorded(name, &[*addr]);
         }
         (allocator, problems)
     }
@@ -860,11 +926,70 @@ impl Allocator {
             }
             _ => self.assign_any(claim),
         };
+        if let Some(released) = &released {
+            self.reserve_recorded(&claim.name, &released.addresses);
+        }
         (result, released)
     }
 
-    /// Frees what the Service holds and returns it.
+    /// Keeps `addrs` from being handed out while `name`'s status records them: those that
+    /// nobody holds and that lie in a pool. [`settle`](Allocator::settle) frees them.
+    pub fn reserve_recorded(&mut self, name: &ServiceName, addrs: &[IpAddr]) {
+        for &addr in addrs {
+            if self.slots.contains_key(&addr) || self.recorded.contains_key(&addr) {
+                continue;
+            }
+            let Some(index) = self.pool_index(addr) else {
+                continue;
+            };
+            let family = IpFamily::of(&addr);
+            let pool = &mut self.pools[index];
+            pool.free[fam(family)].take(to_u128(addr));
+            if !pool.avoids(addr) {
+                pool.recorded[fam(family)] += 1;
+            }
+            self.recorded.insert(addr, name.clone());
+        }
+    }
+
+    /// Says that `name`'s status now records exactly what it holds (it was written, or needed
+    /// no write): the addresses it was giving up are free. True when one came free.
+    pub fn settle(&mut self, name: &ServiceName) -> bool {
+        let given_up: Vec<IpAddr> = self
+            .recorded
+            .iter()
+            .filter(|(_, by)| *by == name)
+            .map(|(addr, _)| *addr)
+            .collect();
+        let freed = !given_up.is_empty();
+        for addr in given_up {
+            if self.unrecord(addr)
+                && let Some(index) = self.pool_index(addr)
+            {
+                self.pools[index].free[fam(IpFamily::of(&addr))].put_back(to_u128(addr));
+            }
+        }
+        freed
+    }
+
+    /// Forgets that a status records `addr`; true when it was recorded.
+    fn unrecord(&mut self, addr: IpAddr) -> bool {
+        if self.recorded.remove(&addr).is_none() {
+            return false;
+        }
+        if let Some(index) = self.pool_index(addr) {
+            let pool = &mut self.pools[index];
+            if !pool.avoids(addr) {
+                let family = fam(IpFamily::of(&addr));
+                pool.recorded[family] = pool.recorded[family].saturating_sub(1);
+            }
+        }
+        true
+    }
+
+    /// Frees what the Service holds and returns it (it is gone: its status records nothing).
     pub fn release(&mut self, name: &ServiceName) -> Option<Assignment> {
+        self.settle(name);
         self.unhold(name).map(|h| h.assignment)
     }
 
@@ -876,6 +1001,12 @@ impl Allocator {
     /// Every Service's assignment, by name.
     pub fn assignments(&self) -> impl Iterator<Item = (&ServiceName, &Assignment)> {
         self.services.iter().map(|(n, h)| (n, &h.assignment))
+    }
+
+    /// Addresses nobody holds that a Service's status still records, with that Service: not
+    /// free until it [`settle`](Allocator::settle)s.
+    pub fn recorded(&self) -> impl Iterator<Item = (&IpAddr, &ServiceName)> {
+        self.recorded.iter()
     }
 
     /// The Services holding `addr`, by name (several only when they share it).
@@ -900,12 +1031,12 @@ impl Allocator {
         let p = &self.pools[index];
         let (allocations, _) = self.allocations(pool, usize::MAX)?;
         // Avoided addresses held from before are outside the capacity: they take nothing from it.
-        let counted_v4 = p.assigned[0].saturating_sub(p.assigned_avoided);
+        let counted_v4 = (p.assigned[0] + p.recorded[0]).saturating_sub(p.assigned_avoided);
         Some(PoolUsage {
             assigned_v4: p.assigned[0],
             assigned_v6: p.assigned[1],
             available_v4: p.capacity[0].saturating_sub(u128::from(counted_v4)),
-            available_v6: p.capacity[1].saturating_sub(u128::from(p.assigned[1])),
+            available_v6: p.capacity[1].saturating_sub(u128::from(p.assigned[1] + p.recorded[1])),
             non_matching: p.non_matching,
             allocations,
         })
@@ -1266,6 +1397,12 @@ impl Allocator {
         for &addr in addrs {
             match self.slots.get(&addr) {
                 Some(slot) => slot.admits(addr, claim)?,
+                None if self.recorded.get(&addr).is_some_and(|by| *by != claim.name) => {
+                    return Err(AllocError::RequestedInUse {
+                        addr,
+                        by: self.recorded[&addr].clone(),
+                    });
+                }
                 // A non-avoided address of the pool that nobody holds is free by construction.
                 None => debug_assert!(self.pools[index].intervals.iter().any(|&(f, a, b)| {
                     f == IpFamily::of(&addr) && (a..=b).contains(&to_u128(addr))
@@ -1304,6 +1441,8 @@ impl Allocator {
             let Some(index) = self.pool_index(addr) else {
                 continue;
             };
+            // A recorded address is out of free space already; holding it ends the record.
+            self.unrecord(addr);
             let slot = match self.slots.entry(addr) {
                 Entry::Occupied(slot) => slot.into_mut(),
                 Entry::Vacant(vacant) => {

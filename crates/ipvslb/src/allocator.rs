@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipvslb_api::{IPPool, IPPoolStatus, MAX_STATUS_ALLOCATIONS};
-use ipvslb_core::alloc::{AllocError, Allocator, Assignment, Released};
+use ipvslb_core::alloc::{AllocError, Allocator, Assignment, PoolProblem, Released};
 use ipvslb_core::{IpFamily, PoolRole, PoolSpec, ServiceClaim, ServiceName};
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -135,9 +135,13 @@ impl State {
     /// The allocator over `pools` holding what `claims` record, with its pools' problems logged.
     fn restored(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Self {
         let (allocator, problems) = Allocator::restored(pools.clone(), claims);
+        Self::logged(pools, allocator, &problems)
+    }
+
+    fn logged(pools: Vec<PoolSpec>, allocator: Allocator, problems: &[PoolProblem]) -> Self {
         let restored = allocator.assignments().count();
         info!(pools = pools.len(), restored, "rebuilt assignments");
-        for problem in &problems {
+        for problem in problems {
             warn!(pool = problem.pool(), %problem, "pool problem");
         }
         for pool in &pools {
@@ -332,24 +336,15 @@ impl Context {
     /// old allocator gave it (which may be newer than the cache): only what left every pool
     /// of ours is released.
     fn rebuild(&self, state: &mut State, pools: Vec<PoolSpec>) {
-        let held: BTreeMap<ServiceName, Assignment> = state
-            .allocator
-            .assignments()
-            .map(|(n, a)| (n.clone(), a.clone()))
-            .collect();
         let mut memo = NamespaceLabels::new();
-        let mut claims: Vec<ServiceClaim> = self
+        let claims: Vec<ServiceClaim> = self
             .services
             .state()
             .iter()
             .filter_map(|s| self.claim_if_ours(&s.to_service(), &mut memo))
             .collect();
-        for claim in &mut claims {
-            if let Some(held) = held.get(&claim.name) {
-                claim.current = held.addresses.clone();
-            }
-        }
-        *state = State::restored(pools, &claims);
+        let (allocator, problems) = state.allocator.rebuilt(pools.clone(), &claims);
+        *state = State::logged(pools, allocator, &problems);
         self.pools_changed.notify_one();
     }
 
@@ -492,6 +487,20 @@ impl Context {
         }
     }
 
+    /// Tells the allocator that `name`'s status now records only what it holds.
+    fn settle(&self, name: &ServiceName) {
+        let freed = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|mut guard| guard.as_mut().map(|s| s.allocator.settle(name)))
+            .unwrap_or(false);
+        if freed {
+            self.pools_changed.notify_one();
+            self.retry_pending();
+        }
+    }
+
     /// Requeues every Service waiting for an address: one may have come free.
     fn retry_pending(&self) {
         let Ok(pending) = self.pending.lock() else {
@@ -564,6 +573,8 @@ impl Context {
                     )
                     .await;
                 }
+                // The status records exactly what is held now: what it gave up may go to others.
+                self.settle(name);
                 if annotated.as_deref() != Some(assignment.pool.as_str()) {
                     self.ensure_leading()?;
                     let patch = json!({"metadata": {"annotations": {ANNOTATION_ASSIGNED_POOL: assignment.pool}}});
@@ -583,6 +594,10 @@ impl Context {
             Decision::Failed(reason, _) => {
                 if annotated.is_some() && !recorded.is_empty() {
                     self.clear(&api, name).await?;
+                }
+                // A status that another wrote stays, and keeps its addresses from others.
+                if annotated.is_some() || recorded.is_empty() {
+                    self.settle(name);
                 }
                 warn!(%reason, "no addresses");
                 self.event(

@@ -10,9 +10,8 @@ use ipvslb_api::{
 };
 use ipvslb_core::{
     FamilyPolicy, Forwarding, IpFamily, NodeAddressType, NodeInfo, NodeSetSpec, PoolRole, PoolSpec,
-    PortKey,
-    Requested, Requirement, Selector, ServiceAllocation, ServiceClaim, ServiceName, ServicePort,
-    TrafficPolicy,
+    PortKey, Requested, Requirement, Selector, ServiceAllocation, ServiceClaim, ServiceName,
+    ServicePort, TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -253,7 +253,12 @@ async fn refusals_leave_the_service_pending_with_a_warning_and_others_untouched(
     let cluster = cluster();
     let (_turn, client) = turn(&["refusals"]).await;
     let class = "test.ipvslb.io/refusals";
-    cluster.apply(&pool_yaml("refusals", class, &["10.250.1.10"], &["refusals"]));
+    cluster.apply(&pool_yaml(
+        "refusals",
+        class,
+        &["10.250.1.10"],
+        &["refusals"],
+    ));
     let controllers = Controllers::start(&client, classes(class));
     cluster.apply(&service_yaml("refusals", "first", class, &[80], &[]));
     wait_ingress(&client, "refusals", "first", &["10.250.1.10"], 5 * SECOND).await;
@@ -383,7 +388,12 @@ async fn a_restart_keeps_addresses_assigns_new_services_and_releases_deleted_one
     let cluster = cluster();
     let (_turn, client) = turn(&["restart"]).await;
     let class = "test.ipvslb.io/restart";
-    cluster.apply(&pool_yaml("restart", class, &["10.250.4.0/29"], &["restart"]));
+    cluster.apply(&pool_yaml(
+        "restart",
+        class,
+        &["10.250.4.0/29"],
+        &["restart"],
+    ));
     cluster.apply(
         "apiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata: {name: default}\nspec: {}\n",
     );
@@ -428,7 +438,12 @@ async fn of_two_allocators_one_assigns_and_the_other_takes_over_within_the_lease
     let cluster = cluster();
     let (_turn, client) = turn(&["election", "ipvslb-system"]).await;
     let class = "test.ipvslb.io/election";
-    cluster.apply(&pool_yaml("election", class, &["10.250.5.0/24"], &["election"]));
+    cluster.apply(&pool_yaml(
+        "election",
+        class,
+        &["10.250.5.0/24"],
+        &["election"],
+    ));
     let timings = ipvslb::leader::Timings {
         lease: Duration::from_secs(3),
         renew_deadline: Duration::from_secs(2),
@@ -630,7 +645,12 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     assert!(admin.contains(&cluster.token));
     let kubeconfig = cluster.dir.join("rbac-kubeconfig");
     std::fs::write(&kubeconfig, admin.replace(&cluster.token, &token)).unwrap();
-    cluster.apply(&pool_yaml("rbac", class, &["10.250.6.10-10.250.6.20"], &["rbac"]));
+    cluster.apply(&pool_yaml(
+        "rbac",
+        class,
+        &["10.250.6.10-10.250.6.20"],
+        &["rbac"],
+    ));
 
     let log = cluster.dir.join("rbac-ipvslb.log");
     let probes = std::net::TcpListener::bind("127.0.0.1:0")

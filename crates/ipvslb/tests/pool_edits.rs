@@ -89,7 +89,12 @@ async fn warnings(client: &kube::Client, namespace: &str, reason: &str) -> Vec<S
 
 /// Checks that only `moved` differ between `before` and `now`, and that no address is held
 /// twice.
-fn only_moved(says: &str, before: &BTreeMap<String, Vec<String>>, now: &BTreeMap<String, Vec<String>>, moved: &[&str]) {
+fn only_moved(
+    says: &str,
+    before: &BTreeMap<String, Vec<String>>,
+    now: &BTreeMap<String, Vec<String>>,
+    moved: &[&str],
+) {
     for (name, held) in before {
         if !moved.contains(&name.as_str()) {
             assert_eq!(Some(held), now.get(name), "{says}: {name} moved");
@@ -111,7 +116,12 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
     let (_turn, client) = turn(&["edits"]).await;
     let class = "test.ipvslb.io/edits";
     cluster.apply(&pool("edits", class, &["10.252.8.0-10.252.8.199"], ""));
-    cluster.apply(&pool("edits-small", class, &["10.252.9.0/30"], "  autoAssign: false\n"));
+    cluster.apply(&pool(
+        "edits-small",
+        class,
+        &["10.252.9.0/30"],
+        "  autoAssign: false\n",
+    ));
     let controllers = Controllers::start(&client, classes(class));
     let names: Vec<String> = (0..200).map(|i| format!("s{i:03}")).collect();
     create_services(&client, "edits", class, &names).await;
@@ -123,17 +133,30 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
     // Three Services of the small pool, which only gives addresses to those who name it.
     let small_api: Api<Service> = Api::namespaced(client.clone(), "edits");
     for name in ["small-a", "small-b", "small-c"] {
-        let yaml = service_yaml("edits", name, class, &[80], &[("ipvslb.io/pool", "edits-small")]);
+        let yaml = service_yaml(
+            "edits",
+            name,
+            class,
+            &[80],
+            &[("ipvslb.io/pool", "edits-small")],
+        );
         small_api
-            .create(&PostParams::default(), &serde_norway::from_str(&yaml).unwrap())
+            .create(
+                &PostParams::default(),
+                &serde_norway::from_str(&yaml).unwrap(),
+            )
             .await
             .unwrap();
     }
     let mut before = before;
-    let all = eventually("the small pool's Services assigned", 20 * SECOND, || async {
-        let all = addresses(&client, "edits").await;
-        (all.len() == 203 && all.values().all(|a| a.len() == 1)).then_some(all)
-    })
+    let all = eventually(
+        "the small pool's Services assigned",
+        20 * SECOND,
+        || async {
+            let all = addresses(&client, "edits").await;
+            (all.len() == 203 && all.values().all(|a| a.len() == 1)).then_some(all)
+        },
+    )
     .await;
     before.extend(all.into_iter().filter(|(n, _)| n.starts_with("small")));
 
@@ -154,17 +177,21 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
     processed(&client, "edits").await;
     let now = addresses(&client, "edits").await;
     only_moved("a younger overlapping pool", &before, &now, &[]);
-    eventually("an Overlap event on the stray pool", 10 * SECOND, || async {
-        let events: Api<Event> = Api::all(client.clone());
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("Overlap")
-                    && e.involved_object.name.as_deref() == Some("a-stray")
-            })
-            .then_some(())
-    })
+    eventually(
+        "an Overlap event on the stray pool",
+        10 * SECOND,
+        || async {
+            let events: Api<Event> = Api::all(client.clone());
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Overlap")
+                        && e.involved_object.name.as_deref() == Some("a-stray")
+                })
+                .then_some(())
+        },
+    )
     .await;
 
     // 2. Narrowing: the pool serves another namespace only.
@@ -202,7 +229,10 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
         .filter(|(_, a)| {
             a.first()
                 .and_then(|a| a.parse::<IpAddr>().ok())
-                .is_some_and(|a| a >= "10.252.8.195".parse::<IpAddr>().unwrap() && a <= "10.252.8.199".parse::<IpAddr>().unwrap())
+                .is_some_and(|a| {
+                    a >= "10.252.8.195".parse::<IpAddr>().unwrap()
+                        && a <= "10.252.8.199".parse::<IpAddr>().unwrap()
+                })
         })
         .map(|(n, _)| n.clone())
         .collect();
@@ -214,10 +244,14 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
     })
     .await;
     only_moved("removing five addresses", &before, &now, &top_refs);
-    let released = eventually("a warning on each released Service", 20 * SECOND, || async {
-        let w = warnings(&client, "edits", "AddressReleased").await;
-        top.iter().all(|n| w.contains(n)).then_some(w)
-    })
+    let released = eventually(
+        "a warning on each released Service",
+        20 * SECOND,
+        || async {
+            let w = warnings(&client, "edits", "AddressReleased").await;
+            top.iter().all(|n| w.contains(n)).then_some(w)
+        },
+    )
     .await;
     assert!(
         released.iter().all(|n| top.contains(n)),
@@ -238,19 +272,33 @@ async fn pool_edits_under_200_assigned_services_move_only_the_services_the_rule_
     .await;
     only_moved("adding a range", &before, &now, &top_refs);
     for name in &top {
-        assert!(now[name][0].starts_with("10.252.10."), "{name}: {:?}", now[name]);
+        assert!(
+            now[name][0].starts_with("10.252.10."),
+            "{name}: {:?}",
+            now[name]
+        );
     }
     let before = now;
 
     // 6. Deleting the stray pool and then the small pool releases the small pool's three only.
     let pools: Api<IPPool> = Api::all(client.clone());
-    pools.delete("a-stray", &DeleteParams::default()).await.unwrap();
-    pools.delete("edits-small", &DeleteParams::default()).await.unwrap();
+    pools
+        .delete("a-stray", &DeleteParams::default())
+        .await
+        .unwrap();
+    pools
+        .delete("edits-small", &DeleteParams::default())
+        .await
+        .unwrap();
     let small = ["small-a", "small-b", "small-c"];
-    let now = eventually("the small pool's Services released", 20 * SECOND, || async {
-        let now = addresses(&client, "edits").await;
-        small.iter().all(|n| now[*n].is_empty()).then_some(now)
-    })
+    let now = eventually(
+        "the small pool's Services released",
+        20 * SECOND,
+        || async {
+            let now = addresses(&client, "edits").await;
+            small.iter().all(|n| now[*n].is_empty()).then_some(now)
+        },
+    )
     .await;
     processed(&client, "edits").await;
     only_moved("deleting two pools", &before, &now, &small);
@@ -283,7 +331,6 @@ async fn a_pool_status_lists_exactly_the_holders_and_is_not_written_while_nothin
             let p = pools.get("status").await.ok()?;
             let status = p.status.as_ref()?;
             let listed: Vec<&str> = status.allocations.values().map(String::as_str).collect();
-            eprintln!("status now: {status:?}");
             (listed == ["status/a", "status/c"] && status.assigned == 2).then_some(p)
         },
     )
@@ -317,15 +364,19 @@ async fn two_installations_of_two_classes_never_assign_one_address_twice() {
     let names: Vec<String> = (0..16).map(|i| format!("s{i:02}")).collect();
     create_services(&client, "team-a", class_a, &names).await;
     create_services(&client, "team-b", class_b, &names[..8]).await;
-    let (in_a, in_b) = eventually("every Service of both classes assigned", 30 * SECOND, || async {
-        let a = addresses(&client, "team-a").await;
-        let b = addresses(&client, "team-b").await;
-        (a.values().all(|x| x.len() == 1)
-            && b.values().all(|x| x.len() == 1)
-            && a.len() == 16
-            && b.len() == 8)
-            .then_some((a, b))
-    })
+    let (in_a, in_b) = eventually(
+        "every Service of both classes assigned",
+        30 * SECOND,
+        || async {
+            let a = addresses(&client, "team-a").await;
+            let b = addresses(&client, "team-b").await;
+            (a.values().all(|x| x.len() == 1)
+                && b.values().all(|x| x.len() == 1)
+                && a.len() == 16
+                && b.len() == 8)
+                .then_some((a, b))
+        },
+    )
     .await;
     let mut seen = BTreeMap::new();
     for (who, map) in [("team-a", &in_a), ("team-b", &in_b)] {
@@ -339,15 +390,24 @@ async fn two_installations_of_two_classes_never_assign_one_address_twice() {
         let ip: IpAddr = ip.parse().unwrap();
         ip >= first.parse::<IpAddr>().unwrap() && ip <= last.parse::<IpAddr>().unwrap()
     };
-    assert!(in_a.values().all(|x| in_range(&x[0], "10.252.12.0", "10.252.12.15")));
-    assert!(in_b.values().all(|x| in_range(&x[0], "10.252.12.16", "10.252.12.23")));
+    assert!(
+        in_a.values()
+            .all(|x| in_range(&x[0], "10.252.12.0", "10.252.12.15"))
+    );
+    assert!(
+        in_b.values()
+            .all(|x| in_range(&x[0], "10.252.12.16", "10.252.12.23"))
+    );
     let pending_b = in_b.values().filter(|x| x.is_empty()).count();
     assert_eq!(pending_b, 0);
     let pb = processed(&client, "pool-b").await;
     let (overlapping, message) = condition(&pb, "Overlapping");
     assert_eq!(overlapping, "True", "{message}");
     // Each director programs its own class's VIPs only.
-    for (controllers, range) in [(&a, ("10.252.12.0", "10.252.12.15")), (&b, ("10.252.12.16", "10.252.12.23"))] {
+    for (controllers, range) in [
+        (&a, ("10.252.12.0", "10.252.12.15")),
+        (&b, ("10.252.12.16", "10.252.12.23")),
+    ] {
         let table = eventually("each director's table", 20 * SECOND, || async {
             let table = controllers.dataplane.table().ok()?;
             (table.services.len() >= 8).then_some(table)
