@@ -440,7 +440,8 @@ async fn of_two_allocators_one_assigns_and_the_other_takes_over_within_the_lease
             "election-test",
             identity,
             timings,
-        );
+        )
+        .expect("the test's timings are valid");
         let election = tokio::spawn(elector.run(leading_tx, stop));
         let controllers = Controllers::start_with(&client, classes(class), leading.clone(), None);
         replicas.push((identity, leading, stop_tx, election, controllers));

@@ -242,9 +242,11 @@ impl Controllers {
             metrics.clone(),
             stop,
         )));
-        tasks.push(tokio::spawn(
-            services.run(client, ipvslb::cached::CachedService::trim),
-        ));
+        tasks.push(tokio::spawn(services.run(
+            client,
+            ipvslb::cached::CachedService::trim,
+            &metrics.health,
+        )));
         if let Some(sender) = keep {
             // Keep the leadership channel open for the life of the controllers.
             tasks.push(tokio::spawn(async move {
