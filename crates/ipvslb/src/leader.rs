@@ -290,10 +290,16 @@ impl Elector {
                     .filter(|d| *d > started)
                     .map_or(bound, |d| d.min(bound));
                 let round = tokio::time::timeout_at(until.into(), self.round(started));
-                if let Err(e) = round
-                    .await
-                    .unwrap_or_else(|_| Err(RoundError::TimedOut { lease: self.name.clone() }))
-                {
+                // Stopping does not wait for a round the API server does not answer.
+                let result = tokio::select! {
+                    result = round => result,
+                    _ = shutdown.changed() => break,
+                };
+                if let Err(e) = result.unwrap_or_else(|_| {
+                    Err(RoundError::TimedOut {
+                        lease: self.name.clone(),
+                    })
+                }) {
                     warn!(error = %e, source = ?std::error::Error::source(&e), "lease round failed");
                 }
                 self.publish(&leading);
