@@ -765,8 +765,9 @@ async fn after_sigterm_the_process_exits_by_its_deadline_naming_what_it_left_unf
         &kubeconfig,
         class,
         "stop-test",
-        &["--shutdown-timeout", "2s"],
-        "",
+        &[],
+        // As a Pod spec would set it.
+        "export IPVSLB_SHUTDOWN_TIMEOUT=2s &&",
         cluster.dir.join("stop-ipvslb.log"),
     );
     cluster.apply(&service_yaml("stop", "web", class, &[80], &[]));
