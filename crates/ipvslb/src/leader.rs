@@ -28,7 +28,7 @@ use tracing::{Instrument, info, info_span, warn};
 /// Why one election round failed.
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
-    #[error("reading or writing Lease {lease}")]
+    #[error("reading or writing Lease {lease}: {source}")]
     Api {
         lease: String,
         #[source]
@@ -277,7 +277,11 @@ impl Elector {
     /// Campaigns until `shutdown` fires, publishing whether this candidate leads. On shutdown a
     /// leader releases the Lease so a standby takes over at once rather than after expiry.
     pub async fn run(mut self, leading: watch::Sender<bool>, mut shutdown: watch::Receiver<bool>) {
-        let span = info_span!("election", lease = %self.name, identity = %self.candidate.identity);
+        let span = info_span!(
+            "election",
+            lease = %self.name,
+            identity = %self.candidate.identity
+        );
         async {
             loop {
                 let started = Instant::now();
@@ -300,11 +304,14 @@ impl Elector {
                         lease: self.name.clone(),
                     })
                 }) {
-                    warn!(error = %e, source = ?std::error::Error::source(&e), "lease round failed");
+                    warn!(error = %e, "lease round failed");
                 }
                 self.publish(&leading);
                 let wake = tokio::time::sleep(self.timings.retry);
-                let deadline = self.candidate.lead_deadline().unwrap_or(started + self.timings.lease);
+                let deadline = self
+                    .candidate
+                    .lead_deadline()
+                    .unwrap_or(started + self.timings.lease);
                 tokio::select! {
                     _ = wake => {}
                     // Leadership ends on time even between rounds.
@@ -317,7 +324,9 @@ impl Elector {
                 leading.send_replace(false);
                 match self.release().await {
                     Ok(()) => info!("released the lease"),
-                    Err(e) => warn!(error = %e, "could not release the lease; it expires by itself"),
+                    Err(e) => {
+                        warn!(error = %e, "could not release the lease; it expires by itself")
+                    }
                 }
             }
         }

@@ -294,7 +294,6 @@ struct Replica {
 }
 
 struct World {
-    base: Instant,
     elapsed: Duration,
     server: Server,
     replicas: Vec<Replica>,
@@ -314,7 +313,6 @@ impl World {
             })
             .collect();
         Self {
-            base,
             elapsed: Duration::ZERO,
             server: Server::default(),
             replicas,
@@ -445,6 +443,5 @@ proptest! {
             }
         }
         prop_assert!(led, "nobody ever led\n{}", history);
-        let _ = world.base;
     }
 }

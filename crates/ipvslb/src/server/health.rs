@@ -33,9 +33,17 @@ enum Watch {
     /// Listing, not yet complete; the last error if the list failed.
     Filling(Option<String>),
     Filled,
-    /// Filled once, then failing (the cache may be stale).
-    Failing(String),
+    /// Filled once, then failing (the cache may be stale) since `at`.
+    Failing {
+        error: String,
+        at: Instant,
+    },
 }
+
+/// A watch that failed after its cache was filled and has not failed again for this long is
+/// taken as streaming again: the watcher retries within its backoff's ceiling of 30 s, and a
+/// watch it re-establishes yields no event that would say so.
+const WATCH_RECOVERED: Duration = Duration::from_secs(60);
 
 /// A loop's proof of life; dropping it says the loop ended.
 #[must_use = "a dropped heartbeat reports its loop as stopped"]
@@ -150,7 +158,10 @@ impl Health {
         let watch = state.watches.entry(kind).or_insert(Watch::Filling(None));
         *watch = match watch {
             Watch::Filling(_) => Watch::Filling(Some(error)),
-            Watch::Filled | Watch::Failing(_) => Watch::Failing(error),
+            Watch::Filled | Watch::Failing { .. } => Watch::Failing {
+                error,
+                at: Instant::now(),
+            },
         };
     }
 
@@ -192,6 +203,10 @@ impl Health {
     /// `Ok` once every cache is filled, every watch streams and every condition is met;
     /// otherwise why not.
     pub fn ready(&self) -> Result<(), String> {
+        self.ready_at(Instant::now())
+    }
+
+    fn ready_at(&self, now: Instant) -> Result<(), String> {
         let state = self.lock();
         let mut problems = Vec::new();
         for (kind, watch) in &state.watches {
@@ -201,7 +216,12 @@ impl Health {
                 Watch::Filling(Some(e)) => {
                     problems.push(format!("{kind}: cache cannot be filled: {e}"))
                 }
-                Watch::Failing(e) => problems.push(format!("{kind}: watch failing: {e}")),
+                Watch::Failing { error, at }
+                    if now.saturating_duration_since(*at) < WATCH_RECOVERED =>
+                {
+                    problems.push(format!("{kind}: watch failing: {error}"))
+                }
+                Watch::Failing { .. } => {}
             }
         }
         for what in state.pending.values() {
@@ -288,6 +308,12 @@ mod tests {
         assert_eq!(health.ready(), Ok(()));
         health.watch_failed("IPPool", "gone".into());
         assert!(health.ready().unwrap_err().contains("watch failing"));
+        let quiet = Instant::now() + WATCH_RECOVERED;
+        assert_eq!(
+            health.ready_at(quiet),
+            Ok(()),
+            "no new error within the backoff: the watch was re-established"
+        );
         health.watch_progressed("IPPool", false);
         assert_eq!(health.ready(), Ok(()), "streaming again after an error");
         health.require("first pass", "the director's first full pass");
