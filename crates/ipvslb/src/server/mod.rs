@@ -72,18 +72,26 @@ async fn serve(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read)
         .keep_alive(false);
+    let mut failing = false;
     loop {
         // Waiting for a permit before accepting leaves the excess in the kernel's backlog.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                failing = false;
+                accepted
+            }
             Err(e) => {
                 // Out of file descriptors, or a connection reset before it was accepted:
                 // neither is a reason to stop answering probes. The pause lets idle
-                // connections time out and give descriptors back.
-                warn!(error = %e, "accepting a probe connection failed");
+                // connections time out and give descriptors back; one line per run of
+                // failures keeps the log readable.
+                if !failing {
+                    warn!(error = %e, "accepting a probe connection failed; retrying");
+                }
+                failing = true;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
