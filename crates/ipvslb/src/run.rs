@@ -130,9 +130,15 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             timings,
         )
         .map_err(|e| format!("--lease-duration: {e}"))?;
+        // An election that ended (a panic) would leave this replica a standby for good.
+        let election = metrics.health.heartbeat("lease election", Duration::MAX);
+        let stop = shutdown.clone();
         tasks.push((
             "the lease (release)",
-            tokio::spawn(elector.run(leading_tx, shutdown.clone())),
+            tokio::spawn(async move {
+                let _election = election;
+                elector.run(leading_tx, stop).await;
+            }),
         ));
         let gauge = metrics.clone();
         let mut observed = leading.clone();
