@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipvslb_api::{IPPool, IPPoolStatus, MAX_STATUS_ALLOCATIONS};
 use ipvslb_core::alloc::{AllocError, Allocator, Assignment, PoolProblem, Released};
 use ipvslb_core::{IpFamily, PoolRole, PoolSpec, ServiceClaim, ServiceName};
@@ -204,8 +203,10 @@ pub async fn run(
             on_delete.forget(&service.service_name());
         }
     }));
-    let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
-    let namespace_stream = crate::watch_all(&client, namespaces_writer).applied_objects();
+    let pool_stream =
+        crate::watch_all(&client, pools_writer, &ctx.metrics.health).touched_objects();
+    let namespace_stream =
+        crate::watch_all(&client, namespaces_writer, &ctx.metrics.health).applied_objects();
 
     let on_namespace = services.clone();
     let became_leader = leadership_gained(leading.clone());
@@ -215,7 +216,8 @@ pub async fn run(
         shutdown.clone(),
     )));
     let concurrency = ctx.config.concurrency;
-    crate::service_controller(
+    let health = ctx.metrics.health.clone();
+    let results = crate::service_controller(
         applied,
         services.clone(),
         pools.clone(),
@@ -234,9 +236,8 @@ pub async fn run(
     .reconcile_all_on(became_leader)
     .reconcile_on(requeue_rx)
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| futures::future::ready(()))
-    .await;
+    .run(reconcile, error_policy, ctx);
+    crate::drive("allocator", results, &health).await;
 }
 
 /// A stream that yields each time this replica becomes leader.
@@ -700,7 +701,12 @@ impl Context {
 /// Keeps the status of every IPPool of this class and the pool metrics current, at most twice
 /// a second; every `status_resync` it also collects Services whose deletion was missed.
 async fn write_pool_statuses(ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
+    let heartbeat = ctx
+        .metrics
+        .health
+        .heartbeat("pool status writer", Duration::from_secs(120));
     loop {
+        heartbeat.beat();
         tokio::select! {
             _ = ctx.pools_changed.notified() => {}
             _ = tokio::time::sleep(ctx.config.status_resync) => {}

@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use ipvslb_api::{IPPool, LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
@@ -121,17 +120,24 @@ pub async fn run<D: Dataplane>(
         }
     }));
     let on_node = services.clone();
-    let pool_stream = crate::watch_all(&client, pools_writer).touched_objects();
-    let set_stream = crate::watch_all(&client, node_sets_writer).touched_objects();
-    let node_stream =
-        crate::watch_stream(&client, watcher::Config::default(), translate::trim_node)
-            .reflect(nodes_writer)
-            .touched_objects()
-            .predicate_filter(node_relevance, Default::default());
+    let pool_stream =
+        crate::watch_all(&client, pools_writer, &ctx.metrics.health).touched_objects();
+    let set_stream =
+        crate::watch_all(&client, node_sets_writer, &ctx.metrics.health).touched_objects();
+    let node_stream = crate::watch_stream(
+        &client,
+        watcher::Config::default(),
+        translate::trim_node,
+        &ctx.metrics.health,
+    )
+    .reflect(nodes_writer)
+    .touched_objects()
+    .predicate_filter(node_relevance, Default::default());
     let slice_stream = crate::watch_stream(
         &client,
         watcher::Config::default().labels(LABEL_SERVICE_NAME),
         |_: &mut EndpointSlice| {},
+        &ctx.metrics.health,
     )
     .reflect(slices_writer)
     .touched_objects();
@@ -139,7 +145,8 @@ pub async fn run<D: Dataplane>(
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
     let concurrency = ctx.config.concurrency;
-    crate::service_controller(
+    let health = ctx.metrics.health.clone();
+    let results = crate::service_controller(
         applied,
         services.clone(),
         pools.clone(),
@@ -161,9 +168,8 @@ pub async fn run<D: Dataplane>(
             .map(|name| ObjectRef::new(name).within(&namespace))
     })
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
-    .run(reconcile, error_policy, ctx)
-    .for_each(|_| futures::future::ready(()))
-    .await;
+    .run(reconcile, error_policy, ctx);
+    crate::drive("director", results, &health).await;
 }
 
 /// Only what the planner reads of a Node: its labels, readiness, addresses, cordon. Kubelets
@@ -216,6 +222,9 @@ fn error_policy<D: Dataplane>(
 
 /// The full pass, at start (once the caches are filled) and every `resync`.
 async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Receiver<bool>) {
+    // Until the table has been made whole once, traffic may meet a stale one.
+    let health = &ctx.metrics.health;
+    health.require("director first pass", "the director's first full pass");
     let caches = async {
         crate::filled(&ctx.pools).await?;
         crate::filled(&ctx.node_sets).await?;
@@ -226,11 +235,17 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
     if caches.await.is_err() {
         return;
     }
+    // A pass that takes longer than a resync and a minute more is stuck, not slow.
+    let heartbeat = health.heartbeat(
+        "director full pass",
+        ctx.config.resync * 2 + Duration::from_secs(60),
+    );
     loop {
+        heartbeat.beat();
         match ctx.full_pass().await {
             Ok(report) => {
                 info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, "full pass done");
-                ctx.metrics.set_ready(true);
+                health.met("director first pass");
             }
             Err(e) => warn!(error = %e, "full pass failed; retrying at the next resync"),
         }

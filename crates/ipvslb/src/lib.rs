@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod plan;
 pub mod run;
+pub mod server;
 pub mod shared;
 pub mod translate;
 
@@ -62,6 +63,7 @@ impl<K> Watched for K where
 pub fn watch_all<K>(
     client: &kube::Client,
     writer: kube::runtime::reflector::store::Writer<K>,
+    health: &server::Health,
 ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
 + Send
 + use<K>
@@ -69,27 +71,51 @@ where
     K: Watched,
 {
     use kube::runtime::WatchStreamExt;
-    watch_stream(client, kube::runtime::watcher::Config::default(), |_| {}).reflect(writer)
+    watch_stream(
+        client,
+        kube::runtime::watcher::Config::default(),
+        |_| {},
+        health,
+    )
+    .reflect(writer)
 }
 
 /// A retried watch of the objects of kind `K` that `config` selects, each object trimmed by `slim`
-/// (and of what no kind needs) before anyone sees it.
+/// (and of what no kind needs) before anyone sees it. Its errors are logged and, with its
+/// progress, reported to `health`: a cache that cannot be filled makes the process unready.
 pub fn watch_stream<K>(
     client: &kube::Client,
     config: kube::runtime::watcher::Config,
     slim: fn(&mut K),
+    health: &server::Health,
 ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
 + Send
 + use<K>
 where
     K: Watched,
 {
+    use futures::StreamExt;
     use kube::runtime::WatchStreamExt;
+    use kube::runtime::watcher::Event;
+    let kind = kind_name::<K>();
+    health.watch_started(kind);
+    let health = health.clone();
     kube::runtime::watcher(
         kube::Api::<K>::all(client.clone()),
         config.page_size(LIST_PAGE),
     )
     .default_backoff()
+    .inspect(move |event| match event {
+        Ok(Event::InitDone) => health.watch_progressed(kind, true),
+        Ok(Event::Apply(_) | Event::Delete(_) | Event::InitApply(_)) => {
+            health.watch_progressed(kind, false)
+        }
+        Ok(Event::Init) => {}
+        Err(error) => {
+            tracing::warn!(kind, %error, "watch failed; retrying with backoff");
+            health.watch_failed(kind, error.to_string());
+        }
+    })
     // Nothing reads managedFields or kubectl's last-applied copy, and they are most of a
     // cached object's size: drop them before they reach a cache.
     .modify(move |object: &mut K| {
@@ -102,6 +128,61 @@ where
     })
 }
 
+/// The kind of `K` as a name that lives as long as the process (for logs and health reports).
+fn kind_name<K: Watched>() -> &'static str {
+    match K::kind(&()) {
+        std::borrow::Cow::Borrowed(kind) => kind,
+        // Every kind ipvslb watches has a static name; a dynamic one is not worth leaking.
+        std::borrow::Cow::Owned(_) => "object",
+    }
+}
+
+/// Runs a controller's result stream to its end under the heartbeat `name`. Each result (and
+/// a tick while idle) is a beat; errors that no error policy has seen are logged.
+pub async fn drive<K, E, S>(name: &'static str, results: S, health: &server::Health)
+where
+    K: kube::Resource<DynamicType = ()>,
+    E: std::error::Error + 'static,
+    S: futures::Stream<
+            Item = Result<
+                (
+                    kube::runtime::reflector::ObjectRef<K>,
+                    kube::runtime::controller::Action,
+                ),
+                kube::runtime::controller::Error<E, kube::runtime::watcher::Error>,
+            >,
+        >,
+{
+    use futures::StreamExt;
+    use kube::runtime::controller::Error as ControllerError;
+    // An idle controller yields nothing: the ticks tell an idle one from one whose task is gone
+    // (the heartbeat drops with it). Stuck reconciles are caught by their own bound.
+    const TICK: std::time::Duration = std::time::Duration::from_secs(10);
+    let heartbeat = health.heartbeat(name, TICK * 6);
+    let mut results = std::pin::pin!(results);
+    loop {
+        let result = tokio::select! {
+            result = results.next() => result,
+            _ = tokio::time::sleep(TICK) => {
+                heartbeat.beat();
+                continue;
+            }
+        };
+        let Some(result) = result else { break };
+        heartbeat.beat();
+        match result {
+            Ok(_) => {}
+            // The error policy logged it, with the object.
+            Err(ControllerError::ReconcilerFailed(..)) => {}
+            // The watch that failed logged it, with its kind.
+            Err(ControllerError::QueueError(_)) => {}
+            Err(ControllerError::ObjectNotFound(object)) => {
+                tracing::debug!(controller = name, %object, "object gone before its reconcile")
+            }
+            Err(error) => tracing::warn!(controller = name, %error, "controller error"),
+        }
+    }
+}
 /// A Service controller fed by the shared watch (`applied`, `services`), at most `concurrency`
 /// reconciles at once, that requeues every Service when a pool's spec changes (both roles read
 /// the pools). Unbounded, a burst of thousands of Services became as many simultaneous

@@ -73,7 +73,10 @@ fn run_command(args: run::RunArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
-    runtime.block_on(run::run(args))
+    let result = runtime.block_on(run::run(args));
+    // A data-plane call still blocked past the shutdown deadline must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
 }
 
 fn plan_command(args: PlanArgs) -> Result<(), String> {

@@ -1,8 +1,6 @@
-//! Prometheus metrics and the probes server (`/healthz`, `/readyz`, `/metrics`).
+//! Prometheus metrics, and the health every loop reports to (served by [`crate::server`]).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
@@ -11,9 +9,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tracing::{debug, warn};
+
+use crate::server::Health;
+use crate::server::health::InFlight;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -34,7 +32,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// IPPool status writes (each one an API request).
     pub pool_status_writes: Counter,
-    ready: AtomicBool,
+    /// Liveness and readiness. Here because every loop already holds the metrics.
+    pub health: Health,
 }
 
 impl Metrics {
@@ -94,7 +93,7 @@ impl Metrics {
             reconcile_errors,
             dataplane_ops,
             leader,
-            ready: AtomicBool::new(false),
+            health: Health::default(),
         }
     }
 
@@ -105,7 +104,8 @@ impl Metrics {
                 .reconcile_duration
                 .get_or_create_owned(&vec![("controller", controller.to_owned())]),
             start: Instant::now(),
-            _metrics: self,
+            _in_flight: self.health.reconcile(controller),
+            _metrics: std::marker::PhantomData,
         }
     }
 
@@ -117,11 +117,6 @@ impl Metrics {
                 ("error", kind.to_owned()),
             ])
             .inc();
-    }
-
-    /// Marks the process ready (or not) for `/readyz`.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// The text exposition of every metric.
@@ -143,49 +138,12 @@ impl Default for Metrics {
 pub struct ReconcileTimer<'a> {
     histogram: Histogram,
     start: Instant,
-    _metrics: &'a Metrics,
+    _in_flight: InFlight,
+    _metrics: std::marker::PhantomData<&'a Metrics>,
 }
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
-/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the process ends. HTTP/1.0
-/// without keep-alive is all probes and scrapers need.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
-    loop {
-        let (mut stream, peer) = listener.accept().await?;
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match stream.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    debug!(%peer, error = %e, "probe connection failed");
-                    return;
-                }
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/healthz" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "ready\n".to_owned())
-                }
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
-                "/metrics" => ("200 OK", metrics.render()),
-                _ => ("404 Not Found", "not found\n".to_owned()),
-            };
-            let response = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                warn!(%peer, error = %e, "writing a probe answer failed");
-            }
-        });
     }
 }

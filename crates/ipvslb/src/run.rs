@@ -10,10 +10,11 @@ use clap::ValueEnum;
 use kube::Client;
 use kube::config::{Config, KubeConfigOptions, Kubeconfig};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{info, warn};
 
 use crate::dataplane::Memory;
 use crate::metrics::Metrics;
+use crate::server::Limits;
 use crate::shared::SharedWatch;
 use crate::translate::ClassPolicy;
 use crate::{AbortOnDrop, ClassArgs, allocator, director, leader};
@@ -88,9 +89,13 @@ pub struct RunArgs {
     /// How many Services each controller reconciles at once.
     #[arg(long, env = "IPVSLB_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
-    /// Lease duration; a standby takes over this long after a leader dies without releasing.
+    /// Lease duration (at least 1s); a standby takes over this long after a leader dies
+    /// without releasing. The leader stops acting at two thirds of it without a renewal.
     #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
+    /// After SIGTERM, how long in-flight work may take before the process exits regardless.
+    #[arg(long, env = "IPVSLB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    shutdown_timeout: Duration,
 }
 
 /// Runs until SIGTERM or SIGINT; returns an error message when start-up fails.
@@ -103,20 +108,19 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         class: args.classes.load_balancer_class.clone(),
         unclassed: args.classes.unclassed_services,
     };
-    let listener = metrics.clone();
-    let server = tokio::spawn(crate::metrics::serve(args.metrics_addr, listener));
+    let server = crate::server::bind(args.metrics_addr, metrics.clone(), Limits::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let _server = AbortOnDrop(tokio::spawn(server));
     info!(role = ?args.role, metrics = %args.metrics_addr, "starting");
 
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)> = Vec::new();
     // Both roles follow every Service: one watch, one cache.
     let mut services = SharedWatch::new();
     if args.role != Role::Director {
         let identity = args.identity.clone().unwrap_or_else(default_identity);
-        let timings = leader::Timings {
-            lease: args.lease_duration,
-            renew_deadline: args.lease_duration.mul_f32(2.0 / 3.0),
-            retry: (args.lease_duration / 7).max(Duration::from_millis(200)),
-        };
+        let timings = leader::Timings::from_lease(args.lease_duration)
+            .map_err(|e| format!("--lease-duration: {e}"))?;
         let (leading_tx, leading) = watch::channel(false);
         let elector = leader::Elector::new(
             client.clone(),
@@ -124,8 +128,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             &args.lease_name,
             &identity,
             timings,
-        );
-        tasks.push(tokio::spawn(elector.run(leading_tx, shutdown.clone())));
+        )
+        .map_err(|e| format!("--lease-duration: {e}"))?;
+        // An election that ended (a panic) would leave this replica a standby for good.
+        let election = metrics.health.heartbeat("lease election", Duration::MAX);
+        let stop = shutdown.clone();
+        tasks.push((
+            "the lease (release)",
+            tokio::spawn(async move {
+                let _election = election;
+                elector.run(leading_tx, stop).await;
+            }),
+        ));
         let gauge = metrics.clone();
         let mut observed = leading.clone();
         tokio::spawn(async move {
@@ -138,17 +152,17 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             concurrency: args.concurrency,
             status_resync: Duration::from_secs(30),
         };
-        tasks.push(tokio::spawn(allocator::run(
-            client.clone(),
-            config,
-            services.subscribe(),
-            metrics.clone(),
-            leading,
-            shutdown.clone(),
-        )));
-        if args.role == Role::Allocator {
-            metrics.set_ready(true);
-        }
+        tasks.push((
+            "the allocator",
+            tokio::spawn(allocator::run(
+                client.clone(),
+                config,
+                services.subscribe(),
+                metrics.clone(),
+                leading,
+                shutdown.clone(),
+            )),
+        ));
     }
     if args.role != Role::Allocator {
         let config = director::Config {
@@ -163,50 +177,74 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                     format!("opening the kernel data plane: {e} (or run with --dataplane=memory)")
                 })?;
                 info!(interface = %args.interface, "kernel data plane: IPVS over netlink");
-                tasks.push(tokio::spawn(director::run(
-                    client.clone(),
-                    config,
-                    services.subscribe(),
-                    kernel,
-                    metrics.clone(),
-                    shutdown.clone(),
-                )));
+                tasks.push((
+                    "the director",
+                    tokio::spawn(director::run(
+                        client.clone(),
+                        config,
+                        services.subscribe(),
+                        kernel,
+                        metrics.clone(),
+                        shutdown.clone(),
+                    )),
+                ));
             }
             DataplaneKind::Memory => {
                 info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
-                tasks.push(tokio::spawn(director::run(
-                    client.clone(),
-                    config,
-                    services.subscribe(),
-                    Memory::default(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                )));
+                tasks.push((
+                    "the director",
+                    tokio::spawn(director::run(
+                        client.clone(),
+                        config,
+                        services.subscribe(),
+                        Memory::default(),
+                        metrics.clone(),
+                        shutdown.clone(),
+                    )),
+                ));
             }
         }
     }
-    let _services = AbortOnDrop(tokio::spawn(
-        services.run(&client, crate::cached::CachedService::trim),
-    ));
+    let _services = AbortOnDrop(tokio::spawn(services.run(
+        &client,
+        crate::cached::CachedService::trim,
+        &metrics.health,
+    )));
 
-    tokio::select! {
-        _ = termination() => info!("stopping: finishing in-flight work and releasing the lease"),
-        result = server => {
-            let message = match result {
-                Ok(Err(e)) => format!("the probes server on {} failed: {e}", args.metrics_addr),
-                _ => "the probes server stopped".to_owned(),
-            };
-            error!("{message}");
-            let _ = shutdown_tx.send(true);
-            return Err(message);
+    termination().await;
+    info!(deadline = ?args.shutdown_timeout, "stopping: finishing in-flight work and releasing the lease");
+    metrics.health.stopping();
+    let _ = shutdown_tx.send(true);
+    stop(tasks, args.shutdown_timeout, &metrics.health).await;
+    Ok(())
+}
+
+/// Waits for `tasks` until `deadline`; a task still running then (a request the API server
+/// does not answer, a data-plane call that hangs) must not keep the process from exiting, as
+/// the kubelet would kill it without a word. Says what was left unfinished.
+async fn stop(
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    deadline: Duration,
+    health: &crate::server::Health,
+) {
+    let deadline = tokio::time::Instant::now() + deadline;
+    let mut unfinished = Vec::new();
+    for (name, mut task) in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            unfinished.push(name);
         }
     }
-    let _ = shutdown_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
+    if unfinished.is_empty() {
+        info!("stopped");
+    } else {
+        let in_flight = health.in_flight();
+        warn!(
+            unfinished = %unfinished.join(", "),
+            reconciles = %in_flight,
+            "shutdown deadline passed: exiting with work unfinished"
+        );
     }
-    info!("stopped");
-    Ok(())
 }
 
 async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {

@@ -76,12 +76,13 @@ where
         }
     }
 
-    /// Runs the watch (for as long as the future is polled); `slim` trims each object before
-    /// it is cached.
+    /// Runs the watch (for as long as the future is polled), reporting to `health`; `slim`
+    /// trims each object before it is cached.
     pub fn run(
         self,
         client: &kube::Client,
         slim: fn(&mut K),
+        health: &crate::server::Health,
     ) -> impl Future<Output = ()> + Send + use<K> {
         let Self {
             store,
@@ -90,7 +91,7 @@ where
             deletions,
         } = self;
         // After `reflect`: a subscriber reads what it is told of from the cache.
-        let stream = crate::watch_stream::<K>(client, watcher::Config::default(), slim)
+        let stream = crate::watch_stream::<K>(client, watcher::Config::default(), slim, health)
             .reflect(writer)
             .inspect_ok(move |event| match event {
                 watcher::Event::Apply(object) => {

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::{
-    Controllers, classes, cluster, eventually, ingress, service_yaml, turn, wait_ingress,
+    Controllers, Ipvslb, Relay, body, classes, cluster, eventually, http_get, ingress,
+    service_yaml, status, turn, wait_ingress,
 };
 use ipvslb_api::IPPool;
 use ipvslb_ipvs::{Protocol, ServiceKey};
@@ -459,7 +460,8 @@ async fn of_two_allocators_one_assigns_and_the_other_takes_over_within_the_lease
             "election-test",
             identity,
             timings,
-        );
+        )
+        .expect("the test's timings are valid");
         let election = tokio::spawn(elector.run(leading_tx, stop));
         let controllers = Controllers::start_with(&client, classes(class), leading.clone(), None);
         replicas.push((identity, leading, stop_tx, election, controllers));
@@ -613,79 +615,31 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     let cluster = cluster();
     let (_turn, client) = turn(&["rbac", "ipvslb-system"]).await;
     let class = "test.ipvslb.io/rbac";
-    let role = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../charts/ipvslb/templates/clusterrole.yaml");
+    let (role, _) = common::Cluster::chart_role();
     let out = cluster.kubectl(&["apply", "-f", role.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    cluster.apply(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ipvslb, namespace: ipvslb-system}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: ipvslb}\n\
-         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ipvslb}\n\
-         subjects: [{kind: ServiceAccount, name: ipvslb, namespace: ipvslb-system}]\n",
-    );
-    let token = cluster.kubectl(&[
-        "create",
-        "token",
-        "ipvslb",
-        "-n",
-        "ipvslb-system",
-        "--duration=1h",
-    ]);
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
-    let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
-    assert!(admin.contains(&cluster.token));
-    let kubeconfig = cluster.dir.join("rbac-kubeconfig");
-    std::fs::write(&kubeconfig, admin.replace(&cluster.token, &token)).unwrap();
+    let kubeconfig = cluster.service_account_kubeconfig("rbac-kubeconfig");
     cluster.apply(&pool_yaml(
         "rbac",
         class,
         &["10.250.6.10-10.250.6.20"],
         &["rbac"],
     ));
-
-    let log = cluster.dir.join("rbac-ipvslb.log");
-    let probes = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
-        .args([
-            "run",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-            "--load-balancer-class",
-            class,
-            "--unclassed-services",
-            "ignore",
-        ])
-        .args([
-            "--dataplane",
-            "memory",
-            "--metrics-addr",
-            &probes,
-            "--lease-name",
-            "rbac-test",
-            "--lease-namespace",
-            "ipvslb-system",
-            "--lease-duration",
-            "3s",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("ipvslb runs");
+    let ipvslb = Ipvslb::spawn(
+        &kubeconfig,
+        class,
+        "rbac-test",
+        &[],
+        "",
+        cluster.dir.join("rbac-ipvslb.log"),
+    );
+    let probes = ipvslb.probes.clone();
     cluster.apply(&service_yaml("rbac", "web", class, &[80], &[]));
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let logs = || ipvslb.logs();
     wait_ingress(&client, "rbac", "web", &["10.250.6.10"], 15 * SECOND).await;
     assert!(
         !logs().contains("forbidden"),
@@ -702,11 +656,8 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     loop {
         let ready = http_get(&probes, "/readyz");
         let metrics = http_get(&probes, "/metrics");
-        let healthy = http_get(&probes, "/healthz").starts_with("HTTP/1.0 200");
-        if healthy
-            && ready.starts_with("HTTP/1.0 200")
-            && expected.iter().all(|e| metrics.contains(e))
-        {
+        let healthy = status(&http_get(&probes, "/healthz")) == Some(200);
+        if healthy && status(&ready) == Some(200) && expected.iter().all(|e| metrics.contains(e)) {
             break;
         }
         assert!(
@@ -718,7 +669,7 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     }
 
     // Take away the status write: the next assignment fails with a line naming what and why.
-    let narrowed = std::fs::read_to_string(&role).unwrap().replace(
+    let narrowed = common::Cluster::chart_role().1.replace(
         "  resources: [services/status]\n  verbs: [patch, update]",
         "  resources: [services/status]\n  verbs: [get]",
     );
@@ -742,25 +693,135 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
         },
     )
     .await;
+    let mut ipvslb = ipvslb;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        ipvslb.exited().is_none(),
         "ipvslb keeps running instead of crashing:\n{}",
-        logs()
+        ipvslb.logs()
     );
     let out = cluster.kubectl(&["apply", "-f", role.to_str().unwrap()]);
     assert!(out.status.success());
-    child.kill().unwrap();
-    let _ = child.wait();
 }
 
-/// A plain HTTP/1.0 GET on loopback, returning the whole answer.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
-        return String::new();
+/// The real binary with a ClusterRole that may not list NodeSets: not ready, and saying why,
+/// until the permission is granted; alive all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_kind_whose_cache_cannot_be_filled_until_its_list_is_allowed() {
+    let cluster = cluster();
+    let (_turn, _client) = turn(&["ready", "ipvslb-system"]).await;
+    let (role, full) = common::Cluster::chart_role();
+    let narrowed = full.replace(
+        "  resources: [ippools, nodesets]\n  verbs: [get, list, watch]",
+        "  resources: [ippools]\n  verbs: [get, list, watch]",
+    );
+    assert_ne!(narrowed, full, "the chart's rule for NodeSets moved");
+    let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &narrowed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kubeconfig = cluster.service_account_kubeconfig("ready-kubeconfig");
+    let mut ipvslb = Ipvslb::spawn(
+        &kubeconfig,
+        "test.ipvslb.io/ready",
+        "ready-test",
+        &[],
+        "",
+        cluster.dir.join("ready-ipvslb.log"),
+    );
+    let answer = eventually("/readyz to name NodeSet", 30 * SECOND, || async {
+        let answer = ipvslb.get("/readyz");
+        (status(&answer) == Some(503) && body(&answer).contains("NodeSet: cache cannot be filled"))
+            .then_some(answer)
+    })
+    .await;
+    assert!(
+        answer.contains("forbidden"),
+        "the reason says why: {answer}"
+    );
+    eventually("a warn line naming the kind", 30 * SECOND, || async {
+        ipvslb
+            .logs()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("watch failed") && l.contains("NodeSet"))
+            .then_some(())
+    })
+    .await;
+    let health = ipvslb.get("/healthz");
+    assert_eq!(
+        status(&health),
+        Some(200),
+        "alive while not ready: {health}"
+    );
+
+    let out = cluster.kubectl(&["apply", "-f", role.to_str().unwrap()]);
+    assert!(out.status.success());
+    // The watcher's backoff grows to half a minute between retries.
+    eventually(
+        "/readyz to answer 200 once NodeSets may be listed",
+        90 * SECOND,
+        || async { (status(&ipvslb.get("/readyz")) == Some(200)).then_some(()) },
+    )
+    .await;
+    assert!(ipvslb.exited().is_none(), "{}", ipvslb.logs());
+}
+
+/// SIGTERM while the API server has stopped answering: the lease release and any reconcile
+/// hang, and the process exits at its deadline anyway, naming what it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_the_process_exits_by_its_deadline_naming_what_it_left_unfinished() {
+    let cluster = cluster();
+    let (_turn, client) = turn(&["stop", "ipvslb-system"]).await;
+    let class = "test.ipvslb.io/stop";
+    cluster.apply(&pool_yaml(
+        "stop",
+        class,
+        &["10.250.7.10-10.250.7.20"],
+        &["stop"],
+    ));
+    let upstream = cluster.url.trim_start_matches("https://").parse().unwrap();
+    let relay = Relay::start(upstream).await;
+    let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    assert!(admin.contains(&cluster.url));
+    let kubeconfig = cluster.dir.join("stop-kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        admin.replace(&cluster.url, &format!("https://{}", relay.addr)),
+    )
+    .unwrap();
+    let mut ipvslb = Ipvslb::spawn(
+        &kubeconfig,
+        class,
+        "stop-test",
+        &[],
+        // As a Pod spec would set it.
+        "export IPVSLB_SHUTDOWN_TIMEOUT=2s &&",
+        cluster.dir.join("stop-ipvslb.log"),
+    );
+    cluster.apply(&service_yaml("stop", "web", class, &[80], &[]));
+    wait_ingress(&client, "stop", "web", &["10.250.7.10"], 20 * SECOND).await;
+    for i in 0..5 {
+        cluster.apply(&service_yaml("stop", &format!("s{i}"), class, &[80], &[]));
+    }
+    relay.freeze();
+    ipvslb.terminate();
+    let deadline = std::time::Instant::now() + 30 * SECOND;
+    let exit = loop {
+        if let Some(exit) = ipvslb.exited() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running 30 s after SIGTERM:\n{}",
+            ipvslb.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer
+    let logs = ipvslb.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("shutdown deadline passed"))
+        .unwrap_or_else(|| panic!("no line says what was left ({exit}):\n{logs}"));
+    assert!(line.contains("the lease (release)"), "{line}");
 }

@@ -30,6 +30,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The admin bearer token written in `kubeconfig`.
     pub token: String,
+    /// The API server's URL.
+    pub url: String,
     _server: std::sync::Mutex<Option<server::Server>>,
 }
 
@@ -59,6 +61,7 @@ pub fn cluster() -> &'static Cluster {
             kubectl: server.kubectl.clone(),
             dir: dir.clone(),
             token: server.token.clone(),
+            url: server.url.clone(),
             _server: std::sync::Mutex::new(Some(server)),
         };
         let out = cluster.kubectl(&["apply", "-f", crds.to_str().unwrap()]);
@@ -243,9 +246,11 @@ impl Controllers {
             metrics.clone(),
             stop,
         )));
-        tasks.push(tokio::spawn(
-            services.run(client, ipvslb::cached::CachedService::trim),
-        ));
+        tasks.push(tokio::spawn(services.run(
+            client,
+            ipvslb::cached::CachedService::trim,
+            &metrics.health,
+        )));
         if let Some(sender) = keep {
             // Keep the leadership channel open for the life of the controllers.
             tasks.push(tokio::spawn(async move {
@@ -345,4 +350,216 @@ pub fn service_yaml(
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  annotations:\n{annotations}    x: \"y\"\nspec:\n  type: LoadBalancer\n  loadBalancerClass: {class}\n  selector: {{app: {name}}}\n  ports:\n{ports}"
     )
+}
+
+/// A free loopback address for a server to bind.
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+/// A plain HTTP/1.0 GET on loopback, returning the whole answer (empty if none came).
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\n\r\n");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+/// The status code of an HTTP answer.
+pub fn status(answer: &str) -> Option<u16> {
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The body of an HTTP answer.
+pub fn body(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+impl Cluster {
+    /// A kubeconfig for ServiceAccount `ipvslb-system/ipvslb`, bound to ClusterRole `ipvslb`
+    /// (whatever rules it has at the time), written to `file` in the cluster's directory.
+    pub fn service_account_kubeconfig(&self, file: &str) -> PathBuf {
+        self.apply(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ipvslb, namespace: ipvslb-system}\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: ipvslb}\n\
+             roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: ipvslb}\n\
+             subjects: [{kind: ServiceAccount, name: ipvslb, namespace: ipvslb-system}]\n",
+        );
+        let token = self.kubectl(&[
+            "create",
+            "token",
+            "ipvslb",
+            "-n",
+            "ipvslb-system",
+            "--duration=1h",
+        ]);
+        assert!(
+            token.status.success(),
+            "{}",
+            String::from_utf8_lossy(&token.stderr)
+        );
+        let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        assert!(admin.contains(&self.token));
+        let path = self.dir.join(file);
+        std::fs::write(&path, admin.replace(&self.token, &token)).unwrap();
+        path
+    }
+
+    /// The chart's ClusterRole, as a file and as text.
+    pub fn chart_role() -> (PathBuf, String) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../charts/ipvslb/templates/clusterrole.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        (path, text)
+    }
+}
+
+/// The real binary, `ipvslb run` with the in-memory data plane, its log in a file; killed on
+/// drop.
+pub struct Ipvslb {
+    child: std::process::Child,
+    log: PathBuf,
+    /// Where its probes are served.
+    pub probes: String,
+}
+
+impl Ipvslb {
+    /// Runs `ipvslb run` against `kubeconfig` serving `class`, electing on Lease
+    /// `ipvslb-system/lease`, with `extra` arguments; `wrap` is a shell prefix (such as a
+    /// `ulimit`) or empty. The log goes to `log`.
+    pub fn spawn(
+        kubeconfig: &Path,
+        class: &str,
+        lease: &str,
+        extra: &[&str],
+        wrap: &str,
+        log: PathBuf,
+    ) -> Self {
+        let probes = free_addr();
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("{wrap} exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_ipvslb"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args([
+                "--load-balancer-class",
+                class,
+                "--unclassed-services",
+                "ignore",
+            ])
+            .args(["--dataplane", "memory", "--metrics-addr", &probes])
+            .args(["--lease-name", lease, "--lease-namespace", "ipvslb-system"])
+            .args(["--lease-duration", "3s"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().expect("ipvslb runs");
+        Self { child, log, probes }
+    }
+
+    /// Its log so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A GET of `path` on its probes server.
+    pub fn get(&self, path: &str) -> String {
+        http_get(&self.probes, path)
+    }
+
+    /// Whether it still runs (its exit status if not).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Sends SIGTERM, as the kubelet does.
+    pub fn terminate(&self) {
+        let out = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill -TERM failed");
+    }
+}
+
+impl Drop for Ipvslb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on loopback that can be frozen: from then on it forwards nothing, in either
+/// direction, on old or new connections. An API server that stops answering, without closing.
+pub struct Relay {
+    /// Where clients connect.
+    pub addr: String,
+    frozen: watch::Sender<bool>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// A relay to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (frozen, watching) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let watching = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let pipe = |mut from: tokio::net::tcp::OwnedReadHalf,
+                                mut to: tokio::net::tcp::OwnedWriteHalf,
+                                watching: watch::Receiver<bool>| async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if *watching.borrow() {
+                                // Frozen for good: hold the connection, forward nothing.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let up = pipe(client_read, server_write, watching.clone());
+                    let down = pipe(server_read, client_write, watching);
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self {
+            addr,
+            frozen,
+            _task: task,
+        }
+    }
+
+    /// Stops forwarding, for good.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
 }
