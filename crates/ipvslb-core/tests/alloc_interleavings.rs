@@ -8,15 +8,15 @@
 //! `IPVSLB_SEED=n cargo test -p ipvslb-core --test alloc_interleavings` replays one seed;
 //! `IPVSLB_SEEDS=n` runs that many (default 2,000).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipvslb_core::alloc::{AllocError, Allocator};
 use ipvslb_core::{
-    FamilyPolicy, IpFamily, IpRange, PoolRole, PoolSpec, PortKey, Requested, ServiceAllocation,
-    ServiceClaim, ServiceName,
+    IpRange, PoolRole, PoolSpec, Requested, ServiceAllocation, ServiceClaim, ServiceName,
 };
-use ipvslb_ipvs::Protocol;
 
 /// xorshift64*: small, seedable, the same on every machine.
 struct Rng(u64);
@@ -129,16 +129,9 @@ impl Sim {
 
     fn new_pool(&mut self, name: &str, first: u8, last: u8) -> PoolSpec {
         self.pool_clock += 1;
-        PoolSpec {
-            name: name.into(),
-            created: self.pool_clock,
-            role: PoolRole::Serving,
-            ranges: vec![IpRange::new(v4(first), v4(last)).expect("ordered")],
-            auto_assign: true,
-            avoid_buggy_ips: false,
-            node_set: "default".into(),
-            service_allocation: None,
-        }
+        let mut pool = common::pool(name, self.pool_clock, &[]);
+        pool.ranges = vec![IpRange::new(v4(first), v4(last)).expect("ordered")];
+        pool
     }
 
     /// The claims as the controller builds them from its cache: status as the record.
@@ -178,23 +171,7 @@ impl Sim {
             format!("s{}", self.next_service),
         );
         self.next_service += 1;
-        let mut claim = ServiceClaim {
-            name: name.clone(),
-            created: i64::from(self.next_service),
-            families: FamilyPolicy::SingleStack {
-                primary: IpFamily::V4,
-            },
-            requested: Requested::Any,
-            pool: None,
-            sharing_key: None,
-            ports: vec![PortKey {
-                protocol: Protocol::Tcp,
-                port: 80,
-            }],
-            current: Vec::new(),
-            labels: BTreeMap::new(),
-            namespace_labels: Default::default(),
-        };
+        let mut claim = common::claim(&name.namespace, &name.name, i64::from(self.next_service));
         if self.rng.chance(20) {
             claim.requested = Requested::Addresses(vec![v4(self.rng.below(16) as u8)]);
         }

@@ -6,51 +6,21 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+mod common;
+
 use ipvslb_core::alloc::{AllocError, Allocator, PoolProblem};
-use ipvslb_core::{
-    FamilyPolicy, IpFamily, IpRange, PoolRole, PoolSpec, PortKey, Requested, ServiceAllocation,
-    ServiceClaim, ServiceName,
-};
-use ipvslb_ipvs::Protocol;
+use ipvslb_core::{PoolRole, PoolSpec, Requested, ServiceAllocation, ServiceClaim, ServiceName};
 
 fn addr(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
 fn svc(namespace: &str, name: &str, created: i64) -> ServiceClaim {
-    ServiceClaim {
-        name: ServiceName::new(namespace, name),
-        created,
-        families: FamilyPolicy::SingleStack {
-            primary: IpFamily::V4,
-        },
-        requested: Requested::Any,
-        pool: None,
-        sharing_key: None,
-        ports: vec![PortKey {
-            protocol: Protocol::Tcp,
-            port: 80,
-        }],
-        current: Vec::new(),
-        labels: BTreeMap::new(),
-        namespace_labels: Default::default(),
-    }
+    common::claim(namespace, name, created)
 }
 
 fn pool(name: &str, created: i64, ranges: &[&str]) -> PoolSpec {
-    PoolSpec {
-        name: name.into(),
-        created,
-        role: PoolRole::Serving,
-        ranges: ranges
-            .iter()
-            .map(|r| r.parse::<IpRange>().expect("test range"))
-            .collect(),
-        auto_assign: true,
-        avoid_buggy_ips: false,
-        node_set: "default".into(),
-        service_allocation: None,
-    }
+    common::pool(name, created, ranges)
 }
 
 /// The write-up's pool, created first.

@@ -1,7 +1,8 @@
 //! The allocator driven as a script: each table runs in order against one allocator, each row a
 //! sentence saying what should happen.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::IpAddr;
 
 use ipvslb_core::alloc::{AllocError, Allocator, Assignment, PoolProblem, allocate_all};
@@ -26,20 +27,8 @@ fn addr(s: &str) -> IpAddr {
 }
 
 fn svc(path: &str) -> ServiceClaim {
-    ServiceClaim {
-        name: name(path),
-        created: 0,
-        families: FamilyPolicy::SingleStack {
-            primary: IpFamily::V4,
-        },
-        requested: Requested::Any,
-        pool: None,
-        sharing_key: None,
-        ports: vec![tcp(80)],
-        current: Vec::new(),
-        labels: BTreeMap::new(),
-        namespace_labels: Default::default(),
-    }
+    let name = name(path);
+    common::claim(&name.namespace, &name.name, 0)
 }
 
 fn tcp(port: u16) -> PortKey {
@@ -108,19 +97,7 @@ impl ClaimExt for ServiceClaim {
 }
 
 fn pool(name: &str, ranges: &[&str]) -> PoolSpec {
-    PoolSpec {
-        name: name.into(),
-        created: 0,
-        role: ipvslb_core::PoolRole::Serving,
-        ranges: ranges
-            .iter()
-            .map(|r| r.parse::<IpRange>().expect("test range"))
-            .collect(),
-        auto_assign: true,
-        avoid_buggy_ips: false,
-        node_set: "default".into(),
-        service_allocation: None,
-    }
+    common::pool(name, 0, ranges)
 }
 
 fn selective(mut spec: PoolSpec, priority: i32, namespaces: &[&str]) -> PoolSpec {

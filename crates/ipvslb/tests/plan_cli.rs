@@ -280,3 +280,51 @@ fn crds_prints_both_custom_resource_definitions() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("name: ippools.ipvslb.io") && text.contains("name: nodesets.ipvslb.io"));
 }
+
+/// The report that found the overlap bug, reviewed offline: whoami, s1 and s3 hold .210, .211
+/// and .213 of `default` in their statuses, and a one-address pool named before it is added.
+#[test]
+fn a_stray_pool_reviewed_with_plan_moves_nobody_and_is_reported_as_overlapping() {
+    let recorded = |name: &str, second: u8, ip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, creationTimestamp: \"2026-01-01T00:00:0{second}Z\"}}\nspec:\n  type: LoadBalancer\n  ports: [{{port: 80}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {ip}}}]\n"
+        )
+    };
+    let services = [
+        recorded("whoami", 1, "10.240.0.210"),
+        recorded("s1", 2, "10.240.0.211"),
+        recorded("s3", 4, "10.240.0.213"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s4, namespace: default}\nspec:\n  type: LoadBalancer\n  ports: [{port: 80}]\n".to_owned(),
+    ]
+    .join("---\n");
+    let dir = scratch(
+        "stray",
+        &[
+            (
+                "pools.yaml",
+                "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: default, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec:\n  addresses: [10.240.0.210-10.240.0.215]\n---\napiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: a-stray, creationTimestamp: \"2026-02-01T00:00:00Z\"}\nspec:\n  addresses: [10.240.0.214]\n",
+            ),
+            ("services.yaml", &services),
+        ],
+    );
+    let plan = plan_json(std::slice::from_ref(&dir));
+    for (name, ip) in [
+        ("whoami", "10.240.0.210"),
+        ("s1", "10.240.0.211"),
+        ("s3", "10.240.0.213"),
+        ("s4", "10.240.0.212"),
+    ] {
+        assert_eq!(
+            service(&plan, "default", name)["ingress"],
+            serde_json::json!([ip]),
+            "{name}: {plan}"
+        );
+    }
+    let out = ipvslb(&["plan", "-f", dir.to_str().unwrap()]);
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pool a-stray overlaps pool default on 10.240.0.214"),
+        "{text}"
+    );
+}
