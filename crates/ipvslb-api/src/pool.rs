@@ -46,7 +46,9 @@ pub struct IPPoolSpec {
     #[schemars(length(min = 1, max = 253))]
     pub node_set: String,
 
-    /// Which Services this pool serves; absent: any Service.
+    /// Which Services this pool serves; absent: any Service. A restriction: a Service it does
+    /// not select never gets an address of this pool, whether it names the pool, requests one
+    /// of its addresses or relies on auto-assignment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_allocation: Option<ServiceAllocation>,
 
@@ -76,22 +78,27 @@ pub struct IPPoolSpec {
 ]))]
 pub struct PoolAddress(#[schemars(length(min = 1, max = 100))] pub String);
 
-/// Which Services a pool serves, and how much it is preferred.
+/// Which Services a pool serves, and how much it is preferred. A Service qualifies when its
+/// namespace is named in `namespaces` or matches one of `namespaceSelectors` (both empty: any
+/// namespace), and, if `serviceSelectors` is set, its labels match one of them.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceAllocation {
-    /// Pools with a higher priority are tried first.
+    /// Among the pools that select a Service, a higher priority is tried first (MetalLB's
+    /// `serviceAllocation.priority` runs the other way: lower first). Pools with a
+    /// serviceAllocation come before pools without one.
     #[serde(default)]
     pub priority: i32,
-    /// Namespaces served, by name (empty: any).
+    /// Namespaces served, by name; a namespace named here or matching `namespaceSelectors`
+    /// qualifies (both empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub namespaces: Vec<String>,
-    /// Namespaces served, by label: any selector may match (empty: any).
+    /// Namespaces served, by label: any selector may match; an alternative to `namespaces`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub namespace_selectors: Vec<LabelSelector>,
-    /// Services served, by label: any selector may match (empty: any).
+    /// Services served, by label, within the namespaces above: any selector may match (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub service_selectors: Vec<LabelSelector>,

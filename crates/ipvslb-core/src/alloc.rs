@@ -81,15 +81,19 @@ pub enum AllocError {
         /// The named pool.
         pool: String,
     },
-    /// A requested address lies in a pool whose `serviceAllocation` does not select the Service.
-    #[error(
-        "address {addr} is in pool {pool}, whose serviceAllocation does not select this Service; name the pool with the ipvslb.io/pool annotation to use it anyway"
-    )]
+    /// The Service names a pool, or requests an address of one, whose `serviceAllocation`
+    /// does not select it. That is a restriction set by the pool's owner, which nothing on
+    /// the Service lifts.
+    #[error("{}pool {pool} serves only {serves}, not Service {service}; use a pool that serves it, or ask the pool's owner to widen its serviceAllocation", .addr.map(|a| format!("address {a} is in pool {pool}: ")).unwrap_or_default())]
     PoolNotForService {
-        /// The address.
-        addr: IpAddr,
+        /// The requested address, if the Service asked for one.
+        addr: Option<IpAddr>,
         /// The pool.
         pool: String,
+        /// Whom the pool serves.
+        serves: String,
+        /// The Service refused.
+        service: ServiceName,
     },
     /// Two requested addresses lie in different pools; a Service's addresses come from one pool.
     #[error(
@@ -261,7 +265,7 @@ impl fmt::Display for NoPoolReason {
         f.write_str(match self {
             NoPoolReason::NoPools => "there is no IPPool; create one",
             NoPoolReason::NoneSelects => {
-                "every pool with autoAssign has a serviceAllocation that does not select it; name a pool with the ipvslb.io/pool annotation or widen a serviceAllocation"
+                "every pool with autoAssign has a serviceAllocation that does not select it; ask a pool's owner to widen its serviceAllocation, or create a pool that serves it"
             }
             NoPoolReason::NoneAutoAssigns => {
                 "no pool has autoAssign enabled; request an address or name a pool with the ipvslb.io/pool annotation"
@@ -531,7 +535,7 @@ impl Pool {
         let asked = claim.pool.is_some()
             || matches!(&claim.requested, Requested::Addresses(a) if !a.is_empty());
         self.serving().is_ok()
-            && (claim.pool.is_some() || self.selects(claim))
+            && self.selects(claim)
             && (asked || self.spec.auto_assign)
             && !addrs.iter().any(|a| self.avoids(*a))
     }
@@ -546,20 +550,23 @@ impl Pool {
 
     /// Whether the pool's `serviceAllocation` (if any) selects the Service.
     fn selects(&self, claim: &ServiceClaim) -> bool {
-        let Some(sa) = &self.spec.service_allocation else {
-            return true;
-        };
-        (sa.namespaces.is_empty() || sa.namespaces.contains(&claim.name.namespace))
-            && (sa.namespace_selectors.is_empty()
-                || sa
-                    .namespace_selectors
-                    .iter()
-                    .any(|s| s.matches(&claim.namespace_labels)))
-            && (sa.service_selectors.is_empty()
-                || sa
-                    .service_selectors
-                    .iter()
-                    .any(|s| s.matches(&claim.labels)))
+        self.spec
+            .service_allocation
+            .as_ref()
+            .is_none_or(|sa| sa.selects(claim))
+    }
+
+    /// Refuses a Service its `serviceAllocation` does not select, whatever it asked for.
+    fn check_selects(&self, claim: &ServiceClaim, addr: Option<IpAddr>) -> Result<(), AllocError> {
+        match &self.spec.service_allocation {
+            Some(sa) if !sa.selects(claim) => Err(AllocError::PoolNotForService {
+                addr,
+                pool: self.name().to_owned(),
+                serves: sa.serves(),
+                service: claim.name.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1175,13 +1182,18 @@ impl Allocator {
             FamilyPolicy::RequireDualStack { .. } => {
                 self.take_from_pools(claim, &candidates, &both)
             }
-            FamilyPolicy::PreferDualStack { .. } => self
-                .take_from_pools(claim, &candidates, &both)
-                .or_else(|_| self.take_from_pools(claim, &candidates, &[primary]))
-                .or_else(|primary_error| {
-                    self.take_from_pools(claim, &candidates, &[primary.other()])
-                        .map_err(|_| primary_error)
-                }),
+            FamilyPolicy::PreferDualStack { .. } => {
+                // Priority and selection choose the pool; the pool's families decide how many
+                // addresses the Service gets, never the other way round.
+                for &index in &candidates {
+                    for families in [&both[..], &[primary], &[primary.other()]] {
+                        if let Ok(assignment) = self.take_in_pool(claim, index, families) {
+                            return Ok(assignment);
+                        }
+                    }
+                }
+                self.take_from_pools(claim, &candidates, &[primary])
+            }
         }
     }
 
@@ -1193,6 +1205,7 @@ impl Allocator {
                 .pool_named(name)
                 .ok_or_else(|| AllocError::UnknownPool(name.clone()))?;
             self.pools[index].serving()?;
+            self.pools[index].check_selects(claim, None)?;
             return Ok(vec![index]);
         }
         let auto = |p: &&Pool| p.spec.auto_assign && !p.intervals.is_empty() && p.serving().is_ok();
@@ -1358,11 +1371,8 @@ impl Allocator {
                 _ => {}
             }
             let request = taking == Taking::Request;
-            if request && claim.pool.is_none() && !pool.selects(claim) {
-                return Err(AllocError::PoolNotForService {
-                    addr,
-                    pool: pool.name().to_owned(),
-                });
+            if request {
+                pool.check_selects(claim, Some(addr))?;
             }
             if request && pool.avoids(addr) {
                 return Err(AllocError::AvoidedAddress {

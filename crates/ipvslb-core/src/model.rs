@@ -176,17 +176,66 @@ pub enum PoolRole {
     Foreign(String),
 }
 
-/// A pool's `serviceAllocation`: it serves only matching Services, preferred by priority.
+/// A pool's `serviceAllocation`: a restriction (it serves only the Services it selects,
+/// whatever they ask for), and a preference by priority among the pools that select a Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceAllocation {
     /// Higher values are tried first.
     pub priority: i32,
-    /// Namespaces served by name (empty: no restriction by name).
+    /// Namespaces served by name. With `namespace_selectors`, the alternatives: a namespace
+    /// named here or matching a selector qualifies (both empty: any namespace).
     pub namespaces: Vec<String>,
-    /// Namespaces served by label (empty: no restriction by label).
+    /// Namespaces served by label (see `namespaces`).
     pub namespace_selectors: Vec<Selector>,
-    /// Services served by label (empty: no restriction by label).
+    /// Services served by label, within the namespaces above (empty: any Service).
     pub service_selectors: Vec<Selector>,
+}
+
+impl ServiceAllocation {
+    /// Whether it selects the Service `claim` describes.
+    pub fn selects(&self, claim: &ServiceClaim) -> bool {
+        let any_namespace = self.namespaces.is_empty() && self.namespace_selectors.is_empty();
+        let namespace = any_namespace
+            || self.namespaces.contains(&claim.name.namespace)
+            || self
+                .namespace_selectors
+                .iter()
+                .any(|s| s.matches(&claim.namespace_labels));
+        namespace
+            && (self.service_selectors.is_empty()
+                || self
+                    .service_selectors
+                    .iter()
+                    .any(|s| s.matches(&claim.labels)))
+    }
+
+    /// Whom it serves, for a refusal's message: `namespaces prod or namespaces labelled
+    /// team=a, Services labelled tier=web`.
+    pub fn serves(&self) -> String {
+        let mut namespaces: Vec<String> = Vec::new();
+        if !self.namespaces.is_empty() {
+            namespaces.push(format!("namespaces {}", self.namespaces.join(", ")));
+        }
+        namespaces.extend(
+            self.namespace_selectors
+                .iter()
+                .map(|s| format!("namespaces labelled {s}")),
+        );
+        let mut whom = if namespaces.is_empty() {
+            "any namespace".to_owned()
+        } else {
+            namespaces.join(" or ")
+        };
+        if !self.service_selectors.is_empty() {
+            let services: Vec<String> = self
+                .service_selectors
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            whom.push_str(&format!(", Services labelled {}", services.join(" or ")));
+        }
+        whom
+    }
 }
 
 /// Where a NodeSet's traffic goes on each node.

@@ -34,6 +34,28 @@ impl Selector {
     }
 }
 
+/// The selector as `kubectl get -l` writes it (`team=a,zone in (x,y),!off`).
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut terms: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        terms.extend(self.match_expressions.iter().map(|r| match r {
+            Requirement::In(k, v) => format!("{k} in ({})", v.join(",")),
+            Requirement::NotIn(k, v) => format!("{k} notin ({})", v.join(",")),
+            Requirement::Exists(k) => k.clone(),
+            Requirement::DoesNotExist(k) => format!("!{k}"),
+        }));
+        if terms.is_empty() {
+            f.write_str("everything")
+        } else {
+            f.write_str(&terms.join(","))
+        }
+    }
+}
+
 impl Requirement {
     /// Whether `labels` satisfy this requirement.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -84,5 +106,10 @@ mod tests {
         };
         assert!(exists.matches(&labels(&[("x", "")])));
         assert!(!exists.matches(&labels(&[])));
+        assert_eq!(
+            s.to_string(),
+            "role=lb,zone in (a,b),tier notin (test),!off"
+        );
+        assert_eq!(exists.to_string(), "x");
     }
 }

@@ -642,14 +642,25 @@ fn selective_pools_serve_matching_services_by_priority_and_no_one_else() {
                 Want::Fails("PoolExhausted", &["pool general"]),
             ),
             assign(
-                "naming gold with the annotation serves dev anyway",
+                "naming gold with the annotation does not open it to dev",
                 svc("dev/x3").pool("gold"),
-                Want::From("gold"),
+                Want::Fails(
+                    "PoolNotForService",
+                    &["pool gold serves only namespaces prod", "dev/x3"],
+                ),
             ),
             assign(
-                "requesting a gold address without the annotation is refused",
+                "requesting a gold address is refused the same way",
                 svc("dev/x4").ips(&["10.1.0.7"]),
-                Want::Fails("PoolNotForService", &["10.1.0.7", "gold", "ipvslb.io/pool"]),
+                Want::Fails(
+                    "PoolNotForService",
+                    &["address 10.1.0.7 is in pool gold", "namespaces prod"],
+                ),
+            ),
+            assign(
+                "nor do both together",
+                svc("dev/x4").pool("gold").ips(&["10.1.0.7"]),
+                Want::Fails("PoolNotForService", &["gold"]),
             ),
             assign(
                 "a manual pool serves an explicit request",
@@ -983,4 +994,86 @@ fn an_ipv6_slash_64_is_counted_without_listing_it() {
     assert_eq!(a.assign(&claim).map(|x| x.addresses), Ok(vec![addr("::")]));
     assert!(a.release(&claim.name).is_some());
     assert_eq!(a.usage("all").expect("pool").available_v6, u128::MAX);
+}
+
+#[test]
+fn priority_and_selection_choose_the_pool_before_the_family_count() {
+    // dev's own IPv4-only pool is preferred over a dual-stack pool open to everyone.
+    let (mut a, _) = Allocator::new(vec![
+        selective(pool("dev-v4", &["10.4.0.0/31"]), 10, &["dev"]),
+        pool("shared-ds", &["10.5.0.0/30", "2001:db8:5::/126"]),
+    ]);
+    run(
+        &mut a,
+        vec![
+            assign(
+                "PreferDualStack in dev takes IPv4 from its own pool, not both from the other",
+                svc("dev/p1").families(PREFER),
+                Want::FromGot("dev-v4", &["10.4.0.0"]),
+            ),
+            assign(
+                "the same outside dev gets both from the open dual-stack pool",
+                svc("web/p2").families(PREFER),
+                Want::FromGot("shared-ds", &["10.5.0.0", "2001:db8:5::"]),
+            ),
+            assign(
+                "RequireDualStack in dev still needs both from one pool, so it gets the open one",
+                svc("dev/r1").families(REQUIRE),
+                Want::FromGot("shared-ds", &["10.5.0.1", "2001:db8:5::1"]),
+            ),
+            assign(
+                "PreferDualStack in dev takes the last IPv4 of its pool",
+                svc("dev/p3").families(PREFER),
+                Want::FromGot("dev-v4", &["10.4.0.1"]),
+            ),
+            assign(
+                "with its own pool full it falls to the next pool, with both families there",
+                svc("dev/p4").families(PREFER),
+                Want::FromGot("shared-ds", &["10.5.0.2", "2001:db8:5::2"]),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn namespaces_and_namespace_selectors_are_alternatives_and_service_selectors_narrow() {
+    let mut team = selective(pool("team", &["10.6.0.0/29"]), 1, &["ops"]);
+    if let Some(sa) = &mut team.service_allocation {
+        sa.namespace_selectors = vec![selector("team", "blue")];
+        sa.service_selectors = vec![selector("expose", "yes")];
+    }
+    let (mut a, _) = Allocator::new(vec![team]);
+    run(
+        &mut a,
+        vec![
+            assign(
+                "a namespace named in the list qualifies without the label",
+                svc("ops/a").label("expose", "yes"),
+                Want::From("team"),
+            ),
+            assign(
+                "a namespace with the label qualifies without being named",
+                svc("blue-1/b")
+                    .ns_label("team", "blue")
+                    .label("expose", "yes"),
+                Want::From("team"),
+            ),
+            assign(
+                "a qualifying namespace still needs a matching Service",
+                svc("ops/c"),
+                Want::Fails("NoPoolAvailable", &["serviceAllocation"]),
+            ),
+            assign(
+                "naming the pool from another namespace is refused, saying whom it serves",
+                svc("dev/d").label("expose", "yes").pool("team"),
+                Want::Fails(
+                    "PoolNotForService",
+                    &[
+                        "pool team serves only namespaces ops or namespaces labelled team=blue, Services labelled expose=yes",
+                        "not Service dev/d",
+                    ],
+                ),
+            ),
+        ],
+    );
 }

@@ -14,7 +14,7 @@ use ipvslb_core::{
     ServicePort, TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -124,11 +124,7 @@ pub fn claim(
     ServiceClaim {
         name: service_name(service),
         created: created(service),
-        families: family_policy(
-            spec.ip_families.as_deref(),
-            spec.ip_family_policy.as_deref(),
-            &requested,
-        ),
+        families: family_policy(&spec, &requested),
         requested,
         pool: annotations
             .get(ANNOTATION_POOL)
@@ -199,22 +195,43 @@ fn requested(field: Option<&str>, annotation: Option<&String>) -> Requested {
     }
 }
 
-fn family_policy(
-    families: Option<&[String]>,
-    policy: Option<&str>,
-    requested: &Requested,
-) -> FamilyPolicy {
-    let primary = match families.and_then(|f| f.first()).map(String::as_str) {
-        Some("IPv6") => IpFamily::V6,
-        Some(_) => IpFamily::V4,
+/// The families a Service gets VIPs of: those it has, from `spec.clusterIPs` where set, else
+/// `spec.ipFamilies` (the API server narrows both to what the cluster runs: a PreferDualStack
+/// Service on a single-stack cluster has one family, and must not get a VIP of the other).
+fn family_policy(spec: &ServiceSpec, requested: &Requested) -> FamilyPolicy {
+    let from_ips: Vec<IpFamily> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .map(|ip| IpFamily::of(&ip))
+        .collect();
+    let has: Vec<IpFamily> = if from_ips.is_empty() {
+        spec.ip_families
+            .iter()
+            .flatten()
+            .map(|f| match f.as_str() {
+                "IPv6" => IpFamily::V6,
+                _ => IpFamily::V4,
+            })
+            .collect()
+    } else {
+        from_ips
+    };
+    let primary = match has.first() {
+        Some(family) => *family,
         // Manifests read offline have no ipFamilies yet (the API server fills them in): follow
         // the requested address if there is one.
         None => match requested {
-            Requested::Addresses(a) if a.iter().all(|a| a.is_ipv6()) => IpFamily::V6,
+            Requested::Addresses(a) if !a.is_empty() && a.iter().all(|a| a.is_ipv6()) => {
+                IpFamily::V6
+            }
             _ => IpFamily::V4,
         },
     };
-    match policy {
+    let one_family = has.len() == 1;
+    match spec.ip_family_policy.as_deref() {
+        Some("PreferDualStack") if one_family => FamilyPolicy::SingleStack { primary },
         Some("PreferDualStack") => FamilyPolicy::PreferDualStack { primary },
         Some("RequireDualStack") => FamilyPolicy::RequireDualStack { primary },
         _ => FamilyPolicy::SingleStack { primary },
@@ -608,5 +625,50 @@ mod tests {
         assert_eq!(status.images, None);
         assert_eq!(status.conditions.map(|c| c.len()), Some(1));
         assert_eq!(trimmed.metadata.annotations, None);
+    }
+
+    fn families_of(spec: serde_json::Value) -> FamilyPolicy {
+        let spec: ServiceSpec = serde_json::from_value(spec).unwrap();
+        family_policy(&spec, &Requested::Any)
+    }
+
+    #[test]
+    fn a_service_gets_vips_of_the_families_it_has_and_never_of_one_it_lacks() {
+        use IpFamily::{V4, V6};
+        let cases = [
+            (
+                "PreferDualStack on a single-stack cluster (one family) is single-stack",
+                serde_json::json!({"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4"], "clusterIPs": ["10.96.0.10"]}),
+                FamilyPolicy::SingleStack { primary: V4 },
+            ),
+            (
+                "PreferDualStack with both families prefers both, the first one primary",
+                serde_json::json!({"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv6", "IPv4"], "clusterIPs": ["fd00::10", "10.96.0.10"]}),
+                FamilyPolicy::PreferDualStack { primary: V6 },
+            ),
+            (
+                "clusterIPs win over ipFamilies where they disagree",
+                serde_json::json!({"ipFamilyPolicy": "PreferDualStack", "ipFamilies": ["IPv4", "IPv6"], "clusterIPs": ["fd00::10"]}),
+                FamilyPolicy::SingleStack { primary: V6 },
+            ),
+            (
+                "RequireDualStack stays required",
+                serde_json::json!({"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}),
+                FamilyPolicy::RequireDualStack { primary: V4 },
+            ),
+            (
+                "a manifest read offline, with no families yet, keeps its policy",
+                serde_json::json!({"ipFamilyPolicy": "PreferDualStack"}),
+                FamilyPolicy::PreferDualStack { primary: V4 },
+            ),
+            (
+                "no policy is single-stack of the first family",
+                serde_json::json!({"ipFamilies": ["IPv6"]}),
+                FamilyPolicy::SingleStack { primary: V6 },
+            ),
+        ];
+        for (says, spec, want) in cases {
+            assert_eq!(families_of(spec), want, "{says}");
+        }
     }
 }

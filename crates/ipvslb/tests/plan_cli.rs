@@ -328,3 +328,35 @@ fn a_stray_pool_reviewed_with_plan_moves_nobody_and_is_reported_as_overlapping()
         "{text}"
     );
 }
+
+#[test]
+fn a_restricted_pool_stays_restricted_and_a_single_family_service_gets_one_vip() {
+    let dir = scratch(
+        "semantics",
+        &[
+            (
+                "pools.yaml",
+                "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: prod}\nspec:\n  addresses: [10.240.4.0/29]\n  serviceAllocation: {namespaces: [prod]}\n---\napiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata: {name: ds}\nspec:\n  addresses: [10.240.5.0/29, \"2001:db8:5::/64\"]\n",
+            ),
+            (
+                "services.yaml",
+                "apiVersion: v1\nkind: Service\nmetadata: {name: sneaky, namespace: dev, annotations: {ipvslb.io/pool: prod}}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: asks, namespace: dev}\nspec: {type: LoadBalancer, loadBalancerIP: 10.240.4.3, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: v4-cluster, namespace: dev}\nspec: {type: LoadBalancer, ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv4], clusterIPs: [10.96.0.20], ports: [{port: 80}]}\n",
+            ),
+        ],
+    );
+    let plan = plan_json(std::slice::from_ref(&dir));
+    for name in ["sneaky", "asks"] {
+        let outcome = service(&plan, "dev", name);
+        assert_eq!(outcome["ingress"], serde_json::json!([]), "{name}: {plan}");
+        let reason = outcome["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("pool prod serves only namespaces prod, not Service dev/"),
+            "{name}: {reason}"
+        );
+    }
+    assert_eq!(
+        service(&plan, "dev", "v4-cluster")["ingress"],
+        serde_json::json!(["10.240.5.0"]),
+        "{plan}"
+    );
+}
