@@ -54,6 +54,11 @@ impl Owned {
     }
 }
 
+/// A point in the sequence of per-Service converges. A full pass takes one before it reads the
+/// caches: what a Service's converge did after that point is newer than the pass's snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Generation(u64);
+
 /// Per-director memory that is allowed to be lost: which keys each Service was given, when each
 /// draining destination started draining, and the interface's addresses as last seen. After a
 /// restart the full pass rebuilds the first and the last, and draining restarts its clock, which
@@ -84,6 +89,11 @@ struct State {
     /// The interface's addresses as last read or written (`None`: unknown, read next time).
     interface: Option<BTreeSet<IpAddr>>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
+    /// How many per-Service converges have run.
+    generation: u64,
+    /// The generation of each Service's latest per-Service converge since the last full pass
+    /// that is older than it.
+    converged: BTreeMap<ServiceName, u64>,
 }
 
 impl State {
@@ -119,6 +129,11 @@ impl<D: Dataplane> Converger<D> {
         }
     }
 
+    /// The current generation: take it before reading the caches for a full pass.
+    pub fn generation(&self) -> Result<Generation, dataplane::Error> {
+        Ok(Generation(self.lock()?.generation))
+    }
+
     /// The data plane.
     pub fn dataplane(&self) -> &D {
         &self.dataplane
@@ -133,7 +148,13 @@ impl<D: Dataplane> Converger<D> {
         owned: &Owned,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
-        let previous = self.lock()?.held.get(name).cloned().unwrap_or_default();
+        // Held for the whole converge: a full pass applying a snapshot must not interleave
+        // with it, or each would undo part of the other.
+        let mut state = self.lock()?;
+        state.generation += 1;
+        let generation = state.generation;
+        state.converged.insert(name.clone(), generation);
+        let previous = state.held.get(name).cloned().unwrap_or_default();
         let keys: BTreeSet<ServiceKey> = desired
             .services
             .keys()
@@ -147,10 +168,15 @@ impl<D: Dataplane> Converger<D> {
                 actual.services.insert(*key, entry);
             }
         }
-        let mut report =
-            self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
-        let vips = self.add_missing_vips(desired, Addresses::Remembered, &mut report)?;
-        let mut state = self.lock()?;
+        let mut report = self.apply_diff(
+            &mut state,
+            &actual,
+            desired,
+            &|k: &ServiceKey| keys.contains(k),
+            now,
+        )?;
+        let vips =
+            self.add_missing_vips(&mut state, desired, Addresses::Remembered, &mut report)?;
         state.hold(name, desired.services.keys().copied().collect());
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
@@ -164,18 +190,54 @@ impl<D: Dataplane> Converger<D> {
     }
 
     /// Converges the whole owned table to `desired` and the interface to its VIPs; also
-    /// forgets Services that are gone, so their entries are collected.
+    /// forgets Services that are gone, so their entries are collected. `desired` and
+    /// `by_service` are a snapshot of the caches taken at `since`: the keys of a Service
+    /// converged after that are left, in the kernel and in memory, as that converge left them.
     pub fn converge_all(
         &self,
         desired: &Table,
         by_service: BTreeMap<ServiceName, Vec<ServiceKey>>,
         owned: &Owned,
+        since: Generation,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
-        let actual = self.dataplane.dump(owned)?;
-        let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
-        let vips = self.add_missing_vips(desired, Addresses::Read, &mut report)?;
         let mut state = self.lock()?;
+        let newer: BTreeMap<ServiceName, Vec<ServiceKey>> = state
+            .converged
+            .iter()
+            .filter(|(_, g)| **g > since.0)
+            .map(|(name, _)| {
+                (
+                    name.clone(),
+                    state.held.get(name).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        // What the snapshot says of a newer Service is stale, and what a newer Service holds
+        // now is its own: the pass touches neither.
+        let fresh: BTreeSet<ServiceKey> = newer
+            .values()
+            .flatten()
+            .chain(
+                by_service
+                    .iter()
+                    .filter(|(name, _)| newer.contains_key(*name))
+                    .flat_map(|(_, keys)| keys),
+            )
+            .copied()
+            .collect();
+        let mut wanted = desired.clone();
+        wanted.services.retain(|k, _| !fresh.contains(k));
+        let actual = self.dataplane.dump(owned)?;
+        let mut report = self.apply_diff(
+            &mut state,
+            &actual,
+            &wanted,
+            &|k: &ServiceKey| owned.owns(k) && !fresh.contains(k),
+            now,
+        )?;
+        let mut vips = self.add_missing_vips(&mut state, &wanted, Addresses::Read, &mut report)?;
+        vips.extend(newer.values().flatten().filter_map(|k| k.address()));
         let unwanted: Vec<IpAddr> = state
             .interface
             .iter()
@@ -186,15 +248,24 @@ impl<D: Dataplane> Converger<D> {
         self.del_vips(&mut state, unwanted, &mut report)?;
         state.held.clear();
         state.vip_users.clear();
-        for (name, keys) in by_service {
+        for (name, mut keys) in by_service {
+            if !newer.contains_key(&name) {
+                keys.retain(|k| !fresh.contains(k));
+                state.hold(&name, keys);
+            }
+        }
+        for (name, keys) in newer {
             state.hold(&name, keys);
         }
+        // Converges older than this pass are now part of what it applied.
+        state.converged.retain(|_, g| *g > since.0);
         Ok(report)
     }
 
     /// Adds the VIPs of `desired` the interface lacks; returns the wanted ones.
     fn add_missing_vips(
         &self,
+        state: &mut State,
         desired: &Table,
         source: Addresses,
         report: &mut Report,
@@ -204,7 +275,6 @@ impl<D: Dataplane> Converger<D> {
             .keys()
             .filter_map(|k| k.address())
             .collect();
-        let mut state = self.lock()?;
         // Unknown until written back: a failure halfway leaves it to the next read.
         let mut present = match (source, state.interface.take()) {
             (Addresses::Remembered, Some(known)) => known,
@@ -244,13 +314,13 @@ impl<D: Dataplane> Converger<D> {
     /// until their grace period is over.
     fn apply_diff(
         &self,
+        state: &mut State,
         actual: &Table,
         desired: &Table,
         owner: &dyn Fn(&ServiceKey) -> bool,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
         let mut desired = desired.clone();
-        let mut state = self.lock()?;
         let mut next_deadline: Option<Instant> = None;
         for (key, entry) in &actual.services {
             let Some(wanted) = desired.services.get_mut(key) else {
@@ -273,7 +343,6 @@ impl<D: Dataplane> Converger<D> {
                 }
             }
         }
-        drop(state);
         let ops = diff(
             actual,
             &desired,
@@ -377,7 +446,9 @@ mod tests {
             (svc("web"), vec![key("10.240.0.210", 80)]),
             (svc("api"), vec![key("10.240.0.211", 80)]),
         ]);
-        let repaired = c.converge_all(&both, by_service, &owned(), now).unwrap();
+        let repaired = c
+            .converge_all(&both, by_service, &owned(), c.generation().unwrap(), now)
+            .unwrap();
         assert_eq!(repaired.addresses_added, 1, "{repaired:?}");
         assert_eq!(
             c.dataplane().addresses().unwrap(),
@@ -516,7 +587,13 @@ mod tests {
         let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let by_service = BTreeMap::from([(svc("web"), vec![key("10.240.0.210", 80)])]);
         let report = c
-            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .converge_all(
+                &desired,
+                by_service.clone(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
         let kernel = c.dataplane().table().unwrap();
@@ -533,10 +610,91 @@ mod tests {
             .apply(&[ipvslb_ipvs::Op::DelDest(key("10.240.0.210", 80), dest)])
             .unwrap();
         let repair = c
-            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .converge_all(
+                &desired,
+                by_service.clone(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(repair.ops.get("add_dest"), Some(&1));
-        let again = c.converge_all(&desired, by_service, &owned(), now).unwrap();
+        let again = c
+            .converge_all(&desired, by_service, &owned(), c.generation().unwrap(), now)
+            .unwrap();
         assert!(again.is_noop());
+    }
+
+    fn web() -> Table {
+        table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])])
+    }
+
+    fn held_by(name: &str, t: &Table) -> BTreeMap<ServiceName, Vec<ServiceKey>> {
+        BTreeMap::from([(svc(name), t.services.keys().copied().collect())])
+    }
+
+    #[test]
+    fn a_service_created_after_the_full_pass_took_its_snapshot_keeps_its_entries() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let since = c.generation().unwrap();
+        // The caches, as the pass read them: no Service yet.
+        let snapshot = (Table::new(), BTreeMap::new());
+        c.converge_service(&svc("web"), &web(), &owned(), now)
+            .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), web());
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210")])
+        );
+        // Its held keys survived the pass: deleting it now removes its entries and its VIP.
+        c.converge_service(&svc("web"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
+        assert!(c.dataplane().addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_deleted_after_the_full_pass_took_its_snapshot_is_not_brought_back() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), now)
+            .unwrap();
+        let since = c.generation().unwrap();
+        let snapshot = (web(), held_by("web", &web()));
+        c.converge_service(&svc("web"), &Table::new(), &owned(), now)
+            .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
+        assert!(c.dataplane().addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_changed_after_the_full_pass_took_its_snapshot_is_not_rolled_back() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), now)
+            .unwrap();
+        let since = c.generation().unwrap();
+        let snapshot = (web(), held_by("web", &web()));
+        let moved = table(&[(key("10.240.0.211", 8080), &[("10.0.0.2", 1)])]);
+        c.converge_service(&svc("web"), &moved, &owned(), now)
+            .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), moved);
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.211")])
+        );
+        // The next pass, from a snapshot taken now, agrees and writes nothing.
+        let since = c.generation().unwrap();
+        let again = c
+            .converge_all(&moved, held_by("web", &moved), &owned(), since, now)
+            .unwrap();
+        assert!(again.is_noop(), "{again:?}");
     }
 }

@@ -350,6 +350,15 @@ impl<D: Dataplane> Context<D> {
     }
 
     async fn full_pass(&self) -> Result<Report, Error> {
+        // Before the caches are read: a Service converged after this point is newer than
+        // the snapshot, and the pass leaves its entries as that converge left them.
+        let since = self
+            .converger
+            .generation()
+            .map_err(|source| Error::Dataplane {
+                what: "the full table".into(),
+                source,
+            })?;
         let view = self.view();
         let mut endpoints = translate::ready_endpoints(self.slices.state().iter().map(|s| &**s));
         let planned: Vec<PlannedService> = self
@@ -377,7 +386,7 @@ impl<D: Dataplane> Context<D> {
         let owned = view.owned;
         let table = plan.table;
         let report = tokio::task::spawn_blocking(move || {
-            converger.converge_all(&table, by_service, &owned, Instant::now())
+            converger.converge_all(&table, by_service, &owned, since, Instant::now())
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))?
