@@ -26,6 +26,19 @@ pub struct Report {
     pub addresses_removed: usize,
     /// The earliest time a draining destination may be deleted, if any is draining.
     pub next_drain_deadline: Option<Instant>,
+    /// The virtual services the data plane refused; everything else was applied.
+    pub failures: Vec<Failure>,
+}
+
+/// A virtual service the data plane refused to program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The Service it is for (`None`: an entry no Service claims, which was to be removed).
+    pub service: Option<ServiceName>,
+    /// The virtual service.
+    pub key: ServiceKey,
+    /// The data plane's error, for the first refused write of that key.
+    pub message: String,
 }
 
 impl Report {
@@ -175,6 +188,9 @@ impl<D: Dataplane> Converger<D> {
             &|k: &ServiceKey| keys.contains(k),
             now,
         )?;
+        for failure in &mut report.failures {
+            failure.service = Some(name.clone());
+        }
         let vips =
             self.add_missing_vips(&mut state, desired, Addresses::Remembered, &mut report)?;
         state.hold(name, desired.services.keys().copied().collect());
@@ -236,6 +252,12 @@ impl<D: Dataplane> Converger<D> {
             &|k: &ServiceKey| owned.owns(k) && !fresh.contains(k),
             now,
         )?;
+        for failure in &mut report.failures {
+            failure.service = by_service
+                .iter()
+                .find(|(_, keys)| keys.contains(&failure.key))
+                .map(|(name, _)| name.clone());
+        }
         let mut vips = self.add_missing_vips(&mut state, &wanted, Addresses::Read, &mut report)?;
         vips.extend(newer.values().flatten().filter_map(|k| k.address()));
         let unwanted: Vec<IpAddr> = state
@@ -349,14 +371,39 @@ impl<D: Dataplane> Converger<D> {
             &|k: &ServiceKey| owner(k),
             Removal::Delete,
         );
-        self.dataplane.apply(&ops)?;
+        // One refused key must not keep the others from being programmed: the caller learns
+        // which keys were refused, and the next converge tries them again.
+        let refused = match self.dataplane.apply(&ops) {
+            Ok(()) => Vec::new(),
+            Err(dataplane::Error::Apply { failures, .. }) => failures,
+            Err(e) => return Err(e),
+        };
         let mut report = Report {
             next_drain_deadline: next_deadline,
             ..Report::default()
         };
-        for op in &ops {
+        let mut first_refusal: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        for failure in refused {
+            if let Some(op) = ops.get(failure.index) {
+                first_refusal
+                    .entry(*op.service_key())
+                    .or_insert(failure.message);
+            }
+        }
+        for op in ops
+            .iter()
+            .filter(|op| !first_refusal.contains_key(op.service_key()))
+        {
             *report.ops.entry(op.kind().as_str()).or_default() += 1;
         }
+        report.failures = first_refusal
+            .into_iter()
+            .map(|(key, message)| Failure {
+                service: None,
+                key,
+                message,
+            })
+            .collect();
         Ok(report)
     }
 
@@ -696,5 +743,52 @@ mod tests {
             .converge_all(&moved, held_by("web", &moved), &owned(), since, now)
             .unwrap();
         assert!(again.is_noop(), "{again:?}");
+    }
+
+    #[test]
+    fn a_full_pass_applies_what_it_can_and_reports_each_refused_key_with_its_service() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let bad = key("10.240.0.212", 80);
+        c.dataplane()
+            .refuse_writes_to(bad, "No such file or directory (os error 2)")
+            .unwrap();
+        let good = table(&[
+            (key("10.240.0.210", 80), &[("10.0.0.1", 1)]),
+            (key("10.240.0.211", 80), &[("10.0.0.1", 1)]),
+        ]);
+        let mut desired = good.clone();
+        desired
+            .services
+            .extend(table(&[(bad, &[("10.0.0.1", 1)])]).services);
+        let by_service = BTreeMap::from([
+            (svc("a"), vec![key("10.240.0.210", 80)]),
+            (svc("bad"), vec![bad]),
+            (svc("z"), vec![key("10.240.0.211", 80)]),
+        ]);
+        let since = c.generation().unwrap();
+        let report = c
+            .converge_all(&desired, by_service, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), good);
+        assert_eq!(
+            report.failures,
+            vec![Failure {
+                service: Some(svc("bad")),
+                key: bad,
+                message: "No such file or directory (os error 2)".into(),
+            }]
+        );
+        assert!(
+            c.dataplane()
+                .addresses()
+                .unwrap()
+                .is_superset(&BTreeSet::from([ip("10.240.0.210"), ip("10.240.0.211")]))
+        );
+        // The held map was rebuilt: the last Service's deletion takes its VIP.
+        let gone = c
+            .converge_service(&svc("z"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(gone.addresses_removed, 1, "{gone:?}");
     }
 }

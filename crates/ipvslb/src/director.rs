@@ -17,14 +17,15 @@ use ipvslb_ipvs::{ServiceKey, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cached::CachedService;
-use crate::converge::{Converger, Owned, Report};
+use crate::converge::{Converger, Failure, Owned, Report};
 use crate::dataplane::{self, Dataplane};
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
@@ -42,10 +43,25 @@ pub enum Error {
         #[source]
         source: dataplane::Error,
     },
+    /// The data plane refused some of a Service's virtual services; the others were programmed.
+    #[error("{count} virtual service(s) of Service {service} refused; the first, {key}: {message}")]
+    Refused {
+        /// The Service.
+        service: ServiceName,
+        /// How many of its virtual services were refused.
+        count: usize,
+        /// The first refused one.
+        key: ServiceKey,
+        /// The data plane's error for it.
+        message: String,
+    },
     /// The blocking task running the data plane died.
     #[error("the data-plane task failed: {0}")]
     Join(String),
 }
+
+/// The field manager and Event reporter of the director.
+const MANAGER: &str = "ipvslb-director";
 
 /// Settings of the director.
 #[derive(Clone)]
@@ -70,6 +86,8 @@ pub struct Context<D> {
     nodes: Store<Node>,
     slices: Store<EndpointSlice>,
     metrics: Arc<Metrics>,
+    /// Publishes Warning Events, counting repeats into a series.
+    warnings: Recorder,
 }
 
 /// Everything the planner needs, translated from the caches.
@@ -108,6 +126,7 @@ pub async fn run<D: Dataplane>(
         nodes: nodes.clone(),
         slices: slices.clone(),
         metrics,
+        warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
     });
 
     let on_delete = ctx.clone();
@@ -187,6 +206,15 @@ async fn reconcile<D: Dataplane>(
         let view = ctx.view();
         let desired = ctx.desired_for(&cached.to_service(), &view);
         let report = ctx.converge(&name, desired, view.owned).await?;
+        if let Some(first) = report.failures.first() {
+            ctx.warn_refused(&report.failures).await;
+            return Err(Error::Refused {
+                service: name.clone(),
+                count: report.failures.len(),
+                key: first.key,
+                message: first.message.clone(),
+            });
+        }
         Ok(match report.next_drain_deadline {
             Some(deadline) => Action::requeue(
                 deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
@@ -208,6 +236,7 @@ fn error_policy<D: Dataplane>(
         "director",
         match error {
             Error::Dataplane { .. } => "dataplane",
+            Error::Refused { .. } => "refused",
             Error::Join(_) => "join",
         },
     );
@@ -229,7 +258,10 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
     loop {
         match ctx.full_pass().await {
             Ok(report) => {
-                info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, "full pass done");
+                info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, refused = report.failures.len(), "full pass done");
+                // A refused virtual service is its Service's problem, said on that Service:
+                // the director serves every other one and is ready.
+                ctx.warn_refused(&report.failures).await;
                 ctx.metrics.set_ready(true);
             }
             Err(e) => warn!(error = %e, "full pass failed; retrying at the next resync"),
@@ -396,6 +428,34 @@ impl<D: Dataplane> Context<D> {
         })?;
         self.record(&report);
         Ok(report)
+    }
+
+    /// Says on each Service which of its virtual services the data plane refused, and why.
+    async fn warn_refused(&self, failures: &[Failure]) {
+        for failure in failures {
+            let Some(name) = &failure.service else {
+                warn!(key = %failure.key, error = %failure.message, "removing an entry no Service claims failed; the next full pass retries");
+                continue;
+            };
+            warn!(service = %name, key = %failure.key, error = %failure.message, "the data plane refused a virtual service");
+            let Some(cached) = self.services.get(&CachedService::reference(name)) else {
+                continue; // gone meanwhile: nobody to tell
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ProgrammingFailed".to_owned(),
+                note: Some(format!(
+                    "programming {} failed: {}",
+                    failure.key, failure.message
+                )),
+                action: "Program".to_owned(),
+                secondary: None,
+            };
+            let reference = cached.to_service().object_ref(&());
+            if let Err(e) = self.warnings.publish(&event, &reference).await {
+                warn!(service = %name, error = %e, "could not publish an event");
+            }
+        }
     }
 
     fn record(&self, report: &Report) {
