@@ -5,6 +5,7 @@
 //! addresses of its own interface. Destinations that leave the plan are drained (weight 0) for
 //! a grace period before they are deleted, so live connections finish.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use ipvslb_core::{IpRange, ServiceName};
 use ipvslb_ipvs::{DestKey, Removal, ServiceKey, Table, diff};
+
+use tracing::debug;
 
 use crate::dataplane::{self, Dataplane};
 
@@ -99,6 +102,8 @@ struct State {
     held: BTreeMap<ServiceName, Vec<ServiceKey>>,
     /// How many held keys each VIP carries: an address goes when its count reaches zero.
     vip_users: BTreeMap<IpAddr, usize>,
+    /// Which Service holds each held key.
+    holders: BTreeMap<ServiceKey, ServiceName>,
     /// The interface's addresses as last read or written (`None`: unknown, read next time).
     interface: Option<BTreeSet<IpAddr>>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
@@ -113,6 +118,11 @@ impl State {
     /// Records that `name` now holds `keys` (none: it holds nothing).
     fn hold(&mut self, name: &ServiceName, keys: Vec<ServiceKey>) {
         if let Some(previous) = self.held.remove(name) {
+            for key in &previous {
+                if self.holders.get(key) == Some(name) {
+                    self.holders.remove(key);
+                }
+            }
             for vip in previous.iter().filter_map(|k| k.address()) {
                 if let Some(count) = self.vip_users.get_mut(&vip) {
                     *count -= 1;
@@ -128,7 +138,17 @@ impl State {
         for vip in keys.iter().filter_map(|k| k.address()) {
             *self.vip_users.entry(vip).or_default() += 1;
         }
+        for key in &keys {
+            self.holders.insert(*key, name.clone());
+        }
         self.held.insert(name.clone(), keys);
+    }
+
+    /// Forgets what every Service holds.
+    fn forget_holdings(&mut self) {
+        self.held.clear();
+        self.vip_users.clear();
+        self.holders.clear();
     }
 }
 
@@ -168,6 +188,23 @@ impl<D: Dataplane> Converger<D> {
         let generation = state.generation;
         state.converged.insert(name.clone(), generation);
         let previous = state.held.get(name).cloned().unwrap_or_default();
+        // A key another Service holds is that Service's, whatever a plan made from a partial
+        // or stale view says: this converge neither takes it over nor, later, deletes it.
+        let taken: Vec<ServiceKey> = desired
+            .services
+            .keys()
+            .filter(|k| state.holders.get(k).is_some_and(|holder| holder != name))
+            .copied()
+            .collect();
+        let desired = if taken.is_empty() {
+            Cow::Borrowed(desired)
+        } else {
+            debug!(service = %name, keys = ?taken, "leaving virtual services another Service holds");
+            let mut own = desired.clone();
+            own.services.retain(|k, _| !taken.contains(k));
+            Cow::Owned(own)
+        };
+        let desired = desired.as_ref();
         let keys: BTreeSet<ServiceKey> = desired
             .services
             .keys()
@@ -268,8 +305,7 @@ impl<D: Dataplane> Converger<D> {
             .copied()
             .collect();
         self.del_vips(&mut state, unwanted, &mut report)?;
-        state.held.clear();
-        state.vip_users.clear();
+        state.forget_holdings();
         for (name, mut keys) in by_service {
             if !newer.contains_key(&name) {
                 keys.retain(|k| !fresh.contains(k));
@@ -790,5 +826,32 @@ mod tests {
             .converge_service(&svc("z"), &Table::new(), &owned(), now)
             .unwrap();
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
+    }
+
+    #[test]
+    fn a_service_never_takes_over_or_deletes_a_virtual_service_another_service_holds() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let contested = key("10.240.0.210", 80);
+        let older = table(&[(contested, &[("10.0.0.1", 1)])]);
+        c.converge_service(&svc("older"), &older, &owned(), now)
+            .unwrap();
+        // A plan made from a stale or partial view may still hand the newer one the key.
+        let newer = table(&[
+            (contested, &[("10.0.0.9", 1)]),
+            (key("10.240.0.210", 443), &[("10.0.0.9", 1)]),
+        ]);
+        c.converge_service(&svc("newer"), &newer, &owned(), now)
+            .unwrap();
+        let kernel = c.dataplane().table().unwrap();
+        assert_eq!(kernel.services[&contested], older.services[&contested]);
+        assert!(kernel.services.contains_key(&key("10.240.0.210", 443)));
+        c.converge_service(&svc("newer"), &Table::new(), &owned(), now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), older);
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210")])
+        );
     }
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ipvslb_api::{IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_core::plan::{PlanError, PlanProblem};
 use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -204,7 +205,14 @@ async fn reconcile<D: Dataplane>(
     let span = info_span!("direct", service = %name);
     async {
         let view = ctx.view();
-        let desired = ctx.desired_for(&cached.to_service(), &view);
+        let service = cached.to_service();
+        let (desired, problems) = ctx.desired_for(&service, &view);
+        for problem in &problems {
+            if let PlanError::Collision { .. } = problem.error {
+                ctx.warn(&service, "PortCollision", problem.error.to_string())
+                    .await;
+            }
+        }
         let report = ctx.converge(&name, desired, view.owned).await?;
         if let Some(first) = report.failures.first() {
             ctx.warn_refused(&report.failures).await;
@@ -332,7 +340,10 @@ impl<D: Dataplane> Context<D> {
             .ok()
     }
 
-    fn desired_for(&self, service: &Service, view: &View) -> Table {
+    /// This Service's part of the plan, and its problems. Services sharing its VIPs are planned
+    /// with it, so that of two claiming one virtual service the same one wins here as in the
+    /// full pass.
+    fn desired_for(&self, service: &Service, view: &View) -> (Table, Vec<PlanProblem>) {
         let name = translate::service_name(service);
         let endpoints = translate::ready_endpoints(
             self.slices
@@ -346,12 +357,54 @@ impl<D: Dataplane> Context<D> {
         )
         .remove(&name)
         .unwrap_or_default();
-        match self.planned(service, view, endpoints) {
-            Some(planned) => {
-                ipvslb_core::plan::plan(&[planned], &view.pools, &view.node_sets, &view.nodes).table
-            }
-            None => Table::new(),
+        let Some(planned) = self.planned(service, view, endpoints) else {
+            return (Table::new(), Vec::new());
+        };
+        let mut services = self.sharing_peers(service, &planned, view);
+        services.push(planned);
+        let plan = ipvslb_core::plan::plan(&services, &view.pools, &view.node_sets, &view.nodes);
+        let mut table = plan.table;
+        table
+            .services
+            .retain(|key, _| plan.owners.get(key) == Some(&name));
+        let problems = plan
+            .problems
+            .into_iter()
+            .filter(|p| p.service == name)
+            .collect();
+        (table, problems)
+    }
+
+    /// The other Services on `planned`'s VIPs. Only Services that allow sharing can have any,
+    /// so the others do not pay for a look at every Service.
+    fn sharing_peers(
+        &self,
+        service: &Service,
+        planned: &PlannedService,
+        view: &View,
+    ) -> Vec<PlannedService> {
+        let shares = |s: &Service| {
+            s.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(ANNOTATION_ALLOW_SHARED_IP))
+        };
+        if !shares(service) {
+            return Vec::new();
         }
+        self.services
+            .state()
+            .iter()
+            .filter(|c| c.service_name() != planned.name)
+            .map(|c| c.to_service())
+            .filter(|s| {
+                shares(s)
+                    && translate::ingress_addresses(s)
+                        .iter()
+                        .any(|a| planned.addresses.contains(a))
+            })
+            .filter_map(|s| self.planned(&s, view, BTreeMap::new()))
+            .collect()
     }
 
     async fn converge(
@@ -430,6 +483,24 @@ impl<D: Dataplane> Context<D> {
         Ok(report)
     }
 
+    /// Publishes a Warning Event on `service`.
+    async fn warn(&self, service: &Service, reason: &str, note: String) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Program".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .warnings
+            .publish(&event, &service.object_ref(&()))
+            .await
+        {
+            warn!(service = %translate::service_name(service), error = %e, reason, "could not publish an event");
+        }
+    }
+
     /// Says on each Service which of its virtual services the data plane refused, and why.
     async fn warn_refused(&self, failures: &[Failure]) {
         for failure in failures {
@@ -441,20 +512,9 @@ impl<D: Dataplane> Context<D> {
             let Some(cached) = self.services.get(&CachedService::reference(name)) else {
                 continue; // gone meanwhile: nobody to tell
             };
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "ProgrammingFailed".to_owned(),
-                note: Some(format!(
-                    "programming {} failed: {}",
-                    failure.key, failure.message
-                )),
-                action: "Program".to_owned(),
-                secondary: None,
-            };
-            let reference = cached.to_service().object_ref(&());
-            if let Err(e) = self.warnings.publish(&event, &reference).await {
-                warn!(service = %name, error = %e, "could not publish an event");
-            }
+            let note = format!("programming {} failed: {}", failure.key, failure.message);
+            self.warn(&cached.to_service(), "ProgrammingFailed", note)
+                .await;
         }
     }
 

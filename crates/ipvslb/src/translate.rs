@@ -109,12 +109,7 @@ pub fn claim(
     let current = ingress_addresses(service);
     ServiceClaim {
         name: service_name(service),
-        created: service
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.as_second())
-            .unwrap_or(i64::MAX),
+        created: created(service),
         families: family_policy(
             spec.ip_families.as_deref(),
             spec.ip_family_policy.as_deref(),
@@ -221,6 +216,16 @@ fn protocol(text: Option<&str>) -> Option<Protocol> {
     }
 }
 
+/// `metadata.creationTimestamp` in seconds; a Service not yet stored counts as the newest.
+fn created(service: &Service) -> i64 {
+    service
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .unwrap_or(i64::MAX)
+}
+
 /// The planner's view of an assigned Service. Fails when its scheduler annotation names no
 /// scheduler.
 pub fn planned_service(
@@ -255,6 +260,7 @@ pub fn planned_service(
     };
     Ok(ipvslb_core::PlannedService {
         name,
+        created: created(service),
         addresses,
         pool,
         ports: spec
