@@ -1,8 +1,8 @@
 //! The director's convergence: from a plan to the data plane, per Service (cost proportional to
 //! that Service) or for the whole table (start-up, periodic repair, garbage collection).
 //!
-//! What it may touch: virtual services whose address lies in some IPPool (`owned`), and the
-//! addresses of its own interface. Destinations that leave the plan are drained (weight 0) for
+//! What it may touch: virtual services whose address lies in some IPPool or is on its own
+//! interface ([`Owned`]), and the addresses of that interface. Destinations that leave the plan are drained (weight 0) for
 //! a grace period before they are deleted, so live connections finish.
 
 use std::borrow::Cow;
@@ -51,22 +51,42 @@ impl Report {
     }
 }
 
-/// The address ranges of every IPPool: what this director owns in the kernel.
+/// What this director owns in the kernel: the virtual services on an address of some IPPool or
+/// of its own interface. The interface is the kernel's record of the VIPs this director
+/// programmed, so what a deleted, shrunk or invalid pool explained is still collected.
 #[derive(Debug, Clone, Default)]
 pub struct Owned {
     ranges: Vec<IpRange>,
+    interface: BTreeSet<IpAddr>,
 }
 
 impl Owned {
-    /// Owns the addresses of these ranges.
+    /// Owns the addresses of these ranges (the interface's come with each converge).
     pub fn new(ranges: Vec<IpRange>) -> Self {
-        Self { ranges }
+        Self {
+            ranges,
+            interface: BTreeSet::new(),
+        }
     }
 
     /// Whether a virtual service is ours.
     pub fn owns(&self, key: &ServiceKey) -> bool {
-        key.address()
-            .is_some_and(|a| self.ranges.iter().any(|r| r.contains(&a)))
+        key.address().is_some_and(|a| {
+            self.interface.contains(&a) || self.ranges.iter().any(|r| r.contains(&a))
+        })
+    }
+
+    /// Whether a virtual service is ours, given the interface's addresses.
+    fn owns_on(&self, key: &ServiceKey, interface: &BTreeSet<IpAddr>) -> bool {
+        self.owns(key) || key.address().is_some_and(|a| interface.contains(&a))
+    }
+
+    /// These ranges and the addresses of the interface.
+    pub fn with_interface(&self, interface: BTreeSet<IpAddr>) -> Self {
+        Self {
+            ranges: self.ranges.clone(),
+            interface,
+        }
     }
 }
 
@@ -205,12 +225,14 @@ impl<D: Dataplane> Converger<D> {
             Cow::Owned(own)
         };
         let desired = desired.as_ref();
+        self.load_interface(&mut state, Addresses::Remembered)?;
+        let interface = state.interface.as_ref();
         let keys: BTreeSet<ServiceKey> = desired
             .services
             .keys()
             .chain(previous.iter())
             .copied()
-            .filter(|k| owned.owns(k))
+            .filter(|k| interface.map_or(owned.owns(k), |i| owned.owns_on(k, i)))
             .collect();
         let mut actual = Table::new();
         for key in &keys {
@@ -228,8 +250,7 @@ impl<D: Dataplane> Converger<D> {
         for failure in &mut report.failures {
             failure.service = Some(name.clone());
         }
-        let vips =
-            self.add_missing_vips(&mut state, desired, Addresses::Remembered, &mut report)?;
+        let vips = self.add_missing_vips(&mut state, desired, &mut report)?;
         state.hold(name, desired.services.keys().copied().collect());
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
@@ -281,6 +302,8 @@ impl<D: Dataplane> Converger<D> {
             .collect();
         let mut wanted = desired.clone();
         wanted.services.retain(|k, _| !fresh.contains(k));
+        self.load_interface(&mut state, Addresses::Read)?;
+        let owned = &owned.with_interface(state.interface.clone().unwrap_or_default());
         let actual = self.dataplane.dump(owned)?;
         let mut report = self.apply_diff(
             &mut state,
@@ -295,7 +318,7 @@ impl<D: Dataplane> Converger<D> {
                 .find(|(_, keys)| keys.contains(&failure.key))
                 .map(|(name, _)| name.clone());
         }
-        let mut vips = self.add_missing_vips(&mut state, &wanted, Addresses::Read, &mut report)?;
+        let mut vips = self.add_missing_vips(&mut state, &wanted, &mut report)?;
         vips.extend(newer.values().flatten().filter_map(|k| k.address()));
         let unwanted: Vec<IpAddr> = state
             .interface
@@ -320,12 +343,20 @@ impl<D: Dataplane> Converger<D> {
         Ok(report)
     }
 
+    /// Makes the interface's addresses known, read afresh or as remembered.
+    fn load_interface(&self, state: &mut State, source: Addresses) -> Result<(), dataplane::Error> {
+        if source == Addresses::Read || state.interface.is_none() {
+            state.interface = None;
+            state.interface = Some(self.dataplane.addresses()?);
+        }
+        Ok(())
+    }
+
     /// Adds the VIPs of `desired` the interface lacks; returns the wanted ones.
     fn add_missing_vips(
         &self,
         state: &mut State,
         desired: &Table,
-        source: Addresses,
         report: &mut Report,
     ) -> Result<BTreeSet<IpAddr>, dataplane::Error> {
         let vips: BTreeSet<IpAddr> = desired
@@ -334,9 +365,9 @@ impl<D: Dataplane> Converger<D> {
             .filter_map(|k| k.address())
             .collect();
         // Unknown until written back: a failure halfway leaves it to the next read.
-        let mut present = match (source, state.interface.take()) {
-            (Addresses::Remembered, Some(known)) => known,
-            _ => self.dataplane.addresses()?,
+        let mut present = match state.interface.take() {
+            Some(known) => known,
+            None => self.dataplane.addresses()?,
         };
         let missing: Vec<IpAddr> = vips.difference(&present).copied().collect();
         for vip in missing {
@@ -853,5 +884,53 @@ mod tests {
             c.dataplane().addresses().unwrap(),
             BTreeSet::from([ip("10.240.0.210")])
         );
+    }
+
+    #[test]
+    fn a_restarted_director_collects_the_entries_and_vips_of_a_deleted_pool_and_spares_its_neighbour()
+     {
+        let memory = std::sync::Arc::new(Memory::default());
+        let now = Instant::now();
+        let before = Converger::new(memory.clone(), Duration::ZERO);
+        before
+            .converge_service(&svc("web"), &web(), &owned(), now)
+            .unwrap();
+        let neighbour = key("10.240.0.230", 80);
+        memory
+            .apply(&[ipvslb_ipvs::Op::AddService(VirtualService::new(
+                neighbour,
+                Scheduler::Wlc,
+            ))])
+            .unwrap();
+        drop(before);
+        // The pool is gone and nothing is in memory: only the interface remembers the VIP.
+        let after = Converger::new(memory.clone(), Duration::ZERO);
+        let no_pools = Owned::new(Vec::new());
+        let since = after.generation().unwrap();
+        let report = after
+            .converge_all(&Table::new(), BTreeMap::new(), &no_pools, since, now)
+            .unwrap();
+        assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
+        assert_eq!(report.addresses_removed, 1, "{report:?}");
+        let kernel = memory.table().unwrap();
+        assert_eq!(
+            kernel.services.keys().copied().collect::<Vec<_>>(),
+            vec![neighbour]
+        );
+        assert!(memory.addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_whose_pool_is_deleted_loses_its_entries_and_vip_on_its_next_converge() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), now)
+            .unwrap();
+        let gone = c
+            .converge_service(&svc("web"), &Table::new(), &Owned::new(Vec::new()), now)
+            .unwrap();
+        assert_eq!(gone.ops.get("del_service"), Some(&1), "{gone:?}");
+        assert_eq!(gone.addresses_removed, 1, "{gone:?}");
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
     }
 }
