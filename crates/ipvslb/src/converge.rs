@@ -29,8 +29,20 @@ pub struct Report {
     pub addresses_removed: usize,
     /// The earliest time a draining destination may be deleted, if any is draining.
     pub next_drain_deadline: Option<Instant>,
+    /// The Services with a draining destination: to converge again at the deadline, when the
+    /// destination can go.
+    pub draining: BTreeSet<ServiceName>,
     /// The virtual services the data plane refused; everything else was applied.
     pub failures: Vec<Failure>,
+    /// Per-Service converge: the keys of its desired table another Service holds, left to that
+    /// Service, with the holder (whose view may be the stale one).
+    pub taken: Vec<(ServiceKey, ServiceName)>,
+    /// Per-Service converge: whether the Service now holds other keys than before, which
+    /// may change what the Services sharing its VIPs are given.
+    pub keys_changed: bool,
+    /// Services once refused a key that has come free (or may have changed hands in a full
+    /// pass): each should converge again.
+    pub unblocked: BTreeSet<ServiceName>,
 }
 
 /// A virtual service the data plane refused to program.
@@ -48,6 +60,24 @@ impl Report {
     /// Whether nothing was written.
     pub fn is_noop(&self) -> bool {
         self.ops.is_empty() && self.addresses_added == 0 && self.addresses_removed == 0
+    }
+
+    /// Adds what a later converge did: one report for both.
+    pub fn merge(&mut self, later: Report) {
+        for (kind, count) in later.ops {
+            *self.ops.entry(kind).or_default() += count;
+        }
+        self.addresses_added += later.addresses_added;
+        self.addresses_removed += later.addresses_removed;
+        self.next_drain_deadline = match (self.next_drain_deadline, later.next_drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.draining.extend(later.draining);
+        self.failures.extend(later.failures);
+        self.taken.extend(later.taken);
+        self.keys_changed |= later.keys_changed;
+        self.unblocked.extend(later.unblocked);
     }
 }
 
@@ -90,8 +120,9 @@ impl Owned {
     }
 }
 
-/// A point in the sequence of per-Service converges. A full pass takes one before it reads the
-/// caches: what a Service's converge did after that point is newer than the pass's snapshot.
+/// When a view of the caches was taken: every reconcile and every full pass takes one before it
+/// reads the caches, so of two converges of a Service's keys the one planned from the later
+/// view wins, whichever is applied last.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Generation(u64);
 
@@ -124,13 +155,15 @@ struct State {
     vip_users: BTreeMap<IpAddr, usize>,
     /// Which Service holds each held key.
     holders: BTreeMap<ServiceKey, ServiceName>,
+    /// The Services refused each key because another held it: told when it comes free.
+    waiting: BTreeMap<ServiceKey, BTreeSet<ServiceName>>,
     /// The interface's addresses as last read or written (`None`: unknown, read next time).
     interface: Option<BTreeSet<IpAddr>>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
-    /// How many per-Service converges have run.
+    /// The last generation handed out.
     generation: u64,
-    /// The generation of each Service's latest per-Service converge since the last full pass
-    /// that is older than it.
+    /// The generation of the view each Service's latest per-Service converge was planned from,
+    /// for those a full pass has not yet superseded.
     converged: BTreeMap<ServiceName, u64>,
 }
 
@@ -182,9 +215,11 @@ impl<D: Dataplane> Converger<D> {
         }
     }
 
-    /// The current generation: take it before reading the caches for a full pass.
+    /// A new generation: take one right before reading the caches to plan a converge.
     pub fn generation(&self) -> Result<Generation, dataplane::Error> {
-        Ok(Generation(self.lock()?.generation))
+        let mut state = self.lock()?;
+        state.generation += 1;
+        Ok(Generation(state.generation))
     }
 
     /// The data plane.
@@ -193,35 +228,41 @@ impl<D: Dataplane> Converger<D> {
     }
 
     /// Converges the entries of one Service: `desired` holds exactly its virtual services
-    /// (empty when it has none any more). Reads only its own keys from the kernel.
+    /// (empty when it has none any more), planned from the view taken at `seen`. Reads only
+    /// its own keys from the kernel.
     pub fn converge_service(
         &self,
         name: &ServiceName,
         desired: &Table,
         owned: &Owned,
+        seen: Generation,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
         // Held for the whole converge: a full pass applying a snapshot must not interleave
         // with it, or each would undo part of the other.
         let mut state = self.lock()?;
-        state.generation += 1;
-        let generation = state.generation;
-        state.converged.insert(name.clone(), generation);
+        state.converged.insert(name.clone(), seen.0);
         let previous = state.held.get(name).cloned().unwrap_or_default();
         // A key another Service holds is that Service's, whatever a plan made from a partial
         // or stale view says: this converge neither takes it over nor, later, deletes it.
-        let taken: Vec<ServiceKey> = desired
+        let taken: Vec<(ServiceKey, ServiceName)> = desired
             .services
             .keys()
-            .filter(|k| state.holders.get(k).is_some_and(|holder| holder != name))
-            .copied()
+            .filter_map(|k| {
+                state
+                    .holders
+                    .get(k)
+                    .filter(|holder| *holder != name)
+                    .map(|holder| (*k, holder.clone()))
+            })
             .collect();
         let desired = if taken.is_empty() {
             Cow::Borrowed(desired)
         } else {
             debug!(service = %name, keys = ?taken, "leaving virtual services another Service holds");
             let mut own = desired.clone();
-            own.services.retain(|k, _| !taken.contains(k));
+            own.services
+                .retain(|k, _| !taken.iter().any(|(t, _)| t == k));
             Cow::Owned(own)
         };
         let desired = desired.as_ref();
@@ -240,18 +281,32 @@ impl<D: Dataplane> Converger<D> {
                 actual.services.insert(*key, entry);
             }
         }
-        let mut report = self.apply_diff(
+        let (mut report, draining) = self.apply_diff(
             &mut state,
             &actual,
             desired,
             &|k: &ServiceKey| keys.contains(k),
             now,
         )?;
+        if !draining.is_empty() {
+            report.draining.insert(name.clone());
+        }
         for failure in &mut report.failures {
             failure.service = Some(name.clone());
         }
+        for (key, _) in &taken {
+            state.waiting.entry(*key).or_default().insert(name.clone());
+        }
+        report.taken = taken;
         let vips = self.add_missing_vips(&mut state, desired, &mut report)?;
-        state.hold(name, desired.services.keys().copied().collect());
+        let now_held: Vec<ServiceKey> = desired.services.keys().copied().collect();
+        report.keys_changed = now_held != previous;
+        for key in previous.iter().filter(|k| !now_held.contains(k)) {
+            if let Some(waiters) = state.waiting.remove(key) {
+                report.unblocked.extend(waiters);
+            }
+        }
+        state.hold(name, now_held);
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
         let released: Vec<IpAddr> = previous
@@ -265,8 +320,9 @@ impl<D: Dataplane> Converger<D> {
 
     /// Converges the whole owned table to `desired` and the interface to its VIPs; also
     /// forgets Services that are gone, so their entries are collected. `desired` and
-    /// `by_service` are a snapshot of the caches taken at `since`: the keys of a Service
-    /// converged after that are left, in the kernel and in memory, as that converge left them.
+    /// `by_service` are a snapshot of the caches taken at `since`: the keys of a Service whose
+    /// latest converge was planned from a later view are left, in the kernel and in memory, as
+    /// that converge left them.
     pub fn converge_all(
         &self,
         desired: &Table,
@@ -287,31 +343,35 @@ impl<D: Dataplane> Converger<D> {
                 )
             })
             .collect();
-        // What the snapshot says of a newer Service is stale, and what a newer Service holds
-        // now is its own: the pass touches neither.
-        let fresh: BTreeSet<ServiceKey> = newer
-            .values()
-            .flatten()
-            .chain(
-                by_service
-                    .iter()
-                    .filter(|(name, _)| newer.contains_key(*name))
-                    .flat_map(|(_, keys)| keys),
-            )
+        // What a newer Service holds now is as its converge left it: the pass does not touch
+        // it. What the snapshot gave a newer Service beyond that is stale: the pass does not
+        // create it, and removes it as no Service's.
+        let fresh: BTreeSet<ServiceKey> = newer.values().flatten().copied().collect();
+        let stale: BTreeSet<ServiceKey> = by_service
+            .iter()
+            .filter(|(name, _)| newer.contains_key(*name))
+            .flat_map(|(_, keys)| keys)
             .copied()
             .collect();
         let mut wanted = desired.clone();
-        wanted.services.retain(|k, _| !fresh.contains(k));
+        wanted
+            .services
+            .retain(|k, _| !fresh.contains(k) && !stale.contains(k));
         self.load_interface(&mut state, Addresses::Read)?;
         let owned = &owned.with_interface(state.interface.clone().unwrap_or_default());
         let actual = self.dataplane.dump(owned)?;
-        let mut report = self.apply_diff(
+        let (mut report, draining) = self.apply_diff(
             &mut state,
             &actual,
             &wanted,
             &|k: &ServiceKey| owned.owns(k) && !fresh.contains(k),
             now,
         )?;
+        report.draining = by_service
+            .iter()
+            .filter(|(_, keys)| keys.iter().any(|k| draining.contains(k)))
+            .map(|(name, _)| name.clone())
+            .collect();
         for failure in &mut report.failures {
             failure.service = by_service
                 .iter()
@@ -340,6 +400,11 @@ impl<D: Dataplane> Converger<D> {
         }
         // Converges older than this pass are now part of what it applied.
         state.converged.retain(|_, g| *g > since.0);
+        // Who holds what may have changed under the waiters: each looks again.
+        report.unblocked = std::mem::take(&mut state.waiting)
+            .into_values()
+            .flatten()
+            .collect();
         Ok(report)
     }
 
@@ -408,9 +473,10 @@ impl<D: Dataplane> Converger<D> {
         desired: &Table,
         owner: &dyn Fn(&ServiceKey) -> bool,
         now: Instant,
-    ) -> Result<Report, dataplane::Error> {
+    ) -> Result<(Report, BTreeSet<ServiceKey>), dataplane::Error> {
         let mut desired = desired.clone();
         let mut next_deadline: Option<Instant> = None;
+        let mut draining = BTreeSet::new();
         for (key, entry) in &actual.services {
             let Some(wanted) = desired.services.get_mut(key) else {
                 continue; // the whole service goes: nothing left to drain into
@@ -427,6 +493,7 @@ impl<D: Dataplane> Converger<D> {
                     kept.weight = 0;
                     wanted.destinations.insert(*dest_key, kept);
                     next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                    draining.insert(*key);
                 } else {
                     state.draining.remove(&(*key, *dest_key));
                 }
@@ -471,7 +538,7 @@ impl<D: Dataplane> Converger<D> {
                 message,
             })
             .collect();
-        Ok(report)
+        Ok((report, draining))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, dataplane::Error> {
@@ -521,14 +588,26 @@ mod tests {
         let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1), ("10.0.0.2", 1)])]);
         let now = Instant::now();
         let first = c
-            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .converge_service(
+                &svc("whoami"),
+                &desired,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(first.ops.get("add_service"), Some(&1));
         assert_eq!(first.ops.get("add_dest"), Some(&2));
         assert_eq!(first.addresses_added, 1);
         let writes = c.dataplane().writes();
         let second = c
-            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .converge_service(
+                &svc("whoami"),
+                &desired,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert!(second.is_noop(), "{second:?}");
         assert_eq!(c.dataplane().writes(), writes);
@@ -541,12 +620,12 @@ mod tests {
         let now = Instant::now();
         let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let api = table(&[(key("10.240.0.211", 80), &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("web"), &web, &owned(), now)
+        c.converge_service(&svc("web"), &web, &owned(), c.generation().unwrap(), now)
             .unwrap();
         // Someone removes the VIP behind the director's back.
         c.dataplane().del_address(ip("10.240.0.210")).unwrap();
         let other = c
-            .converge_service(&svc("api"), &api, &owned(), now)
+            .converge_service(&svc("api"), &api, &owned(), c.generation().unwrap(), now)
             .unwrap();
         assert_eq!(other.addresses_added, 1, "only its own VIP: {other:?}");
         assert_eq!(
@@ -570,7 +649,13 @@ mod tests {
         );
         // Giving up a VIP removes it, remembered or not.
         let gone = c
-            .converge_service(&svc("api"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("api"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
         assert_eq!(
@@ -588,6 +673,7 @@ mod tests {
             &svc("web"),
             &table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]),
             &owned(),
+            c.generation().unwrap(),
             t0,
         )
         .unwrap();
@@ -597,6 +683,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(1),
             )
             .unwrap();
@@ -622,6 +709,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(20),
             )
             .unwrap();
@@ -631,6 +719,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(32),
             )
             .unwrap();
@@ -646,12 +735,13 @@ mod tests {
             &svc("web"),
             &table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]),
             &owned(),
+            c.generation().unwrap(),
             now,
         )
         .unwrap();
         let moved = table(&[(key("10.240.0.210", 8080), &[("10.0.0.1", 1)])]);
         let report = c
-            .converge_service(&svc("web"), &moved, &owned(), now)
+            .converge_service(&svc("web"), &moved, &owned(), c.generation().unwrap(), now)
             .unwrap();
         assert_eq!(report.ops.get("del_service"), Some(&1));
         assert_eq!(report.addresses_removed, 0);
@@ -670,17 +760,35 @@ mod tests {
         let now = Instant::now();
         let tcp = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 1)])]);
         let other = table(&[(key("10.240.0.210", 853), &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("dns-tcp"), &tcp, &owned(), now)
-            .unwrap();
-        c.converge_service(&svc("dot"), &other, &owned(), now)
+        c.converge_service(
+            &svc("dns-tcp"),
+            &tcp,
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        c.converge_service(&svc("dot"), &other, &owned(), c.generation().unwrap(), now)
             .unwrap();
         let gone = c
-            .converge_service(&svc("dns-tcp"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("dns-tcp"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.addresses_removed, 0);
         assert_eq!(c.dataplane().table().unwrap(), other);
         let last = c
-            .converge_service(&svc("dot"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("dot"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(last.addresses_removed, 1);
         assert!(c.dataplane().addresses().unwrap().is_empty());
@@ -754,7 +862,7 @@ mod tests {
         let since = c.generation().unwrap();
         // The caches, as the pass read them: no Service yet.
         let snapshot = (Table::new(), BTreeMap::new());
-        c.converge_service(&svc("web"), &web(), &owned(), now)
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
             .unwrap();
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
@@ -764,8 +872,14 @@ mod tests {
             BTreeSet::from([ip("10.240.0.210")])
         );
         // Its held keys survived the pass: deleting it now removes its entries and its VIP.
-        c.converge_service(&svc("web"), &Table::new(), &owned(), now)
-            .unwrap();
+        c.converge_service(
+            &svc("web"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), Table::new());
         assert!(c.dataplane().addresses().unwrap().is_empty());
     }
@@ -774,12 +888,18 @@ mod tests {
     fn a_service_deleted_after_the_full_pass_took_its_snapshot_is_not_brought_back() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), now)
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
             .unwrap();
         let since = c.generation().unwrap();
         let snapshot = (web(), held_by("web", &web()));
-        c.converge_service(&svc("web"), &Table::new(), &owned(), now)
-            .unwrap();
+        c.converge_service(
+            &svc("web"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), Table::new());
@@ -790,12 +910,12 @@ mod tests {
     fn a_service_changed_after_the_full_pass_took_its_snapshot_is_not_rolled_back() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), now)
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
             .unwrap();
         let since = c.generation().unwrap();
         let snapshot = (web(), held_by("web", &web()));
         let moved = table(&[(key("10.240.0.211", 8080), &[("10.0.0.2", 1)])]);
-        c.converge_service(&svc("web"), &moved, &owned(), now)
+        c.converge_service(&svc("web"), &moved, &owned(), c.generation().unwrap(), now)
             .unwrap();
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
@@ -854,7 +974,13 @@ mod tests {
         );
         // The held map was rebuilt: the last Service's deletion takes its VIP.
         let gone = c
-            .converge_service(&svc("z"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("z"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
     }
@@ -865,20 +991,40 @@ mod tests {
         let now = Instant::now();
         let contested = key("10.240.0.210", 80);
         let older = table(&[(contested, &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("older"), &older, &owned(), now)
-            .unwrap();
+        c.converge_service(
+            &svc("older"),
+            &older,
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
         // A plan made from a stale or partial view may still hand the newer one the key.
         let newer = table(&[
             (contested, &[("10.0.0.9", 1)]),
             (key("10.240.0.210", 443), &[("10.0.0.9", 1)]),
         ]);
-        c.converge_service(&svc("newer"), &newer, &owned(), now)
+        let report = c
+            .converge_service(
+                &svc("newer"),
+                &newer,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
+        assert_eq!(report.taken, vec![(contested, svc("older"))]);
         let kernel = c.dataplane().table().unwrap();
         assert_eq!(kernel.services[&contested], older.services[&contested]);
         assert!(kernel.services.contains_key(&key("10.240.0.210", 443)));
-        c.converge_service(&svc("newer"), &Table::new(), &owned(), now)
-            .unwrap();
+        c.converge_service(
+            &svc("newer"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), older);
         assert_eq!(
             c.dataplane().addresses().unwrap(),
@@ -893,7 +1039,13 @@ mod tests {
         let now = Instant::now();
         let before = Converger::new(memory.clone(), Duration::ZERO);
         before
-            .converge_service(&svc("web"), &web(), &owned(), now)
+            .converge_service(
+                &svc("web"),
+                &web(),
+                &owned(),
+                before.generation().unwrap(),
+                now,
+            )
             .unwrap();
         let neighbour = key("10.240.0.230", 80);
         memory
@@ -924,10 +1076,16 @@ mod tests {
     fn a_service_whose_pool_is_deleted_loses_its_entries_and_vip_on_its_next_converge() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), now)
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
             .unwrap();
         let gone = c
-            .converge_service(&svc("web"), &Table::new(), &Owned::new(Vec::new()), now)
+            .converge_service(
+                &svc("web"),
+                &Table::new(),
+                &Owned::new(Vec::new()),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.ops.get("del_service"), Some(&1), "{gone:?}");
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
