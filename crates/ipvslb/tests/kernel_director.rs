@@ -1,0 +1,186 @@
+//! Kernel tests of the director: its converger over the real data plane (IPVS over netlink,
+//! VIPs on a dummy interface), in the test VM (`cargo xtask vm-test`), as root. `ipvsadm` and
+//! `ip` are the witnesses. The tests share one kernel and run one at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ipvslb::converge::{Converger, Owned};
+use ipvslb::dataplane::Kernel;
+use ipvslb_core::ServiceName;
+use ipvslb_ipvs::{
+    Destination, ForwardingMethod, Protocol, Scheduler, ServiceKey, Table, VirtualService,
+};
+
+const INTERFACE: &str = "ipvslbd0";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+/// Runs a witness program and returns its standard output; a failure fails the test.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A clean kernel: no IPVS services, no test interface (through the witnesses).
+fn clean() {
+    run("ipvsadm", &["-C"]);
+    let _ = Command::new("ip")
+        .args(["link", "del", INTERFACE])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// The virtual services `ipvsadm` lists, as `TCP  10.240.0.210:80 rr` lines.
+fn ipvsadm_services() -> BTreeSet<String> {
+    run("ipvsadm", &["-L", "-n"])
+        .lines()
+        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP"))
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+fn addresses_on(dev: &str) -> BTreeSet<IpAddr> {
+    run("ip", &["-o", "addr", "show", "dev", dev, "scope", "global"])
+        .lines()
+        .filter_map(|line| {
+            let mut tokens = line.split_whitespace();
+            tokens.find(|t| *t == "inet" || *t == "inet6")?;
+            tokens.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn key(vip: &str, port: u16) -> ServiceKey {
+    ServiceKey::addr(ip(vip), Protocol::Tcp, port)
+}
+
+fn table(entries: &[(ServiceKey, Scheduler)]) -> Table {
+    let mut t = Table::new();
+    for (k, scheduler) in entries {
+        t.insert(
+            VirtualService::new(*k, scheduler.clone()),
+            [Destination::new(
+                ip("10.0.0.1"),
+                80,
+                ForwardingMethod::Masquerade,
+                1,
+            )],
+        );
+    }
+    t
+}
+
+fn pool() -> Owned {
+    Owned::new(vec!["10.240.0.208/29".parse().expect("a range")])
+}
+
+fn svc(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+fn converger() -> Converger<Kernel> {
+    Converger::new(
+        Kernel::open(INTERFACE).expect("the kernel data plane"),
+        Duration::ZERO,
+    )
+}
+
+#[test]
+fn a_restarted_director_collects_what_a_deleted_pool_explained_and_spares_a_foreign_neighbour() {
+    clean();
+    let web = table(&[(key("10.240.0.210", 80), Scheduler::Rr)]);
+    let before = converger();
+    let seen = before.generation().unwrap();
+    before
+        .converge_service(&svc("web"), &web, &pool(), seen, Instant::now())
+        .unwrap();
+    // Not in a pool, not on our interface: someone else's, next door.
+    run("ipvsadm", &["-A", "-t", "10.240.0.240:80", "-s", "wlc"]);
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.210:80 rr".to_owned(),
+            "TCP 10.240.0.240:80 wlc".to_owned()
+        ])
+    );
+    assert_eq!(
+        addresses_on(INTERFACE),
+        BTreeSet::from([ip("10.240.0.210")])
+    );
+    drop(before);
+
+    // The pool is deleted and the director restarts: nothing in memory, no pool.
+    let after = converger();
+    let since = after.generation().unwrap();
+    let report = after
+        .converge_all(
+            &Table::new(),
+            BTreeMap::new(),
+            &Owned::new(Vec::new()),
+            since,
+            Instant::now(),
+        )
+        .unwrap();
+    assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from(["TCP 10.240.0.240:80 wlc".to_owned()])
+    );
+    assert!(addresses_on(INTERFACE).is_empty());
+    clean();
+}
+
+#[test]
+fn a_full_pass_programs_everything_but_a_virtual_service_whose_scheduler_the_kernel_lacks() {
+    clean();
+    let c = converger();
+    let bad = key("10.240.0.212", 80);
+    // The kernel answers a scheduler it has no module for as it does one that does not exist.
+    let desired = table(&[
+        (key("10.240.0.210", 80), Scheduler::Rr),
+        (key("10.240.0.211", 80), Scheduler::Wlc),
+        (bad, Scheduler::Other("nosuch".into())),
+    ]);
+    let by_service = BTreeMap::from([
+        (svc("a"), vec![key("10.240.0.210", 80)]),
+        (svc("b"), vec![key("10.240.0.211", 80)]),
+        (svc("bad"), vec![bad]),
+    ]);
+    let since = c.generation().unwrap();
+    let report = c
+        .converge_all(&desired, by_service, &pool(), since, Instant::now())
+        .expect("one refused virtual service does not fail the pass");
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    let failure = &report.failures[0];
+    assert_eq!(failure.service, Some(svc("bad")));
+    assert_eq!(failure.key, bad);
+    assert!(
+        failure.message.contains("No such file or directory"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.210:80 rr".to_owned(),
+            "TCP 10.240.0.211:80 wlc".to_owned()
+        ])
+    );
+    let dests = run("ipvsadm", &["-L", "-n", "-t", "10.240.0.211:80"]);
+    assert!(dests.contains("10.0.0.1:80"), "{dests}");
+    clean();
+}
