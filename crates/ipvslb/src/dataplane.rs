@@ -200,19 +200,47 @@ pub struct Kernel {
     address_writes: AtomicU64,
 }
 
+/// The interface of kube-proxy's IPVS mode.
+pub const KUBE_PROXY_INTERFACE: &str = "kube-ipvs0";
+
 #[cfg(target_os = "linux")]
 impl Kernel {
-    /// Opens IPVS and the VIP interface `interface` (created if absent).
+    /// Opens IPVS and the VIP interface `interface` (created if absent; refused if it exists
+    /// and ipvslb did not create it), and warns of what else on the host programs the same
+    /// kernel objects.
     pub fn open(interface: &str) -> Result<Self, Error> {
         let ipvs = ipvslb_ipvs::netlink::Ipvs::open().map_err(|e| Error::Read(e.to_string()))?;
         let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
             address: None,
             message: format!("interface {interface}: {e}"),
         })?;
-        Ok(Self {
+        let kernel = Self {
             ipvs: Mutex::new(ipvs),
             vips: Mutex::new(vips),
             address_writes: AtomicU64::new(0),
+        };
+        for conflict in kernel.conflicts()? {
+            tracing::warn!(%conflict, "another program on this host programs what the director programs");
+        }
+        Ok(kernel)
+    }
+
+    /// What else on this host programs the kernel objects the director programs, said so an
+    /// operator can act on it.
+    pub fn conflicts(&self) -> Result<Vec<String>, Error> {
+        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
+        let kube_proxy = vips
+            .link_exists(KUBE_PROXY_INTERFACE)
+            .map_err(|e| Error::Address {
+                address: None,
+                message: format!("looking for interface {KUBE_PROXY_INTERFACE}: {e}"),
+            })?;
+        Ok(if kube_proxy {
+            vec![format!(
+                "interface {KUBE_PROXY_INTERFACE} exists, so kube-proxy runs in IPVS mode here: it creates an IPVS virtual service for each LoadBalancer IP (the same VIP:port entries this director programs, with other destinations) and puts those IPs on {KUBE_PROXY_INTERFACE}; the two rewrite each other's entries. Run the director on a host without kube-proxy's IPVS mode."
+            )]
+        } else {
+            Vec::new()
         })
     }
 }

@@ -184,3 +184,49 @@ fn a_full_pass_programs_everything_but_a_virtual_service_whose_scheduler_the_ker
     assert!(dests.contains("10.0.0.1:80"), "{dests}");
     clean();
 }
+
+#[test]
+fn an_existing_interface_ipvslb_did_not_create_is_refused_and_kube_proxys_is_warned_of() {
+    clean();
+    let _ = Command::new("ip")
+        .args(["link", "del", "kube-ipvs0"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    // kube-proxy's IPVS mode: a dummy interface holding the LoadBalancer IPs.
+    run("ip", &["link", "add", "kube-ipvs0", "type", "dummy"]);
+    run(
+        "ip",
+        &["addr", "add", "10.240.0.210/32", "dev", "kube-ipvs0"],
+    );
+    let err = Kernel::open("kube-ipvs0")
+        .err()
+        .expect("kube-proxy's interface is not adopted");
+    let text = err.to_string();
+    assert!(
+        text.contains("kube-ipvs0") && text.contains("not created by ipvslb"),
+        "{text}"
+    );
+    assert_eq!(
+        addresses_on("kube-ipvs0"),
+        BTreeSet::from([ip("10.240.0.210")]),
+        "its addresses are untouched"
+    );
+
+    // The interface ipvslb creates carries the mark, and is adopted again after a restart.
+    let kernel = Kernel::open(INTERFACE).expect("created");
+    let details = run("ip", &["-d", "link", "show", "dev", INTERFACE]);
+    assert!(details.contains("alias ipvslb"), "{details}");
+    let conflicts = kernel.conflicts().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(conflicts[0].contains("kube-ipvs0"), "{}", conflicts[0]);
+    drop(kernel);
+    let again = Kernel::open(INTERFACE).expect("adopted: it is ours");
+    run("ip", &["link", "del", "kube-ipvs0"]);
+    assert!(again.conflicts().unwrap().is_empty());
+
+    // A dummy interface someone else made under our name is refused too.
+    clean();
+    run("ip", &["link", "add", INTERFACE, "type", "dummy"]);
+    assert!(Kernel::open(INTERFACE).is_err());
+    clean();
+}
