@@ -45,6 +45,17 @@ pub struct Report {
     pub unblocked: BTreeSet<ServiceName>,
 }
 
+/// What [`Converger::retire`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retired {
+    /// The virtual services (with their destinations).
+    pub services: Vec<ServiceKey>,
+    /// The addresses of the interface.
+    pub addresses: Vec<IpAddr>,
+    /// What the kernel refused to remove.
+    pub failures: Vec<Failure>,
+}
+
 /// A virtual service the data plane refused to program.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -406,6 +417,29 @@ impl<D: Dataplane> Converger<D> {
             .flatten()
             .collect();
         Ok(report)
+    }
+
+    /// Takes the director out of service: removes every virtual service it owns (an address in
+    /// `owned`'s pools or on its interface) and every address of its interface, and nothing
+    /// else. Returns what was there to remove and what the kernel refused.
+    pub fn retire(&self, owned: &Owned) -> Result<Retired, dataplane::Error> {
+        let addresses = self.dataplane.addresses()?;
+        let here = owned.with_interface(addresses.clone());
+        let services: Vec<ServiceKey> = self
+            .dataplane
+            .dump(&here)?
+            .services
+            .into_keys()
+            .filter(|k| here.owns(k))
+            .collect();
+        let since = self.generation()?;
+        let report =
+            self.converge_all(&Table::new(), BTreeMap::new(), owned, since, Instant::now())?;
+        Ok(Retired {
+            services,
+            addresses: addresses.into_iter().collect(),
+            failures: report.failures,
+        })
     }
 
     /// Makes the interface's addresses known, read afresh or as remembered.
@@ -1090,5 +1124,61 @@ mod tests {
         assert_eq!(gone.ops.get("del_service"), Some(&1), "{gone:?}");
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
         assert_eq!(c.dataplane().table().unwrap(), Table::new());
+    }
+
+    #[test]
+    fn retiring_removes_what_the_director_owns_and_nothing_else() {
+        let memory = std::sync::Arc::new(Memory::default());
+        let now = Instant::now();
+        let before = Converger::new(memory.clone(), Duration::ZERO);
+        let both = table(&[
+            (key("10.240.0.210", 80), &[("10.0.0.1", 1)]),
+            (key("10.240.0.211", 443), &[("10.0.0.1", 1)]),
+        ]);
+        before
+            .converge_service(
+                &svc("web"),
+                &both,
+                &owned(),
+                before.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        let neighbour = key("10.240.0.240", 80);
+        let in_pool_only = key("10.240.0.212", 80);
+        memory
+            .apply(&[
+                ipvslb_ipvs::Op::AddService(VirtualService::new(neighbour, Scheduler::Wlc)),
+                ipvslb_ipvs::Op::AddService(VirtualService::new(in_pool_only, Scheduler::Rr)),
+            ])
+            .unwrap();
+        drop(before);
+        let retired = Converger::new(memory.clone(), Duration::ZERO)
+            .retire(&owned())
+            .unwrap();
+        assert_eq!(
+            retired.services,
+            vec![
+                key("10.240.0.210", 80),
+                key("10.240.0.211", 443),
+                in_pool_only
+            ]
+        );
+        assert_eq!(
+            retired.addresses,
+            vec![ip("10.240.0.210"), ip("10.240.0.211")]
+        );
+        assert!(retired.failures.is_empty());
+        assert_eq!(
+            memory
+                .table()
+                .unwrap()
+                .services
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![neighbour]
+        );
+        assert!(memory.addresses().unwrap().is_empty());
     }
 }

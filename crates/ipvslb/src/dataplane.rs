@@ -209,8 +209,20 @@ impl Kernel {
     /// and ipvslb did not create it), and warns of what else on the host programs the same
     /// kernel objects.
     pub fn open(interface: &str) -> Result<Self, Error> {
+        Self::open_with(interface, ipvslb_ipvs::netlink::Vips::open)
+    }
+
+    /// As [`Kernel::open`], but an absent interface is an error, not created.
+    pub fn open_existing(interface: &str) -> Result<Self, Error> {
+        Self::open_with(interface, ipvslb_ipvs::netlink::Vips::open_existing)
+    }
+
+    fn open_with(
+        interface: &str,
+        open: fn(&str) -> ipvslb_ipvs::netlink::Result<ipvslb_ipvs::netlink::Vips>,
+    ) -> Result<Self, Error> {
         let ipvs = ipvslb_ipvs::netlink::Ipvs::open().map_err(|e| Error::Read(e.to_string()))?;
-        let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
+        let vips = open(interface).map_err(|e| Error::Address {
             address: None,
             message: format!("interface {interface}: {e}"),
         })?;

@@ -209,7 +209,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
+pub(crate) async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(path)

@@ -230,3 +230,49 @@ fn an_existing_interface_ipvslb_did_not_create_is_refused_and_kube_proxys_is_war
     assert!(Kernel::open(INTERFACE).is_err());
     clean();
 }
+
+#[test]
+fn retiring_removes_the_directors_entries_and_addresses_and_leaves_foreign_ones() {
+    clean();
+    let c = converger();
+    let web = table(&[
+        (key("10.240.0.210", 80), Scheduler::Rr),
+        (key("10.240.0.211", 443), Scheduler::Wlc),
+    ]);
+    c.converge_service(
+        &svc("web"),
+        &web,
+        &pool(),
+        c.generation().unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    drop(c);
+    run("ipvsadm", &["-A", "-t", "192.0.2.1:80", "-s", "wlc"]);
+    run("ipvsadm", &["-A", "-t", "10.240.0.240:80", "-s", "rr"]);
+    let kernel = Kernel::open_existing(INTERFACE).expect("the director's interface");
+    let text = ipvslb::retire::retire_on(kernel, &pool(), INTERFACE).expect("retired");
+    assert_eq!(
+        text,
+        "removed virtual service TCP 10.240.0.210:80\n\
+         removed virtual service TCP 10.240.0.211:443\n\
+         removed address 10.240.0.210 from ipvslbd0\n\
+         removed address 10.240.0.211 from ipvslbd0\n"
+    );
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.240:80 rr".to_owned(),
+            "TCP 192.0.2.1:80 wlc".to_owned()
+        ])
+    );
+    assert!(addresses_on(INTERFACE).is_empty());
+    // Nothing left: a second retire says so.
+    let kernel = Kernel::open_existing(INTERFACE).expect("still there");
+    assert_eq!(
+        ipvslb::retire::retire_on(kernel, &pool(), INTERFACE).unwrap(),
+        "nothing of this director's was left\n"
+    );
+    clean();
+    assert!(Kernel::open_existing(INTERFACE).is_err(), "never created");
+}

@@ -41,6 +41,15 @@ impl Vips {
     /// [`INTERFACE_ALIAS`]), and sets it up. An existing interface is adopted only when it is a
     /// dummy interface with that mark.
     pub fn open(name: &str) -> Result<Self> {
+        Self::open_with(name, true)
+    }
+
+    /// As [`Vips::open`], but never creates the interface: `ENODEV` when it is absent.
+    pub fn open_existing(name: &str) -> Result<Self> {
+        Self::open_with(name, false)
+    }
+
+    fn open_with(name: &str, create: bool) -> Result<Self> {
         let conn = Conn::open(NlFamily::Route, TIMEOUT).map_err(|source| Error::Socket {
             op: Request::Open,
             key: String::new(),
@@ -61,7 +70,7 @@ impl Vips {
                 }
                 index
             }
-            Err(e) if e.is_missing() => {
+            Err(e) if create && e.is_missing() => {
                 vips.create_dummy()?;
                 let (index, _) = vips.link()?;
                 vips.index = index;
