@@ -215,6 +215,10 @@ pub fn part_of(
     (table, problems)
 }
 
+fn names(services: &[Service]) -> Vec<ServiceName> {
+    services.iter().map(translate::service_name).collect()
+}
+
 /// The pool a Service's VIPs come from: the one holding its first VIP. A Service in no pool
 /// is not planned, and what it had is collected.
 pub fn pool_of<'a>(addresses: &[IpAddr], pools: &'a [PoolSpec]) -> Option<&'a PoolSpec> {
@@ -314,15 +318,15 @@ async fn reconcile<D: Dataplane>(
             .await?;
         // Deleted while this converge was being planned: the deletion's converge may have
         // run first, and nothing else would remove what this one just wrote.
-        let seen = ctx.generation()?;
         if ctx.services.get(&CachedService::reference(&name)).is_none() {
+            let seen = ctx.generation()?;
             report.merge(ctx.converge(&name, Table::new(), view.owned, seen).await?);
             claim = None;
         }
         let claim_changed = ctx.claims.changed(&name, claim.as_ref());
         // The peers of now: a Service that came to share the VIP meanwhile is as affected as
         // the ones planned with.
-        let peers = ctx.sharing_peers(&service, &ctx.view());
+        let peers = names(&ctx.sharing(&service));
         ctx.requeue_affected(&report, claim_changed, &peers);
         if let Some(first) = report.failures.first() {
             ctx.warn_refused(&report.failures).await;
@@ -479,6 +483,14 @@ impl<D: Dataplane> Context<D> {
     /// The other Services on `planned`'s VIPs. Only Services that allow sharing can have any,
     /// so the others do not pay for a look at every Service.
     fn sharing_peers(&self, service: &Service, view: &View) -> Vec<PlannedService> {
+        self.sharing(service)
+            .iter()
+            .filter_map(|s| self.planned(s, view, BTreeMap::new()))
+            .collect()
+    }
+
+    /// The other Services on `service`'s VIPs, planned or not.
+    fn sharing(&self, service: &Service) -> Vec<Service> {
         let shares = |s: &Service| {
             s.metadata
                 .annotations
@@ -501,7 +513,6 @@ impl<D: Dataplane> Context<D> {
                         .iter()
                         .any(|a| addresses.contains(a))
             })
-            .filter_map(|s| self.planned(&s, view, BTreeMap::new()))
             .collect()
     }
 
@@ -513,7 +524,7 @@ impl<D: Dataplane> Context<D> {
         async {
             let seen = self.generation()?;
             let view = self.view();
-            let peers = self.sharing_peers(&deleted.to_service(), &view);
+            let peers = names(&self.sharing(&deleted.to_service()));
             self.claims.changed(&name, None);
             // Created again meanwhile: the new Service's reconcile converges from what the old
             // one held, and removing it here would undo that reconcile if it came first.
@@ -526,9 +537,7 @@ impl<D: Dataplane> Context<D> {
                 self.requeue_affected(&report, false, &[]);
             }
             for peer in &peers {
-                let _ = self
-                    .requeue
-                    .unbounded_send(CachedService::reference(&peer.name));
+                let _ = self.requeue.unbounded_send(CachedService::reference(peer));
             }
             Ok(())
         }
@@ -614,8 +623,8 @@ impl<D: Dataplane> Context<D> {
     }
 
     /// Requeues the Services whose part of the plan a converge may have made stale.
-    fn requeue_affected(&self, report: &Report, claim_changed: bool, peers: &[PlannedService]) {
-        for name in affected(report, claim_changed, peers.iter().map(|p| &p.name)) {
+    fn requeue_affected(&self, report: &Report, claim_changed: bool, peers: &[ServiceName]) {
+        for name in affected(report, claim_changed, peers) {
             let _ = self.requeue.unbounded_send(CachedService::reference(&name));
         }
     }
