@@ -131,12 +131,15 @@ fn host_tools() -> Result<(), String> {
 fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
+    command.args(["test", "-p", "ipvslb-ipvs"]);
+    match mode {
+        // The director's kernel tests too: its converger over the real data plane.
+        Mode::Test => command.args(["-p", "ipvslb", "--features", "ipvslb/kernel-tests"]),
+        Mode::Bench => &mut command,
+    };
     command.args([
-        "test",
-        "-p",
-        "ipvslb-ipvs",
         "--features",
-        "kernel-tests",
+        "ipvslb-ipvs/kernel-tests",
         "--no-run",
         "--message-format=json",
     ]);

@@ -57,6 +57,7 @@ fn inputs() -> (
     let services = (0..SERVICES)
         .map(|i| PlannedService {
             name: ServiceName::new("bench", format!("svc-{i:05}")),
+            created: 0,
             addresses: vec![IpAddr::V4(Ipv4Addr::from(
                 u32::from(Ipv4Addr::new(10, 240, 0, 0)) + i,
             ))],

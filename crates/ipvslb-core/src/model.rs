@@ -317,6 +317,9 @@ pub enum TrafficPolicy {
 pub struct PlannedService {
     /// `namespace/name`.
     pub name: ServiceName,
+    /// `metadata.creationTimestamp` in seconds since the Unix epoch (`i64::MAX` when unknown):
+    /// of Services claiming one virtual service, the oldest keeps it.
+    pub created: i64,
     /// Its VIPs.
     pub addresses: Vec<IpAddr>,
     /// The pool the VIPs came from (chooses the NodeSet).

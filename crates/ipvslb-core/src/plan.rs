@@ -95,8 +95,9 @@ struct Backend<'a> {
     draining: bool,
 }
 
-/// Plans the desired table. Deterministic: Services are taken in name order, so when two claim
-/// the same virtual service the first by name keeps it and the other gets a [`PlanError::Collision`].
+/// Plans the desired table. Deterministic: Services are taken oldest first (then by name), so
+/// when two claim the same virtual service the older keeps it, whatever the newer one is named
+/// or when it arrives, and the newer gets a [`PlanError::Collision`].
 pub fn plan(
     services: &[PlannedService],
     pools: &[PoolSpec],
@@ -109,7 +110,7 @@ pub fn plan(
         .map(|set| (set.name.as_str(), (set, backends_of(set, nodes))))
         .collect();
     let mut ordered: Vec<&PlannedService> = services.iter().collect();
-    ordered.sort_by(|a, b| a.name.cmp(&b.name));
+    ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
 
     let mut plan = Plan::default();
     for service in ordered {
@@ -309,6 +310,7 @@ mod tests {
     fn service(name: &str, vips: &[&str], ports: &[(u16, Option<u16>)]) -> PlannedService {
         PlannedService {
             name: ServiceName::new("default", name),
+            created: 0,
             addresses: vips.iter().map(|a| ip(a)).collect(),
             pool: "pool".into(),
             ports: ports
@@ -529,5 +531,84 @@ mod tests {
             overridden.table.services[&key].service.scheduler,
             Scheduler::Wrr
         );
+    }
+
+    /// Services sharing one VIP, as (name, created, ports), and who must hold each contested
+    /// port: one case per row.
+    #[test]
+    fn of_services_colliding_on_a_shared_vip_the_oldest_keeps_the_virtual_service() {
+        type Row = (
+            &'static str,
+            &'static [(&'static str, i64, &'static [u16])],
+            &'static [(u16, &'static str)],
+        );
+        let rows: &[Row] = &[
+            (
+                "a newer Service named first does not take the older one's port",
+                &[("zeta", 100, &[80]), ("alpha", 200, &[80, 443])],
+                &[(80, "zeta"), (443, "alpha")],
+            ),
+            (
+                "of two created in the same second, the first by name keeps it",
+                &[("b", 100, &[80]), ("a", 100, &[80])],
+                &[(80, "a")],
+            ),
+            (
+                "a Service not yet stored counts as the newest",
+                &[("a", i64::MAX, &[80]), ("b", 100, &[80])],
+                &[(80, "b")],
+            ),
+            (
+                "ports that do not collide are each their own Service's",
+                &[("a", 200, &[53]), ("b", 100, &[853])],
+                &[(53, "a"), (853, "b")],
+            ),
+        ];
+        let nodes = [node("n", &["10.0.0.1"])];
+        for (case, services, holders) in rows {
+            let planned: Vec<PlannedService> = services
+                .iter()
+                .map(|(name, created, ports)| {
+                    let mut s = service(
+                        name,
+                        &["10.240.0.210"],
+                        &ports.iter().map(|p| (*p, None)).collect::<Vec<_>>(),
+                    );
+                    s.created = *created;
+                    s
+                })
+                .collect();
+            let before = planned.clone();
+            let plan = plan(
+                &planned,
+                &[pool("pool", "default")],
+                &[node_set(Forwarding::DirectRouting)],
+                &nodes,
+            );
+            assert_eq!(planned, before, "{case}: the input is not mutated");
+            let got: Vec<(u16, String)> = plan
+                .owners
+                .iter()
+                .filter_map(|(k, owner)| match k {
+                    ServiceKey::Addr { port, .. } => Some((*port, owner.name.clone())),
+                    ServiceKey::FwMark { .. } => None,
+                })
+                .collect();
+            let want: Vec<(u16, String)> =
+                holders.iter().map(|(p, n)| (*p, (*n).to_owned())).collect();
+            assert_eq!(got, want, "{case}");
+            for problem in &plan.problems {
+                let PlanError::Collision { holder, .. } = &problem.error else {
+                    panic!("{case}: {problem:?}");
+                };
+                assert_ne!(holder, &problem.service, "{case}");
+            }
+            let collisions = services
+                .iter()
+                .flat_map(|(_, _, ports)| ports.iter())
+                .count()
+                - holders.len();
+            assert_eq!(plan.problems.len(), collisions, "{case}");
+        }
     }
 }

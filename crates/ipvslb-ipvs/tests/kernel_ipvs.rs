@@ -685,6 +685,16 @@ fn vip_addresses_appear_on_and_disappear_from_ipvslb0_only() {
     let err = Vips::open("lo").unwrap_err();
     assert!(matches!(err, Error::NotDummy { .. }), "{err}");
     run("ip", &["link", "del", "notours"]);
+    // A dummy interface without ipvslb's mark is someone else's too (kube-proxy's kube-ipvs0).
+    run("ip", &["link", "add", "theirs0", "type", "dummy"]);
+    let err = Vips::open("theirs0").unwrap_err();
+    assert!(
+        matches!(err, Error::NotOurs { ref alias, .. } if alias.is_none()),
+        "{err}"
+    );
+    run("ip", &["link", "del", "theirs0"]);
+    let details = run("ip", &["-d", "link", "show", "dev", "ipvslb0"]);
+    assert!(details.contains("alias ipvslb"), "{details}");
 
     // Opening again finds the interface instead of failing.
     let mut again = Vips::open("ipvslb0").unwrap();

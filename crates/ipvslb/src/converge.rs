@@ -1,10 +1,11 @@
 //! The director's convergence: from a plan to the data plane, per Service (cost proportional to
 //! that Service) or for the whole table (start-up, periodic repair, garbage collection).
 //!
-//! What it may touch: virtual services whose address lies in some IPPool (`owned`), and the
-//! addresses of its own interface. Destinations that leave the plan are drained (weight 0) for
+//! What it may touch: virtual services whose address lies in some IPPool or is on its own
+//! interface ([`Owned`]), and the addresses of that interface. Destinations that leave the plan are drained (weight 0) for
 //! a grace period before they are deleted, so live connections finish.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use ipvslb_core::{IpRange, ServiceName};
 use ipvslb_ipvs::{DestKey, Removal, ServiceKey, Table, diff};
+
+use tracing::debug;
 
 use crate::dataplane::{self, Dataplane};
 
@@ -26,6 +29,42 @@ pub struct Report {
     pub addresses_removed: usize,
     /// The earliest time a draining destination may be deleted, if any is draining.
     pub next_drain_deadline: Option<Instant>,
+    /// The Services with a draining destination: to converge again at the deadline, when the
+    /// destination can go.
+    pub draining: BTreeSet<ServiceName>,
+    /// The virtual services the data plane refused; everything else was applied.
+    pub failures: Vec<Failure>,
+    /// Per-Service converge: the keys of its desired table another Service holds, left to that
+    /// Service, with the holder (whose view may be the stale one).
+    pub taken: Vec<(ServiceKey, ServiceName)>,
+    /// Per-Service converge: whether the Service now holds other keys than before, which
+    /// may change what the Services sharing its VIPs are given.
+    pub keys_changed: bool,
+    /// Services once refused a key that has come free (or may have changed hands in a full
+    /// pass): each should converge again.
+    pub unblocked: BTreeSet<ServiceName>,
+}
+
+/// What [`Converger::retire`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retired {
+    /// The virtual services (with their destinations).
+    pub services: Vec<ServiceKey>,
+    /// The addresses of the interface.
+    pub addresses: Vec<IpAddr>,
+    /// What the kernel refused to remove.
+    pub failures: Vec<Failure>,
+}
+
+/// A virtual service the data plane refused to program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The Service it is for (`None`: an entry no Service claims, which was to be removed).
+    pub service: Option<ServiceName>,
+    /// The virtual service.
+    pub key: ServiceKey,
+    /// The data plane's error, for the first refused write of that key.
+    pub message: String,
 }
 
 impl Report {
@@ -33,26 +72,70 @@ impl Report {
     pub fn is_noop(&self) -> bool {
         self.ops.is_empty() && self.addresses_added == 0 && self.addresses_removed == 0
     }
+
+    /// Adds what a later converge did: one report for both.
+    pub fn merge(&mut self, later: Report) {
+        for (kind, count) in later.ops {
+            *self.ops.entry(kind).or_default() += count;
+        }
+        self.addresses_added += later.addresses_added;
+        self.addresses_removed += later.addresses_removed;
+        self.next_drain_deadline = match (self.next_drain_deadline, later.next_drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.draining.extend(later.draining);
+        self.failures.extend(later.failures);
+        self.taken.extend(later.taken);
+        self.keys_changed |= later.keys_changed;
+        self.unblocked.extend(later.unblocked);
+    }
 }
 
-/// The address ranges of every IPPool: what this director owns in the kernel.
+/// What this director owns in the kernel: the virtual services on an address of some IPPool or
+/// of its own interface. The interface is the kernel's record of the VIPs this director
+/// programmed, so what a deleted, shrunk or invalid pool explained is still collected.
 #[derive(Debug, Clone, Default)]
 pub struct Owned {
     ranges: Vec<IpRange>,
+    interface: BTreeSet<IpAddr>,
 }
 
 impl Owned {
-    /// Owns the addresses of these ranges.
+    /// Owns the addresses of these ranges (the interface's come with each converge).
     pub fn new(ranges: Vec<IpRange>) -> Self {
-        Self { ranges }
+        Self {
+            ranges,
+            interface: BTreeSet::new(),
+        }
     }
 
     /// Whether a virtual service is ours.
     pub fn owns(&self, key: &ServiceKey) -> bool {
-        key.address()
-            .is_some_and(|a| self.ranges.iter().any(|r| r.contains(&a)))
+        key.address().is_some_and(|a| {
+            self.interface.contains(&a) || self.ranges.iter().any(|r| r.contains(&a))
+        })
+    }
+
+    /// Whether a virtual service is ours, given the interface's addresses.
+    fn owns_on(&self, key: &ServiceKey, interface: &BTreeSet<IpAddr>) -> bool {
+        self.owns(key) || key.address().is_some_and(|a| interface.contains(&a))
+    }
+
+    /// These ranges and the addresses of the interface.
+    pub fn with_interface(&self, interface: BTreeSet<IpAddr>) -> Self {
+        Self {
+            ranges: self.ranges.clone(),
+            interface,
+        }
     }
 }
+
+/// When a view of the caches was taken: every reconcile and every full pass takes one before it
+/// reads the caches, so of two converges of a Service's keys the one planned from the later
+/// view wins, whichever is applied last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Generation(u64);
 
 /// Per-director memory that is allowed to be lost: which keys each Service was given, when each
 /// draining destination started draining, and the interface's addresses as last seen. After a
@@ -81,15 +164,29 @@ struct State {
     held: BTreeMap<ServiceName, Vec<ServiceKey>>,
     /// How many held keys each VIP carries: an address goes when its count reaches zero.
     vip_users: BTreeMap<IpAddr, usize>,
+    /// Which Service holds each held key.
+    holders: BTreeMap<ServiceKey, ServiceName>,
+    /// The Services refused each key because another held it: told when it comes free.
+    waiting: BTreeMap<ServiceKey, BTreeSet<ServiceName>>,
     /// The interface's addresses as last read or written (`None`: unknown, read next time).
     interface: Option<BTreeSet<IpAddr>>,
     draining: BTreeMap<(ServiceKey, DestKey), Instant>,
+    /// The last generation handed out.
+    generation: u64,
+    /// The generation of the view each Service's latest per-Service converge was planned from,
+    /// for those a full pass has not yet superseded.
+    converged: BTreeMap<ServiceName, u64>,
 }
 
 impl State {
     /// Records that `name` now holds `keys` (none: it holds nothing).
     fn hold(&mut self, name: &ServiceName, keys: Vec<ServiceKey>) {
         if let Some(previous) = self.held.remove(name) {
+            for key in &previous {
+                if self.holders.get(key) == Some(name) {
+                    self.holders.remove(key);
+                }
+            }
             for vip in previous.iter().filter_map(|k| k.address()) {
                 if let Some(count) = self.vip_users.get_mut(&vip) {
                     *count -= 1;
@@ -105,7 +202,17 @@ impl State {
         for vip in keys.iter().filter_map(|k| k.address()) {
             *self.vip_users.entry(vip).or_default() += 1;
         }
+        for key in &keys {
+            self.holders.insert(*key, name.clone());
+        }
         self.held.insert(name.clone(), keys);
+    }
+
+    /// Forgets what every Service holds.
+    fn forget_holdings(&mut self) {
+        self.held.clear();
+        self.vip_users.clear();
+        self.holders.clear();
     }
 }
 
@@ -119,27 +226,65 @@ impl<D: Dataplane> Converger<D> {
         }
     }
 
+    /// A new generation: take one right before reading the caches to plan a converge.
+    pub fn generation(&self) -> Result<Generation, dataplane::Error> {
+        let mut state = self.lock()?;
+        state.generation += 1;
+        Ok(Generation(state.generation))
+    }
+
     /// The data plane.
     pub fn dataplane(&self) -> &D {
         &self.dataplane
     }
 
     /// Converges the entries of one Service: `desired` holds exactly its virtual services
-    /// (empty when it has none any more). Reads only its own keys from the kernel.
+    /// (empty when it has none any more), planned from the view taken at `seen`. Reads only
+    /// its own keys from the kernel.
     pub fn converge_service(
         &self,
         name: &ServiceName,
         desired: &Table,
         owned: &Owned,
+        seen: Generation,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
-        let previous = self.lock()?.held.get(name).cloned().unwrap_or_default();
+        // Held for the whole converge: a full pass applying a snapshot must not interleave
+        // with it, or each would undo part of the other.
+        let mut state = self.lock()?;
+        state.converged.insert(name.clone(), seen.0);
+        let previous = state.held.get(name).cloned().unwrap_or_default();
+        // A key another Service holds is that Service's, whatever a plan made from a partial
+        // or stale view says: this converge neither takes it over nor, later, deletes it.
+        let taken: Vec<(ServiceKey, ServiceName)> = desired
+            .services
+            .keys()
+            .filter_map(|k| {
+                state
+                    .holders
+                    .get(k)
+                    .filter(|holder| *holder != name)
+                    .map(|holder| (*k, holder.clone()))
+            })
+            .collect();
+        let desired = if taken.is_empty() {
+            Cow::Borrowed(desired)
+        } else {
+            debug!(service = %name, keys = ?taken, "leaving virtual services another Service holds");
+            let mut own = desired.clone();
+            own.services
+                .retain(|k, _| !taken.iter().any(|(t, _)| t == k));
+            Cow::Owned(own)
+        };
+        let desired = desired.as_ref();
+        self.load_interface(&mut state, Addresses::Remembered)?;
+        let interface = state.interface.as_ref();
         let keys: BTreeSet<ServiceKey> = desired
             .services
             .keys()
             .chain(previous.iter())
             .copied()
-            .filter(|k| owned.owns(k))
+            .filter(|k| interface.map_or(owned.owns(k), |i| owned.owns_on(k, i)))
             .collect();
         let mut actual = Table::new();
         for key in &keys {
@@ -147,11 +292,32 @@ impl<D: Dataplane> Converger<D> {
                 actual.services.insert(*key, entry);
             }
         }
-        let mut report =
-            self.apply_diff(&actual, desired, &|k: &ServiceKey| keys.contains(k), now)?;
-        let vips = self.add_missing_vips(desired, Addresses::Remembered, &mut report)?;
-        let mut state = self.lock()?;
-        state.hold(name, desired.services.keys().copied().collect());
+        let (mut report, draining) = self.apply_diff(
+            &mut state,
+            &actual,
+            desired,
+            &|k: &ServiceKey| keys.contains(k),
+            now,
+        )?;
+        if !draining.is_empty() {
+            report.draining.insert(name.clone());
+        }
+        for failure in &mut report.failures {
+            failure.service = Some(name.clone());
+        }
+        for (key, _) in &taken {
+            state.waiting.entry(*key).or_default().insert(name.clone());
+        }
+        report.taken = taken;
+        let vips = self.add_missing_vips(&mut state, desired, &mut report)?;
+        let now_held: Vec<ServiceKey> = desired.services.keys().copied().collect();
+        report.keys_changed = now_held != previous;
+        for key in previous.iter().filter(|k| !now_held.contains(k)) {
+            if let Some(waiters) = state.waiting.remove(key) {
+                report.unblocked.extend(waiters);
+            }
+        }
+        state.hold(name, now_held);
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
         let released: Vec<IpAddr> = previous
@@ -164,18 +330,67 @@ impl<D: Dataplane> Converger<D> {
     }
 
     /// Converges the whole owned table to `desired` and the interface to its VIPs; also
-    /// forgets Services that are gone, so their entries are collected.
+    /// forgets Services that are gone, so their entries are collected. `desired` and
+    /// `by_service` are a snapshot of the caches taken at `since`: the keys of a Service whose
+    /// latest converge was planned from a later view are left, in the kernel and in memory, as
+    /// that converge left them.
     pub fn converge_all(
         &self,
         desired: &Table,
         by_service: BTreeMap<ServiceName, Vec<ServiceKey>>,
         owned: &Owned,
+        since: Generation,
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
-        let actual = self.dataplane.dump(owned)?;
-        let mut report = self.apply_diff(&actual, desired, &|k: &ServiceKey| owned.owns(k), now)?;
-        let vips = self.add_missing_vips(desired, Addresses::Read, &mut report)?;
         let mut state = self.lock()?;
+        let newer: BTreeMap<ServiceName, Vec<ServiceKey>> = state
+            .converged
+            .iter()
+            .filter(|(_, g)| **g > since.0)
+            .map(|(name, _)| {
+                (
+                    name.clone(),
+                    state.held.get(name).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        // What a newer Service holds now is as its converge left it: the pass does not touch
+        // it. What the snapshot gave a newer Service beyond that is stale: the pass does not
+        // create it, and removes it as no Service's.
+        let fresh: BTreeSet<ServiceKey> = newer.values().flatten().copied().collect();
+        let stale: BTreeSet<ServiceKey> = by_service
+            .iter()
+            .filter(|(name, _)| newer.contains_key(*name))
+            .flat_map(|(_, keys)| keys)
+            .copied()
+            .collect();
+        let mut wanted = desired.clone();
+        wanted
+            .services
+            .retain(|k, _| !fresh.contains(k) && !stale.contains(k));
+        self.load_interface(&mut state, Addresses::Read)?;
+        let owned = &owned.with_interface(state.interface.clone().unwrap_or_default());
+        let actual = self.dataplane.dump(owned)?;
+        let (mut report, draining) = self.apply_diff(
+            &mut state,
+            &actual,
+            &wanted,
+            &|k: &ServiceKey| owned.owns(k) && !fresh.contains(k),
+            now,
+        )?;
+        report.draining = by_service
+            .iter()
+            .filter(|(_, keys)| keys.iter().any(|k| draining.contains(k)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for failure in &mut report.failures {
+            failure.service = by_service
+                .iter()
+                .find(|(_, keys)| keys.contains(&failure.key))
+                .map(|(name, _)| name.clone());
+        }
+        let mut vips = self.add_missing_vips(&mut state, &wanted, &mut report)?;
+        vips.extend(newer.values().flatten().filter_map(|k| k.address()));
         let unwanted: Vec<IpAddr> = state
             .interface
             .iter()
@@ -184,19 +399,63 @@ impl<D: Dataplane> Converger<D> {
             .copied()
             .collect();
         self.del_vips(&mut state, unwanted, &mut report)?;
-        state.held.clear();
-        state.vip_users.clear();
-        for (name, keys) in by_service {
+        state.forget_holdings();
+        for (name, mut keys) in by_service {
+            if !newer.contains_key(&name) {
+                keys.retain(|k| !fresh.contains(k));
+                state.hold(&name, keys);
+            }
+        }
+        for (name, keys) in newer {
             state.hold(&name, keys);
         }
+        // Converges older than this pass are now part of what it applied.
+        state.converged.retain(|_, g| *g > since.0);
+        // Who holds what may have changed under the waiters: each looks again.
+        report.unblocked = std::mem::take(&mut state.waiting)
+            .into_values()
+            .flatten()
+            .collect();
         Ok(report)
+    }
+
+    /// Takes the director out of service: removes every virtual service it owns (an address in
+    /// `owned`'s pools or on its interface) and every address of its interface, and nothing
+    /// else. Returns what was there to remove and what the kernel refused.
+    pub fn retire(&self, owned: &Owned) -> Result<Retired, dataplane::Error> {
+        let addresses = self.dataplane.addresses()?;
+        let here = owned.with_interface(addresses.clone());
+        let services: Vec<ServiceKey> = self
+            .dataplane
+            .dump(&here)?
+            .services
+            .into_keys()
+            .filter(|k| here.owns(k))
+            .collect();
+        let since = self.generation()?;
+        let report =
+            self.converge_all(&Table::new(), BTreeMap::new(), owned, since, Instant::now())?;
+        Ok(Retired {
+            services,
+            addresses: addresses.into_iter().collect(),
+            failures: report.failures,
+        })
+    }
+
+    /// Makes the interface's addresses known, read afresh or as remembered.
+    fn load_interface(&self, state: &mut State, source: Addresses) -> Result<(), dataplane::Error> {
+        if source == Addresses::Read || state.interface.is_none() {
+            state.interface = None;
+            state.interface = Some(self.dataplane.addresses()?);
+        }
+        Ok(())
     }
 
     /// Adds the VIPs of `desired` the interface lacks; returns the wanted ones.
     fn add_missing_vips(
         &self,
+        state: &mut State,
         desired: &Table,
-        source: Addresses,
         report: &mut Report,
     ) -> Result<BTreeSet<IpAddr>, dataplane::Error> {
         let vips: BTreeSet<IpAddr> = desired
@@ -204,11 +463,10 @@ impl<D: Dataplane> Converger<D> {
             .keys()
             .filter_map(|k| k.address())
             .collect();
-        let mut state = self.lock()?;
         // Unknown until written back: a failure halfway leaves it to the next read.
-        let mut present = match (source, state.interface.take()) {
-            (Addresses::Remembered, Some(known)) => known,
-            _ => self.dataplane.addresses()?,
+        let mut present = match state.interface.take() {
+            Some(known) => known,
+            None => self.dataplane.addresses()?,
         };
         let missing: Vec<IpAddr> = vips.difference(&present).copied().collect();
         for vip in missing {
@@ -244,14 +502,15 @@ impl<D: Dataplane> Converger<D> {
     /// until their grace period is over.
     fn apply_diff(
         &self,
+        state: &mut State,
         actual: &Table,
         desired: &Table,
         owner: &dyn Fn(&ServiceKey) -> bool,
         now: Instant,
-    ) -> Result<Report, dataplane::Error> {
+    ) -> Result<(Report, BTreeSet<ServiceKey>), dataplane::Error> {
         let mut desired = desired.clone();
-        let mut state = self.lock()?;
         let mut next_deadline: Option<Instant> = None;
+        let mut draining = BTreeSet::new();
         for (key, entry) in &actual.services {
             let Some(wanted) = desired.services.get_mut(key) else {
                 continue; // the whole service goes: nothing left to drain into
@@ -268,27 +527,52 @@ impl<D: Dataplane> Converger<D> {
                     kept.weight = 0;
                     wanted.destinations.insert(*dest_key, kept);
                     next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                    draining.insert(*key);
                 } else {
                     state.draining.remove(&(*key, *dest_key));
                 }
             }
         }
-        drop(state);
         let ops = diff(
             actual,
             &desired,
             &|k: &ServiceKey| owner(k),
             Removal::Delete,
         );
-        self.dataplane.apply(&ops)?;
+        // One refused key must not keep the others from being programmed: the caller learns
+        // which keys were refused, and the next converge tries them again.
+        let refused = match self.dataplane.apply(&ops) {
+            Ok(()) => Vec::new(),
+            Err(dataplane::Error::Apply { failures, .. }) => failures,
+            Err(e) => return Err(e),
+        };
         let mut report = Report {
             next_drain_deadline: next_deadline,
             ..Report::default()
         };
-        for op in &ops {
+        let mut first_refusal: BTreeMap<ServiceKey, String> = BTreeMap::new();
+        for failure in refused {
+            if let Some(op) = ops.get(failure.index) {
+                first_refusal
+                    .entry(*op.service_key())
+                    .or_insert(failure.message);
+            }
+        }
+        for op in ops
+            .iter()
+            .filter(|op| !first_refusal.contains_key(op.service_key()))
+        {
             *report.ops.entry(op.kind().as_str()).or_default() += 1;
         }
-        Ok(report)
+        report.failures = first_refusal
+            .into_iter()
+            .map(|(key, message)| Failure {
+                service: None,
+                key,
+                message,
+            })
+            .collect();
+        Ok((report, draining))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, dataplane::Error> {
@@ -338,14 +622,26 @@ mod tests {
         let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1), ("10.0.0.2", 1)])]);
         let now = Instant::now();
         let first = c
-            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .converge_service(
+                &svc("whoami"),
+                &desired,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(first.ops.get("add_service"), Some(&1));
         assert_eq!(first.ops.get("add_dest"), Some(&2));
         assert_eq!(first.addresses_added, 1);
         let writes = c.dataplane().writes();
         let second = c
-            .converge_service(&svc("whoami"), &desired, &owned(), now)
+            .converge_service(
+                &svc("whoami"),
+                &desired,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert!(second.is_noop(), "{second:?}");
         assert_eq!(c.dataplane().writes(), writes);
@@ -358,12 +654,12 @@ mod tests {
         let now = Instant::now();
         let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let api = table(&[(key("10.240.0.211", 80), &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("web"), &web, &owned(), now)
+        c.converge_service(&svc("web"), &web, &owned(), c.generation().unwrap(), now)
             .unwrap();
         // Someone removes the VIP behind the director's back.
         c.dataplane().del_address(ip("10.240.0.210")).unwrap();
         let other = c
-            .converge_service(&svc("api"), &api, &owned(), now)
+            .converge_service(&svc("api"), &api, &owned(), c.generation().unwrap(), now)
             .unwrap();
         assert_eq!(other.addresses_added, 1, "only its own VIP: {other:?}");
         assert_eq!(
@@ -377,7 +673,9 @@ mod tests {
             (svc("web"), vec![key("10.240.0.210", 80)]),
             (svc("api"), vec![key("10.240.0.211", 80)]),
         ]);
-        let repaired = c.converge_all(&both, by_service, &owned(), now).unwrap();
+        let repaired = c
+            .converge_all(&both, by_service, &owned(), c.generation().unwrap(), now)
+            .unwrap();
         assert_eq!(repaired.addresses_added, 1, "{repaired:?}");
         assert_eq!(
             c.dataplane().addresses().unwrap(),
@@ -385,7 +683,13 @@ mod tests {
         );
         // Giving up a VIP removes it, remembered or not.
         let gone = c
-            .converge_service(&svc("api"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("api"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.addresses_removed, 1, "{gone:?}");
         assert_eq!(
@@ -403,6 +707,7 @@ mod tests {
             &svc("web"),
             &table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]),
             &owned(),
+            c.generation().unwrap(),
             t0,
         )
         .unwrap();
@@ -412,6 +717,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(1),
             )
             .unwrap();
@@ -437,6 +743,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(20),
             )
             .unwrap();
@@ -446,6 +753,7 @@ mod tests {
                 &svc("web"),
                 &one_left,
                 &owned(),
+                c.generation().unwrap(),
                 t0 + Duration::from_secs(32),
             )
             .unwrap();
@@ -461,12 +769,13 @@ mod tests {
             &svc("web"),
             &table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]),
             &owned(),
+            c.generation().unwrap(),
             now,
         )
         .unwrap();
         let moved = table(&[(key("10.240.0.210", 8080), &[("10.0.0.1", 1)])]);
         let report = c
-            .converge_service(&svc("web"), &moved, &owned(), now)
+            .converge_service(&svc("web"), &moved, &owned(), c.generation().unwrap(), now)
             .unwrap();
         assert_eq!(report.ops.get("del_service"), Some(&1));
         assert_eq!(report.addresses_removed, 0);
@@ -485,17 +794,35 @@ mod tests {
         let now = Instant::now();
         let tcp = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 1)])]);
         let other = table(&[(key("10.240.0.210", 853), &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("dns-tcp"), &tcp, &owned(), now)
-            .unwrap();
-        c.converge_service(&svc("dot"), &other, &owned(), now)
+        c.converge_service(
+            &svc("dns-tcp"),
+            &tcp,
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        c.converge_service(&svc("dot"), &other, &owned(), c.generation().unwrap(), now)
             .unwrap();
         let gone = c
-            .converge_service(&svc("dns-tcp"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("dns-tcp"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(gone.addresses_removed, 0);
         assert_eq!(c.dataplane().table().unwrap(), other);
         let last = c
-            .converge_service(&svc("dot"), &Table::new(), &owned(), now)
+            .converge_service(
+                &svc("dot"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(last.addresses_removed, 1);
         assert!(c.dataplane().addresses().unwrap().is_empty());
@@ -516,7 +843,13 @@ mod tests {
         let desired = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let by_service = BTreeMap::from([(svc("web"), vec![key("10.240.0.210", 80)])]);
         let report = c
-            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .converge_all(
+                &desired,
+                by_service.clone(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
         let kernel = c.dataplane().table().unwrap();
@@ -533,10 +866,319 @@ mod tests {
             .apply(&[ipvslb_ipvs::Op::DelDest(key("10.240.0.210", 80), dest)])
             .unwrap();
         let repair = c
-            .converge_all(&desired, by_service.clone(), &owned(), now)
+            .converge_all(
+                &desired,
+                by_service.clone(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
             .unwrap();
         assert_eq!(repair.ops.get("add_dest"), Some(&1));
-        let again = c.converge_all(&desired, by_service, &owned(), now).unwrap();
+        let again = c
+            .converge_all(&desired, by_service, &owned(), c.generation().unwrap(), now)
+            .unwrap();
         assert!(again.is_noop());
+    }
+
+    fn web() -> Table {
+        table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])])
+    }
+
+    fn held_by(name: &str, t: &Table) -> BTreeMap<ServiceName, Vec<ServiceKey>> {
+        BTreeMap::from([(svc(name), t.services.keys().copied().collect())])
+    }
+
+    #[test]
+    fn a_service_created_after_the_full_pass_took_its_snapshot_keeps_its_entries() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let since = c.generation().unwrap();
+        // The caches, as the pass read them: no Service yet.
+        let snapshot = (Table::new(), BTreeMap::new());
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
+            .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), web());
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210")])
+        );
+        // Its held keys survived the pass: deleting it now removes its entries and its VIP.
+        c.converge_service(
+            &svc("web"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
+        assert!(c.dataplane().addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_deleted_after_the_full_pass_took_its_snapshot_is_not_brought_back() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
+            .unwrap();
+        let since = c.generation().unwrap();
+        let snapshot = (web(), held_by("web", &web()));
+        c.converge_service(
+            &svc("web"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
+        assert!(c.dataplane().addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_changed_after_the_full_pass_took_its_snapshot_is_not_rolled_back() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
+            .unwrap();
+        let since = c.generation().unwrap();
+        let snapshot = (web(), held_by("web", &web()));
+        let moved = table(&[(key("10.240.0.211", 8080), &[("10.0.0.2", 1)])]);
+        c.converge_service(&svc("web"), &moved, &owned(), c.generation().unwrap(), now)
+            .unwrap();
+        c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), moved);
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.211")])
+        );
+        // The next pass, from a snapshot taken now, agrees and writes nothing.
+        let since = c.generation().unwrap();
+        let again = c
+            .converge_all(&moved, held_by("web", &moved), &owned(), since, now)
+            .unwrap();
+        assert!(again.is_noop(), "{again:?}");
+    }
+
+    #[test]
+    fn a_full_pass_applies_what_it_can_and_reports_each_refused_key_with_its_service() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let bad = key("10.240.0.212", 80);
+        c.dataplane()
+            .refuse_writes_to(bad, "No such file or directory (os error 2)")
+            .unwrap();
+        let good = table(&[
+            (key("10.240.0.210", 80), &[("10.0.0.1", 1)]),
+            (key("10.240.0.211", 80), &[("10.0.0.1", 1)]),
+        ]);
+        let mut desired = good.clone();
+        desired
+            .services
+            .extend(table(&[(bad, &[("10.0.0.1", 1)])]).services);
+        let by_service = BTreeMap::from([
+            (svc("a"), vec![key("10.240.0.210", 80)]),
+            (svc("bad"), vec![bad]),
+            (svc("z"), vec![key("10.240.0.211", 80)]),
+        ]);
+        let since = c.generation().unwrap();
+        let report = c
+            .converge_all(&desired, by_service, &owned(), since, now)
+            .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), good);
+        assert_eq!(
+            report.failures,
+            vec![Failure {
+                service: Some(svc("bad")),
+                key: bad,
+                message: "No such file or directory (os error 2)".into(),
+            }]
+        );
+        assert!(
+            c.dataplane()
+                .addresses()
+                .unwrap()
+                .is_superset(&BTreeSet::from([ip("10.240.0.210"), ip("10.240.0.211")]))
+        );
+        // The held map was rebuilt: the last Service's deletion takes its VIP.
+        let gone = c
+            .converge_service(
+                &svc("z"),
+                &Table::new(),
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        assert_eq!(gone.addresses_removed, 1, "{gone:?}");
+    }
+
+    #[test]
+    fn a_service_never_takes_over_or_deletes_a_virtual_service_another_service_holds() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        let contested = key("10.240.0.210", 80);
+        let older = table(&[(contested, &[("10.0.0.1", 1)])]);
+        c.converge_service(
+            &svc("older"),
+            &older,
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        // A plan made from a stale or partial view may still hand the newer one the key.
+        let newer = table(&[
+            (contested, &[("10.0.0.9", 1)]),
+            (key("10.240.0.210", 443), &[("10.0.0.9", 1)]),
+        ]);
+        let report = c
+            .converge_service(
+                &svc("newer"),
+                &newer,
+                &owned(),
+                c.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        assert_eq!(report.taken, vec![(contested, svc("older"))]);
+        let kernel = c.dataplane().table().unwrap();
+        assert_eq!(kernel.services[&contested], older.services[&contested]);
+        assert!(kernel.services.contains_key(&key("10.240.0.210", 443)));
+        c.converge_service(
+            &svc("newer"),
+            &Table::new(),
+            &owned(),
+            c.generation().unwrap(),
+            now,
+        )
+        .unwrap();
+        assert_eq!(c.dataplane().table().unwrap(), older);
+        assert_eq!(
+            c.dataplane().addresses().unwrap(),
+            BTreeSet::from([ip("10.240.0.210")])
+        );
+    }
+
+    #[test]
+    fn a_restarted_director_collects_the_entries_and_vips_of_a_deleted_pool_and_spares_its_neighbour()
+     {
+        let memory = std::sync::Arc::new(Memory::default());
+        let now = Instant::now();
+        let before = Converger::new(memory.clone(), Duration::ZERO);
+        before
+            .converge_service(
+                &svc("web"),
+                &web(),
+                &owned(),
+                before.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        let neighbour = key("10.240.0.230", 80);
+        memory
+            .apply(&[ipvslb_ipvs::Op::AddService(VirtualService::new(
+                neighbour,
+                Scheduler::Wlc,
+            ))])
+            .unwrap();
+        drop(before);
+        // The pool is gone and nothing is in memory: only the interface remembers the VIP.
+        let after = Converger::new(memory.clone(), Duration::ZERO);
+        let no_pools = Owned::new(Vec::new());
+        let since = after.generation().unwrap();
+        let report = after
+            .converge_all(&Table::new(), BTreeMap::new(), &no_pools, since, now)
+            .unwrap();
+        assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
+        assert_eq!(report.addresses_removed, 1, "{report:?}");
+        let kernel = memory.table().unwrap();
+        assert_eq!(
+            kernel.services.keys().copied().collect::<Vec<_>>(),
+            vec![neighbour]
+        );
+        assert!(memory.addresses().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_service_whose_pool_is_deleted_loses_its_entries_and_vip_on_its_next_converge() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let now = Instant::now();
+        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
+            .unwrap();
+        let gone = c
+            .converge_service(
+                &svc("web"),
+                &Table::new(),
+                &Owned::new(Vec::new()),
+                c.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        assert_eq!(gone.ops.get("del_service"), Some(&1), "{gone:?}");
+        assert_eq!(gone.addresses_removed, 1, "{gone:?}");
+        assert_eq!(c.dataplane().table().unwrap(), Table::new());
+    }
+
+    #[test]
+    fn retiring_removes_what_the_director_owns_and_nothing_else() {
+        let memory = std::sync::Arc::new(Memory::default());
+        let now = Instant::now();
+        let before = Converger::new(memory.clone(), Duration::ZERO);
+        let both = table(&[
+            (key("10.240.0.210", 80), &[("10.0.0.1", 1)]),
+            (key("10.240.0.211", 443), &[("10.0.0.1", 1)]),
+        ]);
+        before
+            .converge_service(
+                &svc("web"),
+                &both,
+                &owned(),
+                before.generation().unwrap(),
+                now,
+            )
+            .unwrap();
+        let neighbour = key("10.240.0.240", 80);
+        let in_pool_only = key("10.240.0.212", 80);
+        memory
+            .apply(&[
+                ipvslb_ipvs::Op::AddService(VirtualService::new(neighbour, Scheduler::Wlc)),
+                ipvslb_ipvs::Op::AddService(VirtualService::new(in_pool_only, Scheduler::Rr)),
+            ])
+            .unwrap();
+        drop(before);
+        let retired = Converger::new(memory.clone(), Duration::ZERO)
+            .retire(&owned())
+            .unwrap();
+        assert_eq!(
+            retired.services,
+            vec![
+                key("10.240.0.210", 80),
+                key("10.240.0.211", 443),
+                in_pool_only
+            ]
+        );
+        assert_eq!(
+            retired.addresses,
+            vec![ip("10.240.0.210"), ip("10.240.0.211")]
+        );
+        assert!(retired.failures.is_empty());
+        assert_eq!(
+            memory
+                .table()
+                .unwrap()
+                .services
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![neighbour]
+        );
+        assert!(memory.addresses().unwrap().is_empty());
     }
 }

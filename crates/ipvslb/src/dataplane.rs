@@ -1,7 +1,7 @@
 //! What the director needs of a host's data plane, behind one trait: the kernel (IPVS over
 //! netlink, VIP addresses over rtnetlink) on a real director, an in-memory table elsewhere.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,14 +17,17 @@ pub enum Error {
     /// Reading the table or one service failed.
     #[error("reading the IPVS table: {0}")]
     Read(String),
-    /// Applying operations failed; `applied` of them took effect first.
-    #[error("applying IPVS changes ({applied} applied before the failure): {message}")]
+    /// Some operations were refused; every other one took effect.
+    #[error("{} of {total} IPVS changes failed; the first: {}", .failures.len(), .failures.first().map(|f| f.message.as_str()).unwrap_or_default())]
     Apply {
-        /// How many operations took effect.
-        applied: usize,
-        /// What failed.
-        message: String,
+        /// How many operations were tried.
+        total: usize,
+        /// The refused ones, in the order of the operations.
+        failures: Vec<OpFailure>,
     },
+    /// Sending operations failed: which of them took effect is unknown.
+    #[error("writing IPVS changes: {0}")]
+    Write(String),
     /// Reading or changing the VIP addresses failed.
     #[error("VIP address {address:?}: {message}")]
     Address {
@@ -38,6 +41,15 @@ pub enum Error {
     Poisoned,
 }
 
+/// One operation the data plane refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpFailure {
+    /// Its index in the operations applied.
+    pub index: usize,
+    /// Why.
+    pub message: String,
+}
+
 /// The director's view of one host's data plane. Calls may block (netlink): async callers run
 /// them on a blocking thread.
 pub trait Dataplane: Send + Sync + 'static {
@@ -45,7 +57,7 @@ pub trait Dataplane: Send + Sync + 'static {
     fn dump(&self, owned: &Owned) -> Result<Table, Error>;
     /// One virtual service and its destinations, or `None` if the kernel has no such service.
     fn service(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>, Error>;
-    /// Applies `ops` in order.
+    /// Applies `ops` in order; a refused operation does not stop the ones after it.
     fn apply(&self, ops: &[Op]) -> Result<(), Error>;
     /// The VIP addresses on the director's own interface.
     fn addresses(&self) -> Result<BTreeSet<IpAddr>, Error>;
@@ -64,9 +76,21 @@ pub struct Memory {
     table: Mutex<Table>,
     addresses: Mutex<BTreeSet<IpAddr>>,
     writes: AtomicU64,
+    /// Writes to these virtual services fail with this message, as the kernel refuses a
+    /// scheduler it has no module for.
+    refused: Mutex<BTreeMap<ServiceKey, String>>,
 }
 
 impl Memory {
+    /// Makes every later write to `key` fail with `message`.
+    pub fn refuse_writes_to(&self, key: ServiceKey, message: &str) -> Result<(), Error> {
+        self.refused
+            .lock()
+            .map_err(|_| Error::Poisoned)?
+            .insert(key, message.to_owned());
+        Ok(())
+    }
+
     /// A snapshot of the table.
     pub fn table(&self) -> Result<Table, Error> {
         self.table
@@ -88,14 +112,26 @@ impl Dataplane for Memory {
 
     fn apply(&self, ops: &[Op]) -> Result<(), Error> {
         let mut table = self.table.lock().map_err(|_| Error::Poisoned)?;
-        for (applied, op) in ops.iter().enumerate() {
+        let refused = self.refused.lock().map_err(|_| Error::Poisoned)?;
+        let mut failures = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
             self.writes.fetch_add(1, Ordering::Relaxed);
-            table.apply(op).map_err(|e| Error::Apply {
-                applied,
-                message: e.to_string(),
-            })?;
+            let result = match refused.get(op.service_key()) {
+                Some(message) => Err(message.clone()),
+                None => table.apply(op).map_err(|e| e.to_string()),
+            };
+            if let Err(message) = result {
+                failures.push(OpFailure { index, message });
+            }
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Apply {
+                total: ops.len(),
+                failures,
+            })
+        }
     }
 
     fn addresses(&self) -> Result<BTreeSet<IpAddr>, Error> {
@@ -164,19 +200,59 @@ pub struct Kernel {
     address_writes: AtomicU64,
 }
 
+/// The interface of kube-proxy's IPVS mode.
+pub const KUBE_PROXY_INTERFACE: &str = "kube-ipvs0";
+
 #[cfg(target_os = "linux")]
 impl Kernel {
-    /// Opens IPVS and the VIP interface `interface` (created if absent).
+    /// Opens IPVS and the VIP interface `interface` (created if absent; refused if it exists
+    /// and ipvslb did not create it), and warns of what else on the host programs the same
+    /// kernel objects.
     pub fn open(interface: &str) -> Result<Self, Error> {
+        Self::open_with(interface, ipvslb_ipvs::netlink::Vips::open)
+    }
+
+    /// As [`Kernel::open`], but an absent interface is an error, not created.
+    pub fn open_existing(interface: &str) -> Result<Self, Error> {
+        Self::open_with(interface, ipvslb_ipvs::netlink::Vips::open_existing)
+    }
+
+    fn open_with(
+        interface: &str,
+        open: fn(&str) -> ipvslb_ipvs::netlink::Result<ipvslb_ipvs::netlink::Vips>,
+    ) -> Result<Self, Error> {
         let ipvs = ipvslb_ipvs::netlink::Ipvs::open().map_err(|e| Error::Read(e.to_string()))?;
-        let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
+        let vips = open(interface).map_err(|e| Error::Address {
             address: None,
             message: format!("interface {interface}: {e}"),
         })?;
-        Ok(Self {
+        let kernel = Self {
             ipvs: Mutex::new(ipvs),
             vips: Mutex::new(vips),
             address_writes: AtomicU64::new(0),
+        };
+        for conflict in kernel.conflicts()? {
+            tracing::warn!(%conflict, "another program on this host programs what the director programs");
+        }
+        Ok(kernel)
+    }
+
+    /// What else on this host programs the kernel objects the director programs, said so an
+    /// operator can act on it.
+    pub fn conflicts(&self) -> Result<Vec<String>, Error> {
+        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
+        let kube_proxy = vips
+            .link_exists(KUBE_PROXY_INTERFACE)
+            .map_err(|e| Error::Address {
+                address: None,
+                message: format!("looking for interface {KUBE_PROXY_INTERFACE}: {e}"),
+            })?;
+        Ok(if kube_proxy {
+            vec![format!(
+                "interface {KUBE_PROXY_INTERFACE} exists, so kube-proxy runs in IPVS mode here: it creates an IPVS virtual service for each LoadBalancer IP (the same VIP:port entries this director programs, with other destinations) and puts those IPs on {KUBE_PROXY_INTERFACE}; the two rewrite each other's entries. Run the director on a host without kube-proxy's IPVS mode."
+            )]
+        } else {
+            Vec::new()
         })
     }
 }
@@ -198,9 +274,21 @@ impl Dataplane for Kernel {
 
     fn apply(&self, ops: &[Op]) -> Result<(), Error> {
         let mut ipvs = self.ipvs.lock().map_err(|_| Error::Poisoned)?;
-        ipvs.apply(ops).map_err(|e| Error::Apply {
-            applied: 0,
-            message: e.to_string(),
+        let failures = ipvs
+            .apply_each(ops)
+            .map_err(|e| Error::Write(e.to_string()))?;
+        if failures.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Apply {
+            total: ops.len(),
+            failures: failures
+                .into_iter()
+                .map(|(index, e)| OpFailure {
+                    index,
+                    message: e.to_string(),
+                })
+                .collect(),
         })
     }
 

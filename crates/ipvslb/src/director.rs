@@ -7,23 +7,26 @@
 //! director was down) and repairs drift (someone ran `ipvsadm -C`).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipvslb_api::{IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_core::plan::{PlanError, PlanProblem};
 use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cached::CachedService;
-use crate::converge::{Converger, Owned, Report};
+use crate::converge::{Converger, Failure, Generation, Owned, Report};
 use crate::dataplane::{self, Dataplane};
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
@@ -41,10 +44,25 @@ pub enum Error {
         #[source]
         source: dataplane::Error,
     },
+    /// The data plane refused some of a Service's virtual services; the others were programmed.
+    #[error("{count} virtual service(s) of Service {service} refused; the first, {key}: {message}")]
+    Refused {
+        /// The Service.
+        service: ServiceName,
+        /// How many of its virtual services were refused.
+        count: usize,
+        /// The first refused one.
+        key: ServiceKey,
+        /// The data plane's error for it.
+        message: String,
+    },
     /// The blocking task running the data plane died.
     #[error("the data-plane task failed: {0}")]
     Join(String),
 }
+
+/// The field manager and Event reporter of the director.
+const MANAGER: &str = "ipvslb-director";
 
 /// Settings of the director.
 #[derive(Clone)]
@@ -69,6 +87,11 @@ pub struct Context<D> {
     nodes: Store<Node>,
     slices: Store<EndpointSlice>,
     metrics: Arc<Metrics>,
+    /// Publishes Warning Events, counting repeats into a series.
+    warnings: Recorder,
+    /// Services whose part of the plan another Service's converge may have changed.
+    requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
+    claims: Claims,
 }
 
 /// Everything the planner needs, translated from the caches.
@@ -98,6 +121,7 @@ pub async fn run<D: Dataplane>(
     let (node_sets, node_sets_writer) = reflector::store();
     let (nodes, nodes_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
+    let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
         converger: Arc::new(Converger::new(dataplane, config.drain_grace)),
         config,
@@ -107,15 +131,16 @@ pub async fn run<D: Dataplane>(
         nodes: nodes.clone(),
         slices: slices.clone(),
         metrics,
+        warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        requeue: requeue_tx,
+        claims: Claims::default(),
     });
 
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
         while let Some(service) = deleted.recv().await {
-            let name = service.service_name();
-            let owned = on_delete.view().owned;
-            if let Err(e) = on_delete.converge(&name, Table::new(), owned).await {
-                warn!(service = %name, error = %e, "removing a deleted Service's entries failed; the full pass will retry");
+            if let Err(e) = on_delete.converge_deleted(&service).await {
+                warn!(service = %service.service_name(), error = %e, "removing a deleted Service's entries failed; the full pass will retry");
             }
         }
     }));
@@ -167,9 +192,101 @@ pub async fn run<D: Dataplane>(
             .get(LABEL_SERVICE_NAME)
             .map(|name| ObjectRef::new(name).within(&namespace))
     })
+    .reconcile_on(requeue_rx)
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
     .run(reconcile, error_policy, ctx);
     crate::drive("director", results, &health).await;
+}
+
+/// The part of the plan of `services` that is `name`'s, and its problems: the table a
+/// per-Service converge of `name` applies. `services` holds `name` and the Services sharing its
+/// VIPs, so that of two claiming one virtual service the same one wins here as in the full pass.
+pub fn part_of(
+    name: &ServiceName,
+    services: &[PlannedService],
+    pools: &[PoolSpec],
+    node_sets: &[NodeSetSpec],
+    nodes: &[NodeInfo],
+) -> (Table, Vec<PlanProblem>) {
+    let plan = ipvslb_core::plan::plan(services, pools, node_sets, nodes);
+    let mut table = plan.table;
+    table
+        .services
+        .retain(|key, _| plan.owners.get(key) == Some(name));
+    let problems = plan
+        .problems
+        .into_iter()
+        .filter(|p| &p.service == name)
+        .collect();
+    (table, problems)
+}
+
+fn names(services: &[Service]) -> Vec<ServiceName> {
+    services.iter().map(translate::service_name).collect()
+}
+
+/// The pool a Service's VIPs come from: the one holding its first VIP. A Service in no pool
+/// is not planned, and what it had is collected.
+pub fn pool_of<'a>(addresses: &[IpAddr], pools: &'a [PoolSpec]) -> Option<&'a PoolSpec> {
+    let first = addresses.first()?;
+    pools
+        .iter()
+        .find(|p| p.ranges.iter().any(|r| r.contains(first)))
+}
+
+/// The Services to converge again after a converge: the holders of keys it was refused (one of
+/// the two planned from a stale view), those once refused a key it freed, and, when its keys or
+/// its claim ([`Claims`]) changed, the Services sharing its VIPs (a port it freed, took or gave
+/// up asking for may be theirs now).
+pub fn affected<'a>(
+    report: &Report,
+    claim_changed: bool,
+    peers: impl IntoIterator<Item = &'a ServiceName>,
+) -> std::collections::BTreeSet<ServiceName> {
+    let mut names: std::collections::BTreeSet<ServiceName> = report
+        .taken
+        .iter()
+        .map(|(_, holder)| holder.clone())
+        .collect();
+    names.extend(report.unblocked.iter().cloned());
+    if report.keys_changed || claim_changed {
+        names.extend(peers.into_iter().cloned());
+    }
+    names
+}
+
+/// What each Service last claimed (its VIPs and ports, or nothing when not planned): when that
+/// changes, what the Services sharing its VIPs are given may change too, even if its own keys
+/// do not (a port it asked for and never got, then gave up).
+#[derive(Debug, Default)]
+pub struct Claims(std::sync::Mutex<BTreeMap<ServiceName, Claim>>);
+
+type Claim = Option<(Vec<IpAddr>, Vec<ipvslb_core::ServicePort>)>;
+
+impl Claims {
+    /// Records what `name` claims now, `planned` (`None`: nothing, or deleted); whether that
+    /// differs from what it claimed before.
+    pub fn changed(&self, name: &ServiceName, planned: Option<&PlannedService>) -> bool {
+        let claim: Claim = planned.map(|p| (p.addresses.clone(), p.ports.clone()));
+        let Ok(mut claims) = self.0.lock() else {
+            return true; // unknown: requeueing is always safe
+        };
+        let before = match &claim {
+            Some(_) => claims.insert(name.clone(), claim.clone()),
+            None => claims.remove(name),
+        };
+        before.flatten() != claim
+    }
+}
+
+/// The keys each Service owns in `plan`, sorted, as the full pass hands them to the converger.
+pub fn keys_by_service(plan: &ipvslb_core::plan::Plan) -> BTreeMap<ServiceName, Vec<ServiceKey>> {
+    // The owners come in key order, so each Service's keys come sorted.
+    let mut by_service: BTreeMap<ServiceName, Vec<ServiceKey>> = BTreeMap::new();
+    for (key, service) in &plan.owners {
+        by_service.entry(service.clone()).or_default().push(*key);
+    }
+    by_service
 }
 
 /// Only what the planner reads of a Node: its labels, readiness, addresses, cordon. Kubelets
@@ -190,9 +307,42 @@ async fn reconcile<D: Dataplane>(
     let _timer = ctx.metrics.reconcile_timer("director");
     let span = info_span!("direct", service = %name);
     async {
+        let seen = ctx.generation()?;
         let view = ctx.view();
-        let desired = ctx.desired_for(&cached.to_service(), &view);
-        let report = ctx.converge(&name, desired, view.owned).await?;
+        let service = cached.to_service();
+        let mut claim = ctx.planned(&service, &view, BTreeMap::new());
+        let peers = ctx.sharing_peers(&service, &view);
+        let (desired, problems) = ctx.desired_for(&service, &peers, &view);
+        for problem in &problems {
+            if let PlanError::Collision { .. } = problem.error {
+                ctx.warn(&service, "PortCollision", problem.error.to_string())
+                    .await;
+            }
+        }
+        let mut report = ctx
+            .converge(&name, desired, view.owned.clone(), seen)
+            .await?;
+        // Deleted while this converge was being planned: the deletion's converge may have
+        // run first, and nothing else would remove what this one just wrote.
+        if ctx.services.get(&CachedService::reference(&name)).is_none() {
+            let seen = ctx.generation()?;
+            report.merge(ctx.converge(&name, Table::new(), view.owned, seen).await?);
+            claim = None;
+        }
+        let claim_changed = ctx.claims.changed(&name, claim.as_ref());
+        // The peers of now: a Service that came to share the VIP meanwhile is as affected as
+        // the ones planned with.
+        let peers = names(&ctx.sharing(&service));
+        ctx.requeue_affected(&report, claim_changed, &peers);
+        if let Some(first) = report.failures.first() {
+            ctx.warn_refused(&report.failures).await;
+            return Err(Error::Refused {
+                service: name.clone(),
+                count: report.failures.len(),
+                key: first.key,
+                message: first.message.clone(),
+            });
+        }
         Ok(match report.next_drain_deadline {
             Some(deadline) => Action::requeue(
                 deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100),
@@ -214,6 +364,7 @@ fn error_policy<D: Dataplane>(
         "director",
         match error {
             Error::Dataplane { .. } => "dataplane",
+            Error::Refused { .. } => "refused",
             Error::Join(_) => "join",
         },
     );
@@ -244,7 +395,12 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
         heartbeat.beat();
         match ctx.full_pass().await {
             Ok(report) => {
-                info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, "full pass done");
+                info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, refused = report.failures.len(), "full pass done");
+                // A refused virtual service is its Service's problem, said on that Service:
+                // the director serves every other one and is ready.
+                ctx.warn_refused(&report.failures).await;
+                ctx.requeue_affected(&report, false, &[]);
+                ctx.requeue_when_drained(&report);
                 health.met("director first pass");
             }
             Err(e) => warn!(error = %e, "full pass failed; retrying at the next resync"),
@@ -258,11 +414,14 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
 
 impl<D: Dataplane> Context<D> {
     fn view(&self) -> View {
+        // This installation's pools only: another class's addresses are never ours to touch.
+        // An invalid pool still explains its holders' VIPs, which keep being served.
         let pools: Vec<PoolSpec> = self
             .pools
             .state()
             .iter()
-            .filter_map(|p| translate::pool(p).ok())
+            .map(|p| translate::pool_for(p, &self.config.classes).0)
+            .filter(|p| !matches!(p.role, ipvslb_core::PoolRole::Foreign(_)))
             .collect();
         let node_sets = self
             .node_sets
@@ -305,17 +464,19 @@ impl<D: Dataplane> Context<D> {
             return None;
         }
         let addresses = translate::ingress_addresses(service);
-        let pool = view.pools.iter().find(|p| {
-            addresses
-                .first()
-                .is_some_and(|a| p.ranges.iter().any(|r| r.contains(a)))
-        })?;
+        let pool = pool_of(&addresses, &view.pools)?;
         translate::planned_service(service, addresses, pool.name.clone(), endpoints)
             .map_err(|e| warn!(error = %e, "not planned"))
             .ok()
     }
 
-    fn desired_for(&self, service: &Service, view: &View) -> Table {
+    /// This Service's part of the plan ([`part_of`]), and its problems.
+    fn desired_for(
+        &self,
+        service: &Service,
+        peers: &[PlannedService],
+        view: &View,
+    ) -> (Table, Vec<PlanProblem>) {
         let name = translate::service_name(service);
         let endpoints = translate::ready_endpoints(
             self.slices
@@ -329,12 +490,87 @@ impl<D: Dataplane> Context<D> {
         )
         .remove(&name)
         .unwrap_or_default();
-        match self.planned(service, view, endpoints) {
-            Some(planned) => {
-                ipvslb_core::plan::plan(&[planned], &view.pools, &view.node_sets, &view.nodes).table
-            }
-            None => Table::new(),
+        let Some(planned) = self.planned(service, view, endpoints) else {
+            return (Table::new(), Vec::new());
+        };
+        let mut services = peers.to_vec();
+        services.push(planned);
+        part_of(&name, &services, &view.pools, &view.node_sets, &view.nodes)
+    }
+
+    /// The other Services on `planned`'s VIPs. Only Services that allow sharing can have any,
+    /// so the others do not pay for a look at every Service.
+    fn sharing_peers(&self, service: &Service, view: &View) -> Vec<PlannedService> {
+        self.sharing(service)
+            .iter()
+            .filter_map(|s| self.planned(s, view, BTreeMap::new()))
+            .collect()
+    }
+
+    /// The other Services on `service`'s VIPs, planned or not.
+    fn sharing(&self, service: &Service) -> Vec<Service> {
+        let shares = |s: &Service| {
+            s.metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(ANNOTATION_ALLOW_SHARED_IP))
+        };
+        if !shares(service) {
+            return Vec::new();
         }
+        let name = translate::service_name(service);
+        let addresses = translate::ingress_addresses(service);
+        self.services
+            .state()
+            .iter()
+            .filter(|c| c.service_name() != name)
+            .map(|c| c.to_service())
+            .filter(|s| {
+                shares(s)
+                    && translate::ingress_addresses(s)
+                        .iter()
+                        .any(|a| addresses.contains(a))
+            })
+            .collect()
+    }
+
+    /// Removes a deleted Service's entries and requeues the Services sharing its VIPs, whose
+    /// parts were planned with it.
+    async fn converge_deleted(&self, deleted: &CachedService) -> Result<(), Error> {
+        let name = deleted.service_name();
+        let span = info_span!("forget", service = %name);
+        async {
+            let seen = self.generation()?;
+            let view = self.view();
+            let peers = names(&self.sharing(&deleted.to_service()));
+            self.claims.changed(&name, None);
+            // Created again meanwhile: the new Service's reconcile converges from what the old
+            // one held, and removing it here would undo that reconcile if it came first.
+            if self
+                .services
+                .get(&CachedService::reference(&name))
+                .is_none()
+            {
+                let report = self.converge(&name, Table::new(), view.owned, seen).await?;
+                self.requeue_affected(&report, false, &[]);
+            }
+            for peer in &peers {
+                let _ = self.requeue.unbounded_send(CachedService::reference(peer));
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// A new generation, taken right before the caches are read for a converge.
+    fn generation(&self) -> Result<Generation, Error> {
+        self.converger
+            .generation()
+            .map_err(|source| Error::Dataplane {
+                what: "the converger".into(),
+                source,
+            })
     }
 
     async fn converge(
@@ -342,11 +578,12 @@ impl<D: Dataplane> Context<D> {
         name: &ServiceName,
         desired: Table,
         owned: Owned,
+        seen: Generation,
     ) -> Result<Report, Error> {
         let converger = self.converger.clone();
         let service = name.clone();
         let report = tokio::task::spawn_blocking(move || {
-            converger.converge_service(&service, &desired, &owned, Instant::now())
+            converger.converge_service(&service, &desired, &owned, seen, Instant::now())
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))?
@@ -365,6 +602,9 @@ impl<D: Dataplane> Context<D> {
     }
 
     async fn full_pass(&self) -> Result<Report, Error> {
+        // Before the caches are read: a Service converged from a later view than this one
+        // keeps its entries as that converge left them.
+        let since = self.generation()?;
         let view = self.view();
         let mut endpoints = translate::ready_endpoints(self.slices.state().iter().map(|s| &**s));
         let planned: Vec<PlannedService> = self
@@ -383,16 +623,12 @@ impl<D: Dataplane> Context<D> {
         for problem in &plan.problems {
             debug!(service = %problem.service, error = %problem.error, "planned in part");
         }
-        // The owners come in key order, so each Service's keys come sorted.
-        let mut by_service: BTreeMap<ServiceName, Vec<ServiceKey>> = BTreeMap::new();
-        for (key, service) in &plan.owners {
-            by_service.entry(service.clone()).or_default().push(*key);
-        }
+        let by_service = keys_by_service(&plan);
         let converger = self.converger.clone();
         let owned = view.owned;
         let table = plan.table;
         let report = tokio::task::spawn_blocking(move || {
-            converger.converge_all(&table, by_service, &owned, Instant::now())
+            converger.converge_all(&table, by_service, &owned, since, Instant::now())
         })
         .await
         .map_err(|e| Error::Join(e.to_string()))?
@@ -402,6 +638,65 @@ impl<D: Dataplane> Context<D> {
         })?;
         self.record(&report);
         Ok(report)
+    }
+
+    /// Requeues the Services whose part of the plan a converge may have made stale.
+    fn requeue_affected(&self, report: &Report, claim_changed: bool, peers: &[ServiceName]) {
+        for name in affected(report, claim_changed, peers) {
+            let _ = self.requeue.unbounded_send(CachedService::reference(&name));
+        }
+    }
+
+    /// Requeues the Services a full pass left draining once their deadline is past, so the
+    /// drained destinations go then rather than at the next resync.
+    fn requeue_when_drained(&self, report: &Report) {
+        let Some(deadline) = report.next_drain_deadline else {
+            return;
+        };
+        let names: Vec<ServiceName> = report.draining.iter().cloned().collect();
+        let requeue = self.requeue.clone();
+        let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            for name in names {
+                let _ = requeue.unbounded_send(CachedService::reference(&name));
+            }
+        });
+    }
+
+    /// Publishes a Warning Event on `service`.
+    async fn warn(&self, service: &Service, reason: &str, note: String) {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Program".to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .warnings
+            .publish(&event, &service.object_ref(&()))
+            .await
+        {
+            warn!(service = %translate::service_name(service), error = %e, reason, "could not publish an event");
+        }
+    }
+
+    /// Says on each Service which of its virtual services the data plane refused, and why.
+    async fn warn_refused(&self, failures: &[Failure]) {
+        for failure in failures {
+            let Some(name) = &failure.service else {
+                warn!(key = %failure.key, error = %failure.message, "removing an entry no Service claims failed; the next full pass retries");
+                continue;
+            };
+            warn!(service = %name, key = %failure.key, error = %failure.message, "the data plane refused a virtual service");
+            let Some(cached) = self.services.get(&CachedService::reference(name)) else {
+                continue; // gone meanwhile: nobody to tell
+            };
+            let note = format!("programming {} failed: {}", failure.key, failure.message);
+            self.warn(&cached.to_service(), "ProgrammingFailed", note)
+                .await;
+        }
     }
 
     fn record(&self, report: &Report) {

@@ -13,6 +13,7 @@ pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod plan;
+pub mod retire;
 pub mod run;
 pub mod server;
 pub mod shared;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use ipvslb::translate::ClassPolicy;
-use ipvslb::{ClassArgs, manifests, plan, run};
+use ipvslb::{ClassArgs, manifests, plan, retire, run};
 
 /// Assigns VIPs to LoadBalancer Services from IPPools and programs Linux IPVS to serve them.
 #[derive(Parser)]
@@ -25,6 +25,18 @@ enum Command {
     Plan(PlanArgs),
     /// Print ipvslb's CustomResourceDefinitions as YAML.
     Crds,
+    /// Act on this host's director.
+    Director {
+        #[command(subcommand)]
+        command: DirectorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DirectorCommand {
+    /// Take this director out of service (after stopping it): remove every IPVS virtual service
+    /// and VIP address it owns (an address in some IPPool or on its interface), nothing else.
+    Retire(retire::RetireArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +67,9 @@ fn main() -> ExitCode {
         Command::Crds => ipvslb_api::crds_yaml()
             .map(|yaml| print(&yaml))
             .map_err(|e| format!("rendering the CRDs: {e}")),
+        Command::Director {
+            command: DirectorCommand::Retire(args),
+        } => runtime().and_then(|r| r.block_on(retire::retire(args)).map(|text| print(&text))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,17 +81,21 @@ fn main() -> ExitCode {
 }
 
 fn run_command(args: run::RunArgs) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = runtime()?;
+    let result = runtime.block_on(run::run(args));
+    // A data-plane call still blocked past the shutdown deadline must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
         // The data plane's blocking calls are bounded by the reconcile concurrency; the
         // default of 512 threads would only hold idle stacks.
         .max_blocking_threads(16)
         .enable_all()
         .build()
-        .map_err(|e| format!("starting the async runtime: {e}"))?;
-    let result = runtime.block_on(run::run(args));
-    // A data-plane call still blocked past the shutdown deadline must not hold the exit.
-    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
-    result
+        .map_err(|e| format!("starting the async runtime: {e}"))
 }
 
 fn plan_command(args: PlanArgs) -> Result<(), String> {

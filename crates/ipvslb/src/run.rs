@@ -62,7 +62,8 @@ pub struct RunArgs {
     /// The director's data plane.
     #[arg(long, env = "IPVSLB_DATAPLANE", value_enum, default_value_t = DataplaneKind::Kernel)]
     dataplane: DataplaneKind,
-    /// The dummy interface that holds the VIPs on the director (created if absent).
+    /// The dummy interface that holds the VIPs on the director: created (with the alias
+    /// `ipvslb`) if absent; an existing interface without that alias is refused.
     #[arg(long, env = "IPVSLB_INTERFACE", default_value = "ipvslb0")]
     interface: String,
     /// How often the director's full pass repairs drift and collects stale entries.
@@ -247,7 +248,7 @@ async fn stop(
     }
 }
 
-async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
+pub(crate) async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let file = Kubeconfig::read_from(path)

@@ -247,6 +247,7 @@ fn protocol(text: Option<&str>) -> Option<Protocol> {
     }
 }
 
+/// `metadata.creationTimestamp` in seconds; a Service not yet stored counts as the newest.
 /// The planner's view of an assigned Service. Fails when its scheduler annotation names no
 /// scheduler.
 pub fn planned_service(
@@ -281,6 +282,7 @@ pub fn planned_service(
     };
     Ok(ipvslb_core::PlannedService {
         name,
+        created: created(service),
         addresses,
         pool,
         ports: spec

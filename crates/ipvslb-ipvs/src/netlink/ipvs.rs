@@ -194,18 +194,31 @@ impl Ipvs {
     /// Applies `ops` in order, [`DEFAULT_BATCH`] requests per `sendmsg`. Every operation is tried;
     /// if any failed, [`Error::Apply`] lists each failure (an [`Error::Kernel`]).
     pub fn apply(&mut self, ops: &[Op]) -> Result<()> {
-        let mut failures = Vec::new();
-        for chunk in ops.chunks(self.batch) {
-            failures.extend(self.write_batch(chunk)?);
-        }
+        let failures = self.apply_each(ops)?;
         if failures.is_empty() {
             Ok(())
         } else {
             Err(Error::Apply {
                 total: ops.len(),
-                failures,
+                failures: failures.into_iter().map(|(_, e)| e).collect(),
             })
         }
+    }
+
+    /// Applies `ops` in order as [`Ipvs::apply`] does, and returns each refused operation's
+    /// index in `ops` with its error (an [`Error::Kernel`]): a caller can tell which virtual
+    /// services were not programmed. `Err` only when the socket itself failed.
+    pub fn apply_each(&mut self, ops: &[Op]) -> Result<Vec<(usize, Error)>> {
+        let mut failures = Vec::new();
+        for (n, chunk) in ops.chunks(self.batch).enumerate() {
+            let offset = n * self.batch;
+            failures.extend(
+                self.write_batch(chunk)?
+                    .into_iter()
+                    .map(|(i, e)| (offset + i, e)),
+            );
+        }
+        Ok(failures)
     }
 
     /// Makes the kernel's owned services equal to `desired`: dumps the table, diffs it against
@@ -324,7 +337,8 @@ impl Ipvs {
     }
 
     /// Sends `ops` in one `sendmsg`, each acknowledged, and returns the failures.
-    fn write_batch(&mut self, ops: &[Op]) -> Result<Vec<Error>> {
+    /// The refused operations of one batch, by their index in `ops`.
+    fn write_batch(&mut self, ops: &[Op]) -> Result<Vec<(usize, Error)>> {
         let batch_error = |source| Error::Socket {
             op: Request::Write(ops.first().map(Op::kind).unwrap_or(OpKind::AddService)),
             key: format!("(a batch of {} writes)", ops.len()),
@@ -372,10 +386,15 @@ impl Ipvs {
         failures.sort_unstable();
         Ok(failures
             .into_iter()
-            .map(|(i, errno)| Error::Kernel {
-                op: Request::Write(ops[i].kind()),
-                key: subject(&ops[i]),
-                errno,
+            .map(|(i, errno)| {
+                (
+                    i,
+                    Error::Kernel {
+                        op: Request::Write(ops[i].kind()),
+                        key: subject(&ops[i]),
+                        errno,
+                    },
+                )
             })
             .collect())
     }

@@ -16,7 +16,7 @@ use std::io;
 use crate::diff::OpKind;
 
 pub use ipvs::{Info, Ipvs, SyncReport};
-pub use vip::{DEFAULT_INTERFACE, Vips};
+pub use vip::{DEFAULT_INTERFACE, INTERFACE_ALIAS, Vips};
 
 /// `type Result<T, E = Error>` for the kernel handles.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -113,6 +113,19 @@ pub enum Error {
         interface: String,
         /// Its kind (`IFLA_INFO_KIND`).
         kind: String,
+    },
+    /// The interface named for the VIP addresses is a dummy interface ipvslb did not create
+    /// (it lacks [`vip::INTERFACE_ALIAS`]): it is someone else's, and is left alone.
+    #[error(
+        "interface {interface} exists and was not created by ipvslb (alias {}, not {:?}): VIP addresses go only on an interface of ipvslb's own; name another one, or delete this one if it is ipvslb's from before the mark",
+        .alias.as_deref().map_or("none".to_owned(), |a| format!("{a:?}")),
+        vip::INTERFACE_ALIAS
+    )]
+    NotOurs {
+        /// The interface's name.
+        interface: String,
+        /// Its alias, if it has one.
+        alias: Option<String>,
     },
     /// Some writes of a batch failed; the others were made.
     #[error("{} of {total} IPVS writes failed; the first: {}", .failures.len(), first(.failures))]

@@ -20,6 +20,11 @@ use crate::model::host_prefix;
 /// The interface ipvslb creates and owns unless told otherwise.
 pub const DEFAULT_INTERFACE: &str = "ipvslb0";
 
+/// The alias (`IFLA_IFALIAS`) written on the interface [`Vips::open`] creates. An existing
+/// interface of the configured name without it is someone else's (kube-proxy's `kube-ipvs0` is
+/// a dummy interface too) and is never adopted: its addresses would be taken for VIPs to remove.
+pub const INTERFACE_ALIAS: &str = "ipvslb";
+
 /// How long a reply may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,8 +37,19 @@ pub struct Vips {
 }
 
 impl Vips {
-    /// Opens rtnetlink, creates the dummy interface `name` if it is absent, and sets it up.
+    /// Opens rtnetlink, creates the dummy interface `name` if it is absent (marked with
+    /// [`INTERFACE_ALIAS`]), and sets it up. An existing interface is adopted only when it is a
+    /// dummy interface with that mark.
     pub fn open(name: &str) -> Result<Self> {
+        Self::open_with(name, true)
+    }
+
+    /// As [`Vips::open`], but never creates the interface: `ENODEV` when it is absent.
+    pub fn open_existing(name: &str) -> Result<Self> {
+        Self::open_with(name, false)
+    }
+
+    fn open_with(name: &str, create: bool) -> Result<Self> {
         let conn = Conn::open(NlFamily::Route, TIMEOUT).map_err(|source| Error::Socket {
             op: Request::Open,
             key: String::new(),
@@ -44,16 +60,36 @@ impl Vips {
             name: name.to_owned(),
             index: 0,
         };
-        vips.index = match vips.link_index() {
-            Ok(index) => index,
-            Err(e) if e.is_missing() => {
+        vips.index = match vips.link() {
+            Ok((index, alias)) => {
+                if alias.as_deref() != Some(INTERFACE_ALIAS) {
+                    return Err(Error::NotOurs {
+                        interface: name.to_owned(),
+                        alias,
+                    });
+                }
+                index
+            }
+            Err(e) if create && e.is_missing() => {
                 vips.create_dummy()?;
-                vips.link_index()?
+                let (index, _) = vips.link()?;
+                vips.index = index;
+                vips.set_alias()?;
+                index
             }
             Err(e) => return Err(e),
         };
         vips.set_up()?;
         Ok(vips)
+    }
+
+    /// Whether an interface named `name` exists (of any kind), seen through this socket.
+    pub fn link_exists(&mut self, name: &str) -> Result<bool> {
+        match self.link_named(name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The interface's name.
@@ -165,14 +201,13 @@ impl Vips {
             .map_err(|e| self.codec(op, e))
     }
 
-    /// The index of the interface `self.name`: `ENODEV` when there is none, [`Error::NotDummy`]
-    /// when it is not a dummy interface.
-    fn link_index(&mut self) -> Result<u32> {
+    /// The link named `name`: `ENODEV` when there is none.
+    fn link_named(&mut self, name: &str) -> Result<Ifinfomsg> {
         let mut attrs = RtBuffer::new();
         attrs.push(
             RtattrBuilder::default()
                 .rta_type(Ifla::Ifname)
-                .rta_payload(Buffer::from(nul_terminated(&self.name)))
+                .rta_payload(Buffer::from(nul_terminated(name)))
                 .build()
                 .map_err(|e| self.codec(Request::Link, e))?,
         );
@@ -181,7 +216,14 @@ impl Vips {
             .rtattrs(attrs)
             .build()
             .map_err(|e| self.codec(Request::Link, e))?;
-        let reply: Ifinfomsg = self.get(Request::Link, Rtm::Getlink, request)?;
+        self.get(Request::Link, Rtm::Getlink, request)
+    }
+
+    /// The index and alias of the interface `self.name`: `ENODEV` when there is none,
+    /// [`Error::NotDummy`] when it is not a dummy interface.
+    fn link(&mut self) -> Result<(u32, Option<String>)> {
+        let name = self.name.clone();
+        let reply = self.link_named(&name)?;
         let kind = link_kind(&reply);
         if kind.as_deref() != Some("dummy") {
             return Err(Error::NotDummy {
@@ -189,11 +231,37 @@ impl Vips {
                 kind: kind.unwrap_or_else(|| "a device without a kind".to_owned()),
             });
         }
-        u32::try_from(*reply.ifi_index()).map_err(|_| Error::Decode {
+        let index = u32::try_from(*reply.ifi_index()).map_err(|_| Error::Decode {
             op: Request::Link,
             key: self.name.clone(),
             reason: format!("interface index {}", reply.ifi_index()),
-        })
+        })?;
+        Ok((index, link_alias(&reply)))
+    }
+
+    /// Marks the interface as ipvslb's.
+    fn set_alias(&mut self) -> Result<()> {
+        let mut attrs = RtBuffer::new();
+        attrs.push(
+            RtattrBuilder::default()
+                .rta_type(Ifla::Ifalias)
+                .rta_payload(Buffer::from(INTERFACE_ALIAS.as_bytes().to_vec()))
+                .build()
+                .map_err(|e| self.codec(Request::Link, e))?,
+        );
+        let request = IfinfomsgBuilder::default()
+            .ifi_family(RtAddrFamily::Unspecified)
+            .ifi_index(i32::try_from(self.index).unwrap_or_default())
+            .rtattrs(attrs)
+            .build()
+            .map_err(|e| self.codec(Request::Link, e))?;
+        self.ack(
+            Request::Link,
+            self.name.clone(),
+            Rtm::Newlink,
+            NlmF::empty(),
+            request,
+        )
     }
 
     fn create_dummy(&mut self) -> Result<()> {
@@ -331,6 +399,17 @@ fn address_of(message: &Ifaddrmsg) -> Option<IpAddr> {
         }
         _ => None,
     }
+}
+
+/// The `IFLA_IFALIAS` of a link, if it has one.
+fn link_alias(link: &Ifinfomsg) -> Option<String> {
+    let alias = link
+        .rtattrs()
+        .iter()
+        .find(|a| *a.rta_type() == Ifla::Ifalias)?;
+    let bytes = alias.payload().as_ref();
+    let text = bytes.split(|b| *b == 0).next()?;
+    (!text.is_empty()).then(|| String::from_utf8_lossy(text).into_owned())
 }
 
 /// The `IFLA_INFO_KIND` of a link (`dummy`, `veth`, ...), if it has one.

@@ -1,0 +1,279 @@
+//! Kernel tests of the director: its converger over the real data plane (IPVS over netlink,
+//! VIPs on a dummy interface), in the test VM (`cargo xtask vm-test`), as root. `ipvsadm` and
+//! `ip` are the witnesses. The tests share one kernel and run one at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ipvslb::converge::{Converger, Owned};
+use ipvslb::dataplane::Kernel;
+use ipvslb_core::ServiceName;
+use ipvslb_ipvs::{
+    Destination, ForwardingMethod, Protocol, Scheduler, ServiceKey, Table, VirtualService,
+};
+
+const INTERFACE: &str = "ipvslbd0";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("a test address")
+}
+
+/// Runs a witness program and returns its standard output; a failure fails the test.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A clean kernel: no IPVS services, no test interface (through the witnesses).
+fn clean() {
+    run("ipvsadm", &["-C"]);
+    let _ = Command::new("ip")
+        .args(["link", "del", INTERFACE])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// The virtual services `ipvsadm` lists, as `TCP  10.240.0.210:80 rr` lines.
+fn ipvsadm_services() -> BTreeSet<String> {
+    run("ipvsadm", &["-L", "-n"])
+        .lines()
+        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP"))
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+fn addresses_on(dev: &str) -> BTreeSet<IpAddr> {
+    run("ip", &["-o", "addr", "show", "dev", dev, "scope", "global"])
+        .lines()
+        .filter_map(|line| {
+            let mut tokens = line.split_whitespace();
+            tokens.find(|t| *t == "inet" || *t == "inet6")?;
+            tokens.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+fn key(vip: &str, port: u16) -> ServiceKey {
+    ServiceKey::addr(ip(vip), Protocol::Tcp, port)
+}
+
+fn table(entries: &[(ServiceKey, Scheduler)]) -> Table {
+    let mut t = Table::new();
+    for (k, scheduler) in entries {
+        t.insert(
+            VirtualService::new(*k, scheduler.clone()),
+            [Destination::new(
+                ip("10.0.0.1"),
+                80,
+                ForwardingMethod::Masquerade,
+                1,
+            )],
+        );
+    }
+    t
+}
+
+fn pool() -> Owned {
+    Owned::new(vec!["10.240.0.208/29".parse().expect("a range")])
+}
+
+fn svc(name: &str) -> ServiceName {
+    ServiceName::new("default", name)
+}
+
+fn converger() -> Converger<Kernel> {
+    Converger::new(
+        Kernel::open(INTERFACE).expect("the kernel data plane"),
+        Duration::ZERO,
+    )
+}
+
+#[test]
+fn a_restarted_director_collects_what_a_deleted_pool_explained_and_spares_a_foreign_neighbour() {
+    clean();
+    let web = table(&[(key("10.240.0.210", 80), Scheduler::Rr)]);
+    let before = converger();
+    let seen = before.generation().unwrap();
+    before
+        .converge_service(&svc("web"), &web, &pool(), seen, Instant::now())
+        .unwrap();
+    // Not in a pool, not on our interface: someone else's, next door.
+    run("ipvsadm", &["-A", "-t", "10.240.0.240:80", "-s", "wlc"]);
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.210:80 rr".to_owned(),
+            "TCP 10.240.0.240:80 wlc".to_owned()
+        ])
+    );
+    assert_eq!(
+        addresses_on(INTERFACE),
+        BTreeSet::from([ip("10.240.0.210")])
+    );
+    drop(before);
+
+    // The pool is deleted and the director restarts: nothing in memory, no pool.
+    let after = converger();
+    let since = after.generation().unwrap();
+    let report = after
+        .converge_all(
+            &Table::new(),
+            BTreeMap::new(),
+            &Owned::new(Vec::new()),
+            since,
+            Instant::now(),
+        )
+        .unwrap();
+    assert_eq!(report.ops.get("del_service"), Some(&1), "{report:?}");
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from(["TCP 10.240.0.240:80 wlc".to_owned()])
+    );
+    assert!(addresses_on(INTERFACE).is_empty());
+    clean();
+}
+
+#[test]
+fn a_full_pass_programs_everything_but_a_virtual_service_whose_scheduler_the_kernel_lacks() {
+    clean();
+    let c = converger();
+    let bad = key("10.240.0.212", 80);
+    // The kernel answers a scheduler it has no module for as it does one that does not exist.
+    let desired = table(&[
+        (key("10.240.0.210", 80), Scheduler::Rr),
+        (key("10.240.0.211", 80), Scheduler::Wlc),
+        (bad, Scheduler::Other("nosuch".into())),
+    ]);
+    let by_service = BTreeMap::from([
+        (svc("a"), vec![key("10.240.0.210", 80)]),
+        (svc("b"), vec![key("10.240.0.211", 80)]),
+        (svc("bad"), vec![bad]),
+    ]);
+    let since = c.generation().unwrap();
+    let report = c
+        .converge_all(&desired, by_service, &pool(), since, Instant::now())
+        .expect("one refused virtual service does not fail the pass");
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    let failure = &report.failures[0];
+    assert_eq!(failure.service, Some(svc("bad")));
+    assert_eq!(failure.key, bad);
+    assert!(
+        failure.message.contains("No such file or directory"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.210:80 rr".to_owned(),
+            "TCP 10.240.0.211:80 wlc".to_owned()
+        ])
+    );
+    let dests = run("ipvsadm", &["-L", "-n", "-t", "10.240.0.211:80"]);
+    assert!(dests.contains("10.0.0.1:80"), "{dests}");
+    clean();
+}
+
+#[test]
+fn an_existing_interface_ipvslb_did_not_create_is_refused_and_kube_proxys_is_warned_of() {
+    clean();
+    let _ = Command::new("ip")
+        .args(["link", "del", "kube-ipvs0"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    // kube-proxy's IPVS mode: a dummy interface holding the LoadBalancer IPs.
+    run("ip", &["link", "add", "kube-ipvs0", "type", "dummy"]);
+    run(
+        "ip",
+        &["addr", "add", "10.240.0.210/32", "dev", "kube-ipvs0"],
+    );
+    let err = Kernel::open("kube-ipvs0")
+        .err()
+        .expect("kube-proxy's interface is not adopted");
+    let text = err.to_string();
+    assert!(
+        text.contains("kube-ipvs0") && text.contains("not created by ipvslb"),
+        "{text}"
+    );
+    assert_eq!(
+        addresses_on("kube-ipvs0"),
+        BTreeSet::from([ip("10.240.0.210")]),
+        "its addresses are untouched"
+    );
+
+    // The interface ipvslb creates carries the mark, and is adopted again after a restart.
+    let kernel = Kernel::open(INTERFACE).expect("created");
+    let details = run("ip", &["-d", "link", "show", "dev", INTERFACE]);
+    assert!(details.contains("alias ipvslb"), "{details}");
+    let conflicts = kernel.conflicts().unwrap();
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(conflicts[0].contains("kube-ipvs0"), "{}", conflicts[0]);
+    drop(kernel);
+    let again = Kernel::open(INTERFACE).expect("adopted: it is ours");
+    run("ip", &["link", "del", "kube-ipvs0"]);
+    assert!(again.conflicts().unwrap().is_empty());
+
+    // A dummy interface someone else made under our name is refused too.
+    clean();
+    run("ip", &["link", "add", INTERFACE, "type", "dummy"]);
+    assert!(Kernel::open(INTERFACE).is_err());
+    clean();
+}
+
+#[test]
+fn retiring_removes_the_directors_entries_and_addresses_and_leaves_foreign_ones() {
+    clean();
+    let c = converger();
+    let web = table(&[
+        (key("10.240.0.210", 80), Scheduler::Rr),
+        (key("10.240.0.211", 443), Scheduler::Wlc),
+    ]);
+    c.converge_service(
+        &svc("web"),
+        &web,
+        &pool(),
+        c.generation().unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    drop(c);
+    run("ipvsadm", &["-A", "-t", "192.0.2.1:80", "-s", "wlc"]);
+    run("ipvsadm", &["-A", "-t", "10.240.0.240:80", "-s", "rr"]);
+    let kernel = Kernel::open_existing(INTERFACE).expect("the director's interface");
+    // As `--no-cluster`: no pool known, the interface alone says what is ours.
+    let text = ipvslb::retire::retire_on(kernel, &Owned::default(), INTERFACE).expect("retired");
+    assert_eq!(
+        text,
+        "removed virtual service TCP 10.240.0.210:80\n\
+         removed virtual service TCP 10.240.0.211:443\n\
+         removed address 10.240.0.210 from ipvslbd0\n\
+         removed address 10.240.0.211 from ipvslbd0\n"
+    );
+    assert_eq!(
+        ipvsadm_services(),
+        BTreeSet::from([
+            "TCP 10.240.0.240:80 rr".to_owned(),
+            "TCP 192.0.2.1:80 wlc".to_owned()
+        ])
+    );
+    assert!(addresses_on(INTERFACE).is_empty());
+    // Nothing left: a second retire says so.
+    let kernel = Kernel::open_existing(INTERFACE).expect("still there");
+    assert_eq!(
+        ipvslb::retire::retire_on(kernel, &pool(), INTERFACE).unwrap(),
+        "nothing of this director's was left\n"
+    );
+    clean();
+    assert!(Kernel::open_existing(INTERFACE).is_err(), "never created");
+}
