@@ -435,7 +435,11 @@ pub fn allocate_all(pools: Vec<PoolSpec>, claims: &[ServiceClaim]) -> Allocation
     // pending get a second try, as the controller requeues them.
     let mut freed = false;
     for claim in &order {
-        freed |= allocator.settle(&claim.name);
+        let written = match results.get(&claim.name) {
+            Some(Ok(assignment)) => assignment.addresses.clone(),
+            _ => Vec::new(),
+        };
+        freed |= allocator.settle(&claim.name, &written);
     }
     if freed {
         let pending: Vec<&ServiceClaim> = order
@@ -659,11 +663,12 @@ pub struct Allocator {
     slots: BTreeMap<IpAddr, Slot>,
     /// Sharing key -> the addresses held under it.
     shared: BTreeMap<String, BTreeSet<IpAddr>>,
-    /// Addresses nobody holds that a Service's status still records (it is giving them up,
-    /// and its new status is not written yet): not free until [`settle`](Allocator::settle)
-    /// says that status was rewritten, or a lost write followed by a new leader would find
-    /// two statuses recording one address.
-    recorded: BTreeMap<IpAddr, ServiceName>,
+    /// Addresses that Services' statuses still record though those Services do not hold them
+    /// (they are giving them up, and their new status is not written yet), with those
+    /// Services. Such an address is not free, even once its holder (if any) lets go, until
+    /// [`settle`](Allocator::settle) says each of those statuses was rewritten; else a lost
+    /// write followed by a new leader would find two statuses recording one address.
+    recorded: BTreeMap<IpAddr, Vec<ServiceName>>,
     problems: Vec<PoolProblem>,
 }
 
@@ -750,12 +755,15 @@ impl Allocator {
     /// pool of ours and its request did not change. Where two holders now collide (one changed
     /// its ports on a shared address), each is restored with the ports it held, so the one
     /// that changed is the one that moves when it is next assigned. `claims` carry the
-    /// statuses as `current`: what those record and nobody holds stays out of reach until
-    /// [`settle`](Allocator::settle), as here.
+    /// statuses as `current`, and `writing` the addresses of status writes still in flight:
+    /// what those record, or may record once written, and nobody holds stays out of reach
+    /// until [`settle`](Allocator::settle), as here. (A decision dropped by the rebuild whose
+    /// write lands later would otherwise find its address given to another.)
     pub fn rebuilt(
         &self,
         pools: Vec<PoolSpec>,
         claims: &[ServiceClaim],
+        writing: &BTreeMap<ServiceName, Vec<IpAddr>>,
     ) -> (Allocator, Vec<PoolProblem>) {
         let held: Vec<ServiceClaim> = claims
             .iter()
@@ -773,8 +781,13 @@ impl Allocator {
         for claim in claims {
             allocator.reserve_recorded(&claim.name, &claim.current);
         }
-        for (addr, name) in &self.recorded {
-            allocator.reserve_recorded(name, &[*addr]);
+        for (name, addrs) in writing {
+            allocator.reserve_recorded(name, addrs);
+        }
+        for (addr, names) in &self.recorded {
+            for name in names {
+                allocator.reserve_recorded(name, &[*addr]);
+            }
         }
         (allocator, problems)
     }
@@ -939,64 +952,90 @@ impl Allocator {
         (result, released)
     }
 
-    /// Keeps `addrs` from being handed out while `name`'s status records them: those that
-    /// nobody holds and that lie in a pool. [`settle`](Allocator::settle) frees them.
+    /// Keeps `addrs` from being handed out while `name`'s status records them, those of them
+    /// that lie in a pool and that `name` does not hold. [`settle`](Allocator::settle) lets
+    /// them go.
     pub fn reserve_recorded(&mut self, name: &ServiceName, addrs: &[IpAddr]) {
         for &addr in addrs {
-            if self.slots.contains_key(&addr) || self.recorded.contains_key(&addr) {
-                continue;
-            }
             let Some(index) = self.pool_index(addr) else {
                 continue;
             };
-            let family = IpFamily::of(&addr);
-            let pool = &mut self.pools[index];
-            pool.free[fam(family)].take(to_u128(addr));
-            if !pool.avoids(addr) {
-                pool.recorded[fam(family)] += 1;
+            let held = self.slots.get(&addr);
+            if held.is_some_and(|slot| slot.holders.iter().any(|h| h == name)) {
+                continue;
             }
-            self.recorded.insert(addr, name.clone());
+            let unheld = held.is_none();
+            let recorders = self.recorded.entry(addr).or_default();
+            if recorders.contains(name) {
+                continue;
+            }
+            recorders.push(name.clone());
+            if recorders.len() == 1 && unheld {
+                self.set_aside(addr, index, true);
+            }
         }
     }
 
-    /// Says that `name`'s status now records exactly what it holds (it was written, or needed
-    /// no write): the addresses it was giving up are free. True when one came free.
-    pub fn settle(&mut self, name: &ServiceName) -> bool {
+    /// Says that `name`'s status now records `written` (it was written, or needed no write):
+    /// the addresses it was giving up are free unless another status records them too, and
+    /// what it records but no longer holds (a decision dropped by a rebuild while its write
+    /// was in flight) stays out of reach. True when an address came free.
+    pub fn settle(&mut self, name: &ServiceName, written: &[IpAddr]) -> bool {
         let given_up: Vec<IpAddr> = self
             .recorded
             .iter()
-            .filter(|(_, by)| *by == name)
+            .filter(|(addr, by)| by.contains(name) && !written.contains(addr))
             .map(|(addr, _)| *addr)
             .collect();
-        let freed = !given_up.is_empty();
+        let mut freed = false;
         for addr in given_up {
-            if self.unrecord(addr)
-                && let Some(index) = self.pool_index(addr)
-            {
-                self.pools[index].free[fam(IpFamily::of(&addr))].put_back(to_u128(addr));
-            }
+            freed |= self.unrecord(name, addr);
         }
+        self.reserve_recorded(name, written);
         freed
     }
 
-    /// Forgets that a status records `addr`; true when it was recorded.
-    fn unrecord(&mut self, addr: IpAddr) -> bool {
-        if self.recorded.remove(&addr).is_none() {
+    /// Forgets that `name`'s status records `addr`; true when the address came free.
+    fn unrecord(&mut self, name: &ServiceName, addr: IpAddr) -> bool {
+        let Some(recorders) = self.recorded.get_mut(&addr) else {
+            return false;
+        };
+        recorders.retain(|n| n != name);
+        if !recorders.is_empty() {
             return false;
         }
-        if let Some(index) = self.pool_index(addr) {
-            let pool = &mut self.pools[index];
-            if !pool.avoids(addr) {
-                let family = fam(IpFamily::of(&addr));
-                pool.recorded[family] = pool.recorded[family].saturating_sub(1);
-            }
+        self.recorded.remove(&addr);
+        if self.slots.contains_key(&addr) {
+            return false;
+        }
+        let Some(index) = self.pool_index(addr) else {
+            return false;
+        };
+        let family = fam(IpFamily::of(&addr));
+        let pool = &mut self.pools[index];
+        pool.free[family].put_back(to_u128(addr));
+        if !pool.avoids(addr) {
+            pool.recorded[family] = pool.recorded[family].saturating_sub(1);
         }
         true
     }
 
+    /// Counts an unheld address that a status records as not available; `take` when it is
+    /// still in free space (it is not when its last holder just let go).
+    fn set_aside(&mut self, addr: IpAddr, index: usize, take: bool) {
+        let family = fam(IpFamily::of(&addr));
+        let pool = &mut self.pools[index];
+        if take {
+            pool.free[family].take(to_u128(addr));
+        }
+        if !pool.avoids(addr) {
+            pool.recorded[family] += 1;
+        }
+    }
+
     /// Frees what the Service holds and returns it (it is gone: its status records nothing).
     pub fn release(&mut self, name: &ServiceName) -> Option<Assignment> {
-        self.settle(name);
+        self.settle(name, &[]);
         self.unhold(name).map(|h| h.assignment)
     }
 
@@ -1010,10 +1049,22 @@ impl Allocator {
         self.services.iter().map(|(n, h)| (n, &h.assignment))
     }
 
-    /// Addresses nobody holds that a Service's status still records, with that Service: not
-    /// free until it [`settle`](Allocator::settle)s.
+    /// Every Service that holds an address or whose status keeps one out of reach: what a
+    /// sweep for deletions the watch missed must [`release`](Allocator::release) when gone.
+    pub fn services(&self) -> BTreeSet<ServiceName> {
+        self.services
+            .keys()
+            .chain(self.recorded.values().flatten())
+            .cloned()
+            .collect()
+    }
+
+    /// Addresses that a Service's status still records though it does not hold them, with
+    /// that Service: not free until it [`settle`](Allocator::settle)s.
     pub fn recorded(&self) -> impl Iterator<Item = (&IpAddr, &ServiceName)> {
-        self.recorded.iter()
+        self.recorded
+            .iter()
+            .flat_map(|(addr, names)| names.iter().map(move |n| (addr, n)))
     }
 
     /// The Services holding `addr`, by name (several only when they share it).
@@ -1092,7 +1143,8 @@ impl Allocator {
             return kept;
         };
         let missing = IpFamily::of(&only).other();
-        if !self.pools[index].has_family(missing) || self.pools[index].serving().is_err() {
+        // A new address follows the pool's rules as now written, even for a kept holder.
+        if !self.pools[index].has_family(missing) || !self.pools[index].fits(claim, &[]) {
             return kept;
         }
         let Some(extra) = self.pick(claim, index, missing) else {
@@ -1125,7 +1177,7 @@ impl Allocator {
             });
         }
         let index = self.pool_for_addresses(claim, addrs, taking)?;
-        self.check_available(claim, index, addrs)?;
+        self.check_available(claim, index, addrs, taking)?;
         Ok(self.commit(claim, index, primary(claim.families), addrs.to_vec()))
     }
 
@@ -1138,7 +1190,7 @@ impl Allocator {
     ) -> Result<Assignment, AllocError> {
         check_shape(claim.families, wanted)?;
         let index = self.pool_for_addresses(claim, wanted, Taking::Request)?;
-        self.check_available(claim, index, wanted)?;
+        self.check_available(claim, index, wanted, Taking::Request)?;
         let mut addrs = wanted.to_vec();
         let primary = primary(claim.families);
         let required = match claim.families {
@@ -1397,26 +1449,36 @@ impl Allocator {
             .ok_or(AllocError::NothingRecorded)
     }
 
-    /// Whether each address is free or may be shared with the claim.
+    /// Whether each address is free or may be shared with the claim. Another Service's stale
+    /// record keeps an address from a newcomer, never from a Service that holds or records it
+    /// itself (it may have shared it with the one whose record is stale).
     fn check_available(
         &self,
         claim: &ServiceClaim,
         index: usize,
         addrs: &[IpAddr],
+        taking: Taking,
     ) -> Result<(), AllocError> {
         for &addr in addrs {
             match self.slots.get(&addr) {
                 Some(slot) => slot.admits(addr, claim)?,
-                None if self.recorded.get(&addr).is_some_and(|by| *by != claim.name) => {
-                    return Err(AllocError::RequestedInUse {
-                        addr,
-                        by: self.recorded[&addr].clone(),
-                    });
+                None => {
+                    if let Some(by) = self
+                        .recorded
+                        .get(&addr)
+                        .filter(|_| taking == Taking::Request)
+                        .and_then(|names| names.iter().find(|n| **n != claim.name))
+                    {
+                        return Err(AllocError::RequestedInUse {
+                            addr,
+                            by: by.clone(),
+                        });
+                    }
+                    // An address of the pool that nobody holds or records is free.
+                    debug_assert!(self.pools[index].intervals.iter().any(|&(f, a, b)| {
+                        f == IpFamily::of(&addr) && (a..=b).contains(&to_u128(addr))
+                    }));
                 }
-                // A non-avoided address of the pool that nobody holds is free by construction.
-                None => debug_assert!(self.pools[index].intervals.iter().any(|&(f, a, b)| {
-                    f == IpFamily::of(&addr) && (a..=b).contains(&to_u128(addr))
-                })),
             }
         }
         Ok(())
@@ -1451,8 +1513,21 @@ impl Allocator {
             let Some(index) = self.pool_index(addr) else {
                 continue;
             };
-            // A recorded address is out of free space already; holding it ends the record.
-            self.unrecord(addr);
+            // Holding an address ends this Service's record of it. An unheld recorded address
+            // is out of free space already, and counted as set aside until now.
+            if !self.slots.contains_key(&addr) && self.recorded.contains_key(&addr) {
+                let family = fam(IpFamily::of(&addr));
+                let pool = &mut self.pools[index];
+                if !pool.avoids(addr) {
+                    pool.recorded[family] = pool.recorded[family].saturating_sub(1);
+                }
+            }
+            if let Some(recorders) = self.recorded.get_mut(&addr) {
+                recorders.retain(|n| n != name);
+                if recorders.is_empty() {
+                    self.recorded.remove(&addr);
+                }
+            }
             let slot = match self.slots.entry(addr) {
                 Entry::Occupied(slot) => slot.into_mut(),
                 Entry::Vacant(vacant) => {
@@ -1516,8 +1591,15 @@ impl Allocator {
                 continue;
             };
             let family = IpFamily::of(addr);
+            // Another status still records it: set aside, not free, until that one settles.
+            let recorded = self.recorded.contains_key(addr);
+            if recorded {
+                self.set_aside(*addr, slot.pool, false);
+            }
             let pool = &mut self.pools[slot.pool];
-            pool.free[fam(family)].put_back(to_u128(*addr));
+            if !recorded {
+                pool.free[fam(family)].put_back(to_u128(*addr));
+            }
             pool.assigned[fam(family)] = pool.assigned[fam(family)].saturating_sub(1);
             if pool.avoids(*addr) {
                 pool.assigned_avoided = pool.assigned_avoided.saturating_sub(1);

@@ -66,12 +66,10 @@ struct ApiService {
 struct Write {
     name: ServiceName,
     addresses: Vec<IpAddr>,
-    /// Whether, when it was decided, the recorded addresses had left every pool (so a move is
-    /// what the rules ask for).
-    record_left_pools: bool,
-    /// The Service whose port on a shared address the record now collides with. A new
-    /// leader cannot tell which of two changed, so the older keeps the address.
-    collided_with: Option<ServiceName>,
+    /// Whether the rules let the Service's recorded addresses go: they had left every pool, or
+    /// they collide with a Service that changed its ports on a shared address (a new leader
+    /// cannot tell which of two changed, so the older keeps the address).
+    justified: bool,
 }
 
 struct Sim {
@@ -89,6 +87,9 @@ struct Sim {
     /// A split rebuild's snapshot, replaced into the allocator at a later step.
     snapshot: Option<(Vec<PoolSpec>, Allocator, Vec<ServiceClaim>)>,
     writes: Vec<Write>,
+    /// Services whose records the rules let go, until their new status is written (a lost
+    /// write is decided again, and the second decision no longer sees the reason).
+    justified: std::collections::BTreeSet<ServiceName>,
     /// What happened, shared with the runner so that a failure can print it.
     log: Log,
 }
@@ -120,6 +121,7 @@ impl Sim {
             allocator: None,
             snapshot: None,
             writes: Vec::new(),
+            justified: Default::default(),
             log,
         };
         let main = sim.new_pool("main", 0, 7);
@@ -217,6 +219,8 @@ impl Sim {
     fn delete(&mut self) {
         let Some(name) = self.pick() else { return };
         self.api.remove(&name);
+        // Its status write in flight, if any, fails: the object is gone.
+        self.writes.retain(|w| w.name != name);
         self.log.push(format!("delete {name}"));
         // The delete event may be missed while a watch restarts; the periodic pass collects.
         if !self.rng.chance(20)
@@ -268,29 +272,53 @@ impl Sim {
             .iter()
             .any(|a| !pools.iter().any(|p| p.ranges.iter().any(|r| r.contains(a))));
         let (result, released) = allocator.assign_explained(&claim);
-        let collided_with = match released.as_ref().map(|r| &r.reason) {
-            Some(AllocError::SharingConflict { by, .. }) => Some(by.clone()),
-            _ => None,
+        let collided_after_a_change = match released.as_ref().map(|r| &r.reason) {
+            Some(AllocError::SharingConflict { by, .. }) => {
+                self.api.get(by).is_some_and(|by| by.generation != 0)
+            }
+            _ => false,
         };
+        if record_left_pools || collided_after_a_change {
+            self.justified.insert(name.clone());
+        }
         let why = match (&result, &released) {
             (Err(e), _) => format!(" ({e})"),
             (_, Some(r)) => format!(" ({r})"),
             _ => String::new(),
         };
         let addresses = result.map(|a| a.addresses).unwrap_or_default();
+        if std::env::var_os("IPVSLB_TRACE").is_some() {
+            let held: Vec<String> = allocator
+                .assignments()
+                .map(|(n, a)| format!("{n}={:?}", a.addresses))
+                .collect();
+            let recorded: Vec<String> = allocator
+                .recorded()
+                .map(|(a, n)| format!("{a}<-{n}"))
+                .collect();
+            self.log
+                .push(format!("  held {held:?} recorded {recorded:?}"));
+        }
         self.log.push(format!("decide {name}: {addresses:?}{why}"));
         self.writes.push(Write {
             name: name.clone(),
             addresses,
-            record_left_pools,
-            collided_with,
+            justified: self.justified.contains(name),
         });
+    }
+
+    /// The status writes in flight, by Service.
+    fn writing(&self) -> BTreeMap<ServiceName, Vec<IpAddr>> {
+        self.writes
+            .iter()
+            .map(|w| (w.name.clone(), w.addresses.clone()))
+            .collect()
     }
 
     fn rebuild_now(&mut self) {
         let claims = self.claims();
         let (old, _) = self.allocator.as_ref().expect("leading");
-        let (allocator, _) = old.rebuilt(self.pools.clone(), &claims);
+        let (allocator, _) = old.rebuilt(self.pools.clone(), &claims, &self.writing());
         self.allocator = Some((allocator, self.pools.clone()));
         self.log.push("rebuild for changed pools".into());
     }
@@ -299,7 +327,7 @@ impl Sim {
         if let Some((pools, old, claims)) = self.snapshot.take()
             && self.allocator.is_some()
         {
-            let (allocator, _) = old.rebuilt(pools.clone(), &claims);
+            let (allocator, _) = old.rebuilt(pools.clone(), &claims, &self.writing());
             self.allocator = Some((allocator, pools));
             self.log.push("rebuild: replaced from the snapshot".into());
         }
@@ -321,24 +349,20 @@ impl Sim {
         let before = service.status.clone();
         // The status records what the allocator decided: what it gave up may go to others.
         if let Some((allocator, _)) = self.allocator.as_mut() {
-            allocator.settle(&write.name);
+            allocator.settle(&write.name, &write.addresses);
         }
         if before == write.addresses {
             return;
         }
         // A move of a recorded address must have a reason the rules accept.
-        let collision_after_a_change = write
-            .collided_with
-            .as_ref()
-            .and_then(|by| self.api.get(by))
-            .is_some_and(|by| by.generation != 0);
+        self.justified.remove(&write.name);
         let Some(service) = self.api.get_mut(&write.name) else {
             return;
         };
         if !before.is_empty() {
             let changed_spec = service.generation != 0;
             assert!(
-                changed_spec || write.record_left_pools || collision_after_a_change,
+                changed_spec || write.justified,
                 "{} lost {before:?} (now {:?}) with no reason the rules accept",
                 write.name,
                 write.addresses
@@ -453,8 +477,8 @@ impl Sim {
         self.finish_split_rebuild();
         if let Some((allocator, _)) = self.allocator.as_mut() {
             let gone: Vec<ServiceName> = allocator
-                .assignments()
-                .map(|(n, _)| n.clone())
+                .services()
+                .into_iter()
                 .filter(|n| !self.api.contains_key(n))
                 .collect();
             for name in gone {
@@ -470,7 +494,12 @@ impl Sim {
                 self.apply_write(write);
             }
         }
-        let (allocator, _) = self.allocator.as_ref().expect("reconciled");
+        if self.allocator.is_none() {
+            // No Service was left to reconcile: a leader still comes up.
+            let (allocator, _) = Allocator::restored(self.pools.clone(), &self.claims());
+            self.allocator = Some((allocator, self.pools.clone()));
+        }
+        let (allocator, _) = self.allocator.as_ref().expect("built above");
         for (name, service) in &self.api {
             let held = allocator
                 .assignment(name)

@@ -452,3 +452,28 @@ fn a_deleted_older_pool_hands_its_contested_addresses_to_the_younger_one_without
     assert!(c.problems.is_empty(), "{:?}", c.problems);
     assert_eq!(c.allocator.usage("second").expect("pool").assigned_v4, 5);
 }
+
+#[test]
+fn a_kept_holder_the_pool_no_longer_selects_gains_no_second_family() {
+    let mut c = Cluster::new(vec![pool("ds", 1, &["10.0.0.0/30"])]);
+    let mut prefer = svc("dev", "web", 1);
+    prefer.families = ipvslb_core::FamilyPolicy::PreferDualStack {
+        primary: ipvslb_core::IpFamily::V4,
+    };
+    assert_eq!(c.create(prefer), Some(vec!["10.0.0.0".parse().unwrap()]));
+    let mut narrowed = pool("ds", 1, &["10.0.0.0/30", "2001:db8::/126"]);
+    narrowed.service_allocation = Some(ServiceAllocation {
+        namespaces: vec!["prod".into()],
+        ..ServiceAllocation::default()
+    });
+    c.apply(
+        "the pool is restricted to prod and gains IPv6",
+        vec![narrowed],
+        &[],
+    );
+    assert_eq!(
+        c.of("dev/web"),
+        ["10.0.0.0"],
+        "no IPv6 address for a Service the pool no longer serves"
+    );
+}

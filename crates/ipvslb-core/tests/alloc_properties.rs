@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipvslb_core::alloc::{Allocation, Allocator, allocate_all};
+use ipvslb_core::alloc::{AllocError, Allocation, Allocator, Assignment, allocate_all};
 use ipvslb_core::range::to_u128;
 use ipvslb_core::{
     FamilyPolicy, IpFamily, IpRange, PoolSpec, PortKey, Requested, ServiceAllocation, ServiceClaim,
@@ -208,6 +208,19 @@ fn usable_addresses(pools: &[PoolSpec]) -> BTreeMap<String, BTreeSet<IpAddr>> {
     out
 }
 
+/// The status write that follows an assignment, as the controller makes it.
+fn written(
+    allocator: &mut Allocator,
+    claim: &ServiceClaim,
+    result: &Result<Assignment, AllocError>,
+) {
+    let addresses = result
+        .as_ref()
+        .map(|a| a.addresses.clone())
+        .unwrap_or_default();
+    allocator.settle(&claim.name, &addresses);
+}
+
 fn check_usage(allocator: &Allocator, pools: &[PoolSpec]) -> Result<(), TestCaseError> {
     let mut held: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
     for (_, a) in allocator.assignments() {
@@ -335,9 +348,11 @@ proptest! {
             }
             let before = all.allocator.assign(claim);
             prop_assert_eq!(before.as_ref().ok(), all.allocator.assignment(&claim.name), "assign is idempotent");
+            written(&mut all.allocator, claim, &before);
             prop_assert!(all.allocator.release(&claim.name).is_some());
             let again = all.allocator.assign(claim);
             prop_assert!(again.is_ok(), "{} got {:?}", claim.name, again);
+            written(&mut all.allocator, claim, &again);
             check_invariants(&all.allocator, &claims)?;
             check_usage(&all.allocator, &pools)?;
         }

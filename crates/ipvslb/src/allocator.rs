@@ -6,6 +6,7 @@
 //! or a leader change never moves an address and never hands one out twice.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,6 +115,9 @@ pub struct Context {
     caches_ready: tokio::sync::OnceCell<()>,
     /// Services refused for now; an address coming free requeues them.
     pending: Mutex<std::collections::BTreeSet<ServiceName>>,
+    /// Status writes decided and not yet confirmed, by Service: a rebuild keeps their
+    /// addresses out of reach, since each may land after the decision was dropped.
+    writing: Mutex<BTreeMap<ServiceName, Vec<IpAddr>>>,
     requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
     /// Publishes Warning Events, counting repeats into a series.
     warnings: Recorder,
@@ -191,6 +195,7 @@ pub async fn run(
         rebuilding: tokio::sync::Mutex::new(()),
         caches_ready: tokio::sync::OnceCell::new(),
         pending: Mutex::new(std::collections::BTreeSet::new()),
+        writing: Mutex::new(BTreeMap::new()),
         requeue: requeue_tx,
         warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         metrics,
@@ -344,7 +349,8 @@ impl Context {
             .iter()
             .filter_map(|s| self.claim_if_ours(&s.to_service(), &mut memo))
             .collect();
-        let (allocator, problems) = state.allocator.rebuilt(pools.clone(), &claims);
+        let writing = self.writing.lock().map(|w| w.clone()).unwrap_or_default();
+        let (allocator, problems) = state.allocator.rebuilt(pools.clone(), &claims, &writing);
         *state = State::logged(pools, allocator, &problems);
         self.pools_changed.notify_one();
     }
@@ -429,7 +435,13 @@ impl Context {
             }
         };
         let changed = state.allocator.assignment(&name) != before.as_ref();
-        drop(guard);
+        // Both under the state lock, so that a rebuild or a release in between sees them.
+        if let Decision::Assigned(assignment, _) = &decision
+            && assignment.addresses != translate::ingress_addresses(service)
+            && let Ok(mut writing) = self.writing.lock()
+        {
+            writing.insert(name.clone(), assignment.addresses.clone());
+        }
         if let Ok(mut pending) = self.pending.lock() {
             if matches!(decision, Decision::Failed(..)) {
                 pending.insert(name.clone());
@@ -437,6 +449,7 @@ impl Context {
                 pending.remove(&name);
             }
         }
+        drop(guard);
         // Only a change of what is held moves the pool's counts or frees space.
         if changed {
             self.pools_changed.notify_one();
@@ -458,14 +471,17 @@ impl Context {
         };
         let vanished: Vec<ServiceName> = state
             .allocator
-            .assignments()
-            .map(|(name, _)| name.clone())
+            .services()
+            .into_iter()
             .filter(|name| self.services.get(&CachedService::reference(name)).is_none())
             .collect();
         let freed = !vanished.is_empty();
         for name in vanished {
             info!(service = %name, "released the addresses of a Service that is gone");
             state.allocator.release(&name);
+            if let Ok(mut writing) = self.writing.lock() {
+                writing.remove(&name);
+            }
         }
         drop(guard);
         if freed {
@@ -473,28 +489,38 @@ impl Context {
         }
     }
 
-    /// Forgets a deleted Service's addresses.
+    /// Forgets a deleted Service's addresses (its status write in flight, if any, fails).
     fn forget(&self, name: &ServiceName) {
-        if let Ok(mut guard) = self.state.lock()
-            && let Some(state) = guard.as_mut()
-            && state.allocator.release(name).is_some()
-        {
-            debug!(service = %name, "released the addresses of a deleted Service");
-            self.pools_changed.notify_one();
-            self.retry_pending();
-        }
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.remove(name);
+        if let Ok(mut guard) = self.state.lock() {
+            if let Ok(mut writing) = self.writing.lock() {
+                writing.remove(name);
+            }
+            if let Ok(mut pending) = self.pending.lock() {
+                pending.remove(name);
+            }
+            if let Some(state) = guard.as_mut()
+                && state.allocator.release(name).is_some()
+            {
+                drop(guard);
+                debug!(service = %name, "released the addresses of a deleted Service");
+                self.pools_changed.notify_one();
+                self.retry_pending();
+            }
         }
     }
 
-    /// Tells the allocator that `name`'s status now records only what it holds.
-    fn settle(&self, name: &ServiceName) {
+    /// Tells the allocator that `name`'s status now records `written`.
+    fn settle(&self, name: &ServiceName, written: &[IpAddr]) {
         let freed = self
             .state
             .lock()
             .ok()
-            .and_then(|mut guard| guard.as_mut().map(|s| s.allocator.settle(name)))
+            .and_then(|mut guard| {
+                if let Ok(mut writing) = self.writing.lock() {
+                    writing.remove(name);
+                }
+                guard.as_mut().map(|s| s.allocator.settle(name, written))
+            })
             .unwrap_or(false);
         if freed {
             self.pools_changed.notify_one();
@@ -575,7 +601,7 @@ impl Context {
                     .await;
                 }
                 // The status records exactly what is held now: what it gave up may go to others.
-                self.settle(name);
+                self.settle(name, &assignment.addresses);
                 if annotated.as_deref() != Some(assignment.pool.as_str()) {
                     self.ensure_leading()?;
                     let patch = json!({"metadata": {"annotations": {ANNOTATION_ASSIGNED_POOL: assignment.pool}}});
@@ -598,7 +624,9 @@ impl Context {
                 }
                 // A status that another wrote stays, and keeps its addresses from others.
                 if annotated.is_some() || recorded.is_empty() {
-                    self.settle(name);
+                    self.settle(name, &[]);
+                } else {
+                    self.settle(name, &translate::ingress_addresses(service));
                 }
                 warn!(%reason, "no addresses");
                 self.event(

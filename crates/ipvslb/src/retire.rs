@@ -26,6 +26,9 @@ pub struct RetireArgs {
     /// Do not read the IPPools: own only what is on the interface (when the cluster is gone).
     #[arg(long)]
     no_cluster: bool,
+    /// The load-balancer class this director served: only that class's pools are its own.
+    #[arg(long, env = "IPVSLB_LOAD_BALANCER_CLASS", default_value = ipvslb_api::LOAD_BALANCER_CLASS)]
+    load_balancer_class: String,
 }
 
 /// Retires this host's director; returns what it removed, as lines for people.
@@ -33,12 +36,14 @@ pub async fn retire(args: RetireArgs) -> Result<String, String> {
     let owned = if args.no_cluster {
         Owned::default()
     } else {
-        pools(args.kubeconfig.as_ref()).await.map_err(|e| {
-            format!(
-                "{e} (with --no-cluster, only what is on {} is removed)",
-                args.interface
-            )
-        })?
+        pools(args.kubeconfig.as_ref(), &args.load_balancer_class)
+            .await
+            .map_err(|e| {
+                format!(
+                    "{e} (with --no-cluster, only what is on {} is removed)",
+                    args.interface
+                )
+            })?
     };
     let kernel = crate::dataplane::Kernel::open_existing(&args.interface)
         .map_err(|e| format!("opening the kernel data plane: {e}"))?;
@@ -48,8 +53,9 @@ pub async fn retire(args: RetireArgs) -> Result<String, String> {
         .map_err(|e| format!("the data-plane task failed: {e}"))?
 }
 
-/// The pools' ranges: what the director owns besides its interface.
-async fn pools(kubeconfig: Option<&PathBuf>) -> Result<Owned, String> {
+/// The ranges of the pools of `class`: what the director owns besides its interface. Another
+/// class's pools belong to another installation, even on the same host.
+async fn pools(kubeconfig: Option<&PathBuf>, class: &str) -> Result<Owned, String> {
     let client = crate::run::client(kubeconfig).await?;
     let pools = Api::<IPPool>::all(client)
         .list(&ListParams::default())
@@ -59,8 +65,18 @@ async fn pools(kubeconfig: Option<&PathBuf>) -> Result<Owned, String> {
         pools
             .items
             .iter()
-            .filter_map(|p| crate::translate::pool(p).ok())
-            .flat_map(|p| p.ranges)
+            .filter(|p| crate::translate::pool_class(p) == class)
+            .flat_map(|p| {
+                crate::translate::pool_for(
+                    p,
+                    &crate::translate::ClassPolicy {
+                        class: class.to_owned(),
+                        unclassed: crate::translate::Unclassed::Ignore,
+                    },
+                )
+                .0
+                .ranges
+            })
             .collect(),
     ))
 }

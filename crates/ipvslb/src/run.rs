@@ -133,7 +133,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("--lease-duration: {e}"))?;
         // An election that ended (a panic) would leave this replica a standby for good.
         let election = metrics.health.heartbeat("lease election", Duration::MAX);
-        let stop = shutdown.clone();
+        // The Lease is released only once the allocator has stopped: a status write still in
+        // flight must land before a standby can lead (and list the statuses). A drain that
+        // outlasts the deadline leaves the Lease to expire instead.
+        let (release_tx, stop) = watch::channel(false);
         tasks.push((
             "the lease (release)",
             tokio::spawn(async move {
@@ -153,16 +156,20 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             concurrency: args.concurrency,
             status_resync: Duration::from_secs(30),
         };
+        let allocator = allocator::run(
+            client.clone(),
+            config,
+            services.subscribe(),
+            metrics.clone(),
+            leading,
+            shutdown.clone(),
+        );
         tasks.push((
             "the allocator",
-            tokio::spawn(allocator::run(
-                client.clone(),
-                config,
-                services.subscribe(),
-                metrics.clone(),
-                leading,
-                shutdown.clone(),
-            )),
+            tokio::spawn(async move {
+                allocator.await;
+                let _ = release_tx.send(true);
+            }),
         ));
     }
     if args.role != Role::Allocator {
