@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test of the project, with what they need first.
 //!
 //! 1. the real kube-apiserver, etcd and kubectl (built from their Go modules once, then cached),
-//!    which the controller tests start;
+//!    which the controller tests start, and helm, which the chart's tests run;
 //! 2. `cargo test --workspace` (unit, property, CLI and controller tests);
 //! 3. `cargo xtask vm-test`: the kernel tests in a qemu VM.
 
@@ -13,6 +13,8 @@ use xtask::apiserver::build;
 pub fn run(args: &[String]) -> Result<(), String> {
     println!("== building (or reusing) kube-apiserver, etcd and kubectl");
     build::ensure(&build::Versions::from_env())?;
+    println!("== building (or reusing) helm, for the chart's tests");
+    build::ensure_helm(&build::helm_version())?;
     println!("== cargo test --workspace");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(&cargo)

@@ -436,6 +436,7 @@ impl Context {
             } else {
                 pending.remove(&name);
             }
+            self.metrics.services_pending.set(pending.len() as i64);
         }
         // Only a change of what is held moves the pool's counts or frees space.
         if changed {
@@ -485,6 +486,7 @@ impl Context {
         }
         if let Ok(mut pending) = self.pending.lock() {
             pending.remove(name);
+            self.metrics.services_pending.set(pending.len() as i64);
         }
     }
 
