@@ -629,6 +629,24 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
             "{kept} missing after the upgrade: {upgraded:#?}"
         );
     }
+    // A director outside the cluster, with the account the upgrade created for it and a token
+    // minted as the README shows: it reads what it needs and programs the VIP.
+    let mut external_pod = director_pod.clone();
+    external_pod["spec"]["template"]["spec"]["serviceAccountName"] =
+        Value::from("ipvslb-external-director");
+    let external = Pod::start(cluster, &external_pod, "lvs1", &["--dataplane=memory"]);
+    external
+        .wait_ready(
+            &["ipvslb_dataplane_ops_total{kind=\"add_service\",result=\"ok\"} 1"],
+            30 * SECOND,
+        )
+        .await;
+    assert!(
+        !external.logs().contains("forbidden"),
+        "the external director lacked a permission:\n{}",
+        external.logs()
+    );
+    drop(external);
     let history = ok(
         "helm history",
         &helm_in(cluster, &["history", RELEASE, "--namespace", NAMESPACE]),
