@@ -303,7 +303,6 @@ impl Pod {
     fn start(cluster: &Cluster, pod: &Value, name: &str, extra: &[&str]) -> Self {
         let spec = &pod["spec"]["template"]["spec"];
         let account = spec["serviceAccountName"].as_str().unwrap();
-        let container = &spec["containers"][0];
         let token = ok(
             &format!("kubectl create token {account}"),
             &cluster.kubectl(&["create", "token", account, "-n", NAMESPACE, "--duration=1h"]),
@@ -311,6 +310,18 @@ impl Pod {
         let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
         let kubeconfig = cluster.dir.join(format!("{name}-kubeconfig"));
         std::fs::write(&kubeconfig, admin.replace(&cluster.token, token.trim())).unwrap();
+        Self::start_with(cluster, pod, name, extra, &kubeconfig)
+    }
+
+    /// Like [`Pod::start`], with a kubeconfig made elsewhere.
+    fn start_with(
+        cluster: &Cluster,
+        pod: &Value,
+        name: &str,
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Self {
+        let container = &pod["spec"]["template"]["spec"]["containers"][0];
         let probes = free_addr();
         let log = cluster.dir.join(format!("{name}.log"));
         let mut command = Command::new(env!("CARGO_BIN_EXE_ipvslb"));
@@ -327,7 +338,7 @@ impl Pod {
                 command.arg(arg);
             }
         }
-        command.arg("--kubeconfig").arg(&kubeconfig).args(extra);
+        command.arg("--kubeconfig").arg(kubeconfig).args(extra);
         command.env_clear().env("RUST_LOG", "info");
         for var in container["env"].as_array().unwrap() {
             let key = var["name"].as_str().unwrap();
@@ -380,6 +391,38 @@ impl Drop for Pod {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs the README's commands that mint the external director's kubeconfig (with the test's
+/// kubectl and admin kubeconfig, in a folder of its own) and returns the file they write.
+fn mint_external_kubeconfig(cluster: &Cluster) -> PathBuf {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let start = readme
+        .find("# Mint the external director's kubeconfig")
+        .expect("the README shows how to mint the external director's kubeconfig");
+    let script = &readme[start..start + readme[start..].find("```").unwrap()];
+    let dir = cluster.dir.join("external-director");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = format!(
+        "{}:{}",
+        cluster.kubectl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(&dir)
+        .env("PATH", path)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .unwrap();
+    ok(&format!("the README's commands:\n{script}"), &out);
+    let kubeconfig = dir.join("director.kubeconfig");
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    assert!(
+        !text.contains(&cluster.token),
+        "the minted kubeconfig holds the admin token"
+    );
+    kubeconfig
 }
 
 /// Names (`kind/name`, lower case) of the objects of this release that kubectl finds.
@@ -629,12 +672,16 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
             "{kept} missing after the upgrade: {upgraded:#?}"
         );
     }
-    // A director outside the cluster, with the account the upgrade created for it and a token
-    // minted as the README shows: it reads what it needs and programs the VIP.
-    let mut external_pod = director_pod.clone();
-    external_pod["spec"]["template"]["spec"]["serviceAccountName"] =
-        Value::from("ipvslb-external-director");
-    let external = Pod::start(cluster, &external_pod, "lvs1", &["--dataplane=memory"]);
+    // A director outside the cluster, with the account the upgrade created for it and the
+    // kubeconfig the README's commands mint: it reads what it needs and programs the VIP.
+    let kubeconfig = mint_external_kubeconfig(cluster);
+    let external = Pod::start_with(
+        cluster,
+        director_pod,
+        "lvs1",
+        &["--dataplane=memory"],
+        &kubeconfig,
+    );
     external
         .wait_ready(
             &["ipvslb_dataplane_ops_total{kind=\"add_service\",result=\"ok\"} 1"],
