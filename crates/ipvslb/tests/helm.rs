@@ -853,10 +853,12 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_ipvslb_r
     );
     cluster.apply(&common::service_yaml("metrics", "web", class, &[80], &[]));
     wait_ingress(&client, "metrics", "web", &["10.250.9.10"], 20 * SECOND).await;
-    let narrowed = Cluster::chart_role().1.replace(
-        "  resources: [services/status]\n  verbs: [patch, update]",
+    let full = Cluster::chart_role().1;
+    let narrowed = full.replace(
+        "  resources: [services/status]\n  verbs: [patch]",
         "  resources: [services/status]\n  verbs: [get]",
     );
+    assert_ne!(narrowed, full, "the chart's rule for Service status moved");
     ok(
         "narrowing the role",
         &cluster.kubectl_stdin(&["apply", "-f", "-"], &narrowed),
@@ -904,5 +906,132 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_ipvslb_r
         unknown.is_empty(),
         "metrics that `ipvslb run` does not export:\n{}\nexported: {exported:#?}",
         unknown.join("\n")
+    );
+}
+
+/// The rules of a chart rules file, each with the comment lines before it.
+fn rules_of(text: &str) -> Vec<String> {
+    let mut rules: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        if line.starts_with("- ") {
+            rules.push(std::mem::take(&mut pending));
+        }
+        let target = if line.starts_with('#') || rules.is_empty() {
+            &mut pending
+        } else {
+            rules.last_mut().unwrap()
+        };
+        target.push_str(line);
+        target.push('\n');
+    }
+    rules
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_any_one_rule_of_the_charts_roles_the_binary_fails_and_says_so() {
+    let cluster = cluster();
+    let (_turn, _client) = turn(&["minimal", NAMESPACE]).await;
+    let class = "test.ipvslb.io/minimal";
+    cluster.apply(&format!(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: minimal\nspec:\n  loadBalancerClass: {class}\n  addresses: [10.250.8.10-10.250.8.100]\n---\napiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata:\n  name: default\nspec:\n  nodeSelector: {{}}\n"
+    ));
+    let header = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: ipvslb\nrules:\n";
+    let kubeconfig = cluster.service_account_kubeconfig("minimal-kubeconfig");
+    let mut service = 0;
+    // (the files whose rules the role holds, the role run, the file whose rules go one by one)
+    for (files, role, file) in [
+        (&["allocator", "lease"][..], "allocator", "allocator"),
+        (&["allocator", "lease"][..], "allocator", "lease"),
+        (&["director"][..], "director", "director"),
+    ] {
+        let rules = rules_of(&common::chart_rules(file));
+        assert!(!rules.is_empty(), "no rules in {file}.yaml");
+        for (dropped, rule) in rules.iter().enumerate() {
+            let mut text = header.to_owned();
+            for f in files {
+                if *f == file {
+                    for (i, r) in rules.iter().enumerate() {
+                        if i != dropped {
+                            text.push_str(r);
+                        }
+                    }
+                } else {
+                    text.push_str(&common::chart_rules(f));
+                }
+            }
+            ok(
+                "applying the narrowed role",
+                &cluster.kubectl_stdin(&["apply", "-f", "-"], &text),
+            );
+            // A fresh Service for each run, so that each run has an assignment to make.
+            service += 1;
+            let name = format!("web{service}");
+            cluster.apply(&common::service_yaml("minimal", &name, class, &[80], &[]));
+            if role == "director" {
+                // The director needs a VIP to program: the admin gives one by hand.
+                let ip = format!("10.250.8.{}", 10 + service);
+                let patch = format!(
+                    "{{\"status\":{{\"loadBalancer\":{{\"ingress\":[{{\"ip\":\"{ip}\",\"ipMode\":\"VIP\"}}]}}}}}}"
+                );
+                ok(
+                    "setting a VIP",
+                    &cluster.kubectl(&[
+                        "patch",
+                        "service",
+                        &name,
+                        "-n",
+                        "minimal",
+                        "--subresource=status",
+                        "--type=merge",
+                        "-p",
+                        &patch,
+                    ]),
+                );
+            }
+            let role_flag = format!("--role={role}");
+            let mut ipvslb = common::Ipvslb::spawn(
+                &kubeconfig,
+                class,
+                &format!("minimal-{service}"),
+                &[&role_flag],
+                "",
+                cluster.dir.join(format!("minimal-{service}.log")),
+            );
+            let said = eventually(
+                &format!("a refusal without this rule of {file}.yaml:\n{rule}"),
+                30 * SECOND,
+                || async {
+                    let log = ipvslb.logs();
+                    let ready = ipvslb.get("/readyz");
+                    if log.contains("forbidden") {
+                        Some(format!(
+                            "log: {}",
+                            log.lines().find(|l| l.contains("forbidden")).unwrap()
+                        ))
+                    } else if status(&ready) == Some(503)
+                        && common::body(&ready).contains("forbidden")
+                    {
+                        Some(format!("/readyz: {}", common::body(&ready)))
+                    } else {
+                        None
+                    }
+                },
+            )
+            .await;
+            eprintln!("without rule {dropped} of {file}.yaml: {said}");
+            assert!(
+                ipvslb.exited().is_none(),
+                "without a rule it keeps running:\n{}",
+                ipvslb.logs()
+            );
+        }
+    }
+    // The full role again, for the tests after this one. (With every rule neither happens:
+    // the install test runs both roles with the chart's accounts and finds no refusal.)
+    let (role, _) = Cluster::chart_role();
+    ok(
+        "the full role",
+        &cluster.kubectl(&["apply", "-f", role.to_str().unwrap()]),
     );
 }
