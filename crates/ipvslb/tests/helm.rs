@@ -1035,3 +1035,139 @@ async fn without_any_one_rule_of_the_charts_roles_the_binary_fails_and_says_so()
         &cluster.kubectl(&["apply", "-f", role.to_str().unwrap()]),
     );
 }
+
+#[test]
+fn every_value_of_the_chart_is_commented() {
+    let text = std::fs::read_to_string(chart().join("values.yaml")).unwrap();
+    // (indentation, documented) of the keys enclosing the current line.
+    let mut ancestors: Vec<(usize, bool)> = Vec::new();
+    let mut comment = false;
+    let mut undocumented = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for (n, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if trimmed.is_empty() {
+            comment = false;
+            continue;
+        }
+        if trimmed.starts_with('#') {
+            comment = true;
+            continue;
+        }
+        while ancestors.last().is_some_and(|(i, _)| *i >= indent) {
+            ancestors.pop();
+        }
+        let inherited = ancestors.iter().any(|(_, documented)| *documented);
+        let Some((key, value)) = trimmed.split_once(':') else {
+            comment = false;
+            continue;
+        };
+        if trimmed.starts_with("- ") {
+            comment = false;
+            continue;
+        }
+        let documented = comment || inherited;
+        // A key with nothing after the colon opens a map of keys below it.
+        let opens = value.trim().is_empty()
+            && lines
+                .get(n + 1)
+                .is_some_and(|next| next.len() - next.trim_start().len() > indent);
+        if !opens && !documented {
+            undocumented.push(format!("line {}: {key}", n + 1));
+        }
+        ancestors.push((indent, documented));
+        comment = false;
+    }
+    assert!(
+        undocumented.is_empty(),
+        "values without a comment:\n{}",
+        undocumented.join("\n")
+    );
+}
+
+#[test]
+fn the_pods_run_hardened_the_allocator_as_non_root_the_director_with_net_admin_alone() {
+    let docs = documents(&template(&chart().join("ci/default-values.yaml")));
+    let allocator = &find(&docs, "Deployment", "-allocator")["spec"]["template"]["spec"];
+    let container = &allocator["containers"][0];
+    assert_eq!(allocator["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        allocator["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert!(container["securityContext"]["capabilities"]["add"].is_null());
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["valueFrom"]["fieldRef"].is_object())
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(env, ["POD_NAME", "POD_NAMESPACE"]);
+    assert_eq!(
+        find(&docs, "Deployment", "-allocator")["spec"]["replicas"],
+        2
+    );
+    find(&docs, "PodDisruptionBudget", "-allocator");
+
+    let director = &find(&docs, "DaemonSet", "-director")["spec"]["template"]["spec"];
+    let container = &director["containers"][0];
+    assert_eq!(director["hostNetwork"], true);
+    assert_eq!(
+        director["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN"])
+    );
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert!(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--role=director")
+    );
+    assert_eq!(director["nodeSelector"]["ipvslb.io/director"], "true");
+    assert!(director["tolerations"].is_array());
+
+    // One value turns the directors off, and their account with them.
+    let chart = chart();
+    let off = documents(&ok(
+        "helm template without directors",
+        &helm(&[
+            "template",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--set",
+            "director.enabled=false",
+        ]),
+    ));
+    assert!(!off.iter().any(|d| d["kind"] == "DaemonSet"));
+    assert!(
+        !off.iter()
+            .any(|d| d["metadata"]["name"] == "ipvslb-director")
+    );
+}
