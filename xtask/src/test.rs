@@ -4,13 +4,14 @@
 //!    which the controller tests start, and helm, which the chart's tests run (and
 //!    `systemd-analyze`, from apt when missing, for the director unit's tests);
 //! 2. `cargo test --workspace` (unit, property, CLI and controller tests);
-//! 3. `cargo xtask vm-test`: the kernel tests in a qemu VM.
+//! 3. `cargo xtask image-binary`: the Dockerfile's static binary, built and run;
+//! 4. `cargo xtask vm-test`: the kernel tests in a qemu VM.
 
 use std::process::Command;
 
 use xtask::apiserver::build;
 
-/// Runs the three steps in order and stops at the first failure.
+/// Runs the steps in order and stops at the first failure.
 pub fn run(args: &[String]) -> Result<(), String> {
     println!("== building (or reusing) kube-apiserver, etcd and kubectl");
     build::ensure(&build::Versions::from_env())?;
@@ -28,6 +29,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if !status.success() {
         return Err(format!("cargo test failed ({status})"));
     }
+    println!("== the image's static binary");
+    xtask::image::run(&[])?;
     println!("== kernel tests in the VM");
     crate::vm::test(&[])
 }

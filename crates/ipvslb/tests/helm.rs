@@ -214,6 +214,11 @@ fn the_chart_version_and_image_follow_the_workspace_version_and_the_dockerfile()
         dockerfile.contains(&format!("org.opencontainers.image.version=\"{version}\"")),
         "the Dockerfile's version label is not {version}"
     );
+    assert!(
+        dockerfile.contains(xtask::image::BUILD_COMMAND),
+        "the Dockerfile does not build the binary as `cargo xtask image-binary` checks it: {}",
+        xtask::image::BUILD_COMMAND
+    );
 }
 
 /// Prometheus Operator kinds the metrics values render, as permissive CRDs, so the dry run can
