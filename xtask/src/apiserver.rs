@@ -22,7 +22,7 @@ use std::time::Instant;
 const USAGE: &str = "usage: cargo xtask apiserver <command>
 
 commands:
-  build                  build kube-apiserver, kubectl, etcd and helm (skipped when cached)
+  build                  build kube-apiserver, kubectl, etcd, helm and promql-check (skipped when cached)
   start --dir DIR        start etcd and kube-apiserver in the background; writes DIR/kubeconfig
   stop --dir DIR         stop them and remove what start wrote (--keep-logs keeps DIR/*.log)
 
@@ -69,6 +69,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             println!("binaries in {}", bins.dir.display());
             let helm = build::ensure_helm(&build::helm_version())?;
             println!("helm: {}", helm.display());
+            let check = build::ensure_promql_check(&build::prometheus_version())?;
+            println!("promql-check: {}", check.display());
             Ok(())
         }
         Some("start") => {

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: every test of the project, with what they need first.
 //!
 //! 1. the real kube-apiserver, etcd and kubectl (built from their Go modules once, then cached),
-//!    which the controller tests start, and helm, which the chart's tests run (and
+//!    which the controller tests start, and helm and promql-check (Prometheus' PromQL parser),
+//!    which the chart's tests run (and
 //!    `systemd-analyze`, from apt when missing, for the director unit's tests);
 //! 2. `cargo test --workspace` (unit, property, CLI and controller tests);
 //! 3. `cargo xtask image-binary`: the Dockerfile's static binary, built and run;
@@ -17,6 +18,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     build::ensure(&build::Versions::from_env())?;
     println!("== building (or reusing) helm, for the chart's tests");
     build::ensure_helm(&build::helm_version())?;
+    build::ensure_promql_check(&build::prometheus_version())?;
     println!("== systemd-analyze, for the director unit's tests");
     crate::vm::install_missing("test", &[("/usr/bin/systemd-analyze", "systemd")])?;
     println!("== cargo test --workspace");

@@ -192,6 +192,7 @@ fn the_chart_version_and_image_follow_the_workspace_version_and_the_dockerfile()
             .unwrap();
     assert_eq!(chart_yaml["apiVersion"], "v2");
     assert_eq!(chart_yaml["appVersion"], version, "Chart.yaml appVersion");
+    assert_eq!(chart_yaml["version"], version, "Chart.yaml version");
     let values: Value =
         serde_norway::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap())
             .unwrap();
@@ -728,24 +729,50 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
     }
 }
 
-/// The metric names a PromQL expression reads (every `ipvslb_*` identifier).
-fn metric_names(expr: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let bytes = expr.as_bytes();
-    let mut i = 0;
-    while let Some(at) = expr[i..].find("ipvslb_") {
-        let start = i + at;
-        let boundary =
-            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-        let end = expr[start..]
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .map_or(expr.len(), |n| start + n);
-        if boundary {
-            names.insert(expr[start..end].to_owned());
-        }
-        i = end;
-    }
-    names
+/// Each expression parsed by Prometheus' own PromQL parser (`promql-check`, built by
+/// `cargo xtask apiserver build`): the metric names it selects, or the parser's error.
+fn parse_promql(exprs: &[String]) -> Vec<Result<Vec<String>, String>> {
+    let version = xtask::apiserver::build::prometheus_version();
+    let program = xtask::apiserver::build::cached_promql_check(&version).unwrap_or_else(|e| {
+        panic!(
+            "promql-check is not built: {e}\n(Go and the Go module proxy are needed to build it)"
+        )
+    });
+    let input: String = exprs
+        .iter()
+        .map(|e| format!("{}\n", Value::from(e.as_str())))
+        .collect();
+    let mut child = Command::new(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promql-check runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = ok("promql-check", &child.wait_with_output().unwrap());
+    let answers: Vec<Result<Vec<String>, String>> = out
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            match v["error"].as_str() {
+                Some(e) => Err(e.to_owned()),
+                None => Ok(v["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_owned())
+                    .collect()),
+            }
+        })
+        .collect();
+    assert_eq!(answers.len(), exprs.len(), "one answer per expression");
+    answers
 }
 
 /// The sample names an exposition declares with its `# TYPE` lines, as PromQL sees them.
@@ -773,14 +800,19 @@ fn exported_names(exposition: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn metric_names_are_read_from_promql_and_from_type_lines() {
+fn metric_names_are_read_by_the_promql_parser_and_from_type_lines() {
+    let answers = parse_promql(&[
+        "100 * max(ipvslb_a{x=\"ipvslb_no\"}) / sum(rate(ipvslb_b_total[5m]))".to_owned(),
+        "sum(rate(ipvslb_b_total[5m])".to_owned(),
+    ]);
     assert_eq!(
-        metric_names(
-            "100 * max(ipvslb_a{x=\"ipvslb_no\"}) / sum(rate(ipvslb_b_total[5m])) notipvslb_c"
-        ),
-        ["ipvslb_a", "ipvslb_b_total", "ipvslb_no"]
-            .map(String::from)
-            .into()
+        answers[0],
+        Ok(vec!["ipvslb_a".to_owned(), "ipvslb_b_total".to_owned()])
+    );
+    assert!(
+        answers[1].is_err(),
+        "an unclosed parenthesis parses: {:?}",
+        answers[1]
     );
     let exported = exported_names(
         "# HELP ipvslb_x X.\n# TYPE ipvslb_x counter\n# TYPE ipvslb_h histogram\n# TYPE ipvslb_g gauge\n",
@@ -898,9 +930,11 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_ipvslb_r
     let exported = exported_names(&exposition);
     assert!(exported.contains("ipvslb_leader"), "{exposition}");
     let mut unknown = Vec::new();
-    for (whence, expr) in &exprs {
-        let names = metric_names(expr);
-        assert!(!names.is_empty(), "{whence} reads no ipvslb metric: {expr}");
+    let texts: Vec<String> = exprs.iter().map(|(_, e)| e.clone()).collect();
+    for ((whence, expr), parsed) in exprs.iter().zip(parse_promql(&texts)) {
+        let names =
+            parsed.unwrap_or_else(|e| panic!("{whence}: PromQL does not parse: {e}\n{expr}"));
+        assert!(!names.is_empty(), "{whence} reads no metric: {expr}");
         for name in names {
             if !exported.contains(&name) {
                 unknown.push(format!("{whence}: {name}"));

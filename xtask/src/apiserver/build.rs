@@ -22,6 +22,13 @@ pub const ETCD_VERSION: &str = "v3.6.16";
 /// The helm release built when nothing else is asked for (`IPVSLB_HELM_VERSION` overrides it).
 pub const HELM_VERSION: &str = "v4.3.1";
 
+/// The Prometheus module whose PromQL parser `promql-check` uses (`IPVSLB_PROMETHEUS_VERSION`
+/// overrides it).
+pub const PROMETHEUS_VERSION: &str = "v0.316.0";
+
+/// The source of `promql-check`.
+const PROMQL_CHECK_MAIN: &str = include_str!("promql/main.go");
+
 /// The etcd modules that `go.etcd.io/etcd/server/v3` replaces with paths inside etcd's repository.
 const ETCD_SIBLINGS: [&str; 4] = [
     "go.etcd.io/etcd/api/v3",
@@ -198,6 +205,87 @@ pub fn ensure_helm(version: &str) -> Result<PathBuf, String> {
     let go = Go::detect()?;
     build_helm(&go, version, &helm)?;
     Ok(helm)
+}
+
+/// The Prometheus module version to build `promql-check` with.
+pub fn prometheus_version() -> String {
+    env::var("IPVSLB_PROMETHEUS_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| PROMETHEUS_VERSION.to_owned())
+}
+
+/// Where `promql-check` built against Prometheus `version` lives in the cache.
+pub fn promql_check_in_cache(version: &str) -> PathBuf {
+    crate::cache_root()
+        .join("promql-check")
+        .join(version)
+        .join("bin")
+        .join("promql-check")
+}
+
+/// The cached `promql-check`, or an error saying how to build it.
+pub fn cached_promql_check(version: &str) -> Result<PathBuf, String> {
+    let program = promql_check_in_cache(version);
+    if program.is_file() {
+        Ok(program)
+    } else {
+        Err(format!(
+            "missing {}; run `cargo xtask apiserver build` (or `cargo xtask test`) first",
+            program.display()
+        ))
+    }
+}
+
+/// Builds `promql-check` (a small program over Prometheus' PromQL parser) unless cached.
+pub fn ensure_promql_check(version: &str) -> Result<PathBuf, String> {
+    let program = promql_check_in_cache(version);
+    if program.is_file() {
+        println!("promql-check ({version}) cached in {}", program.display());
+        return Ok(program);
+    }
+    let dir = program.parent().expect("a bin folder");
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let go = Go::detect()?;
+    let scratch = Scratch::new(&format!("promql-check-{version}"))?;
+    let work = &scratch.0;
+    println!(
+        "building promql-check with Prometheus {version} in {}",
+        work.display()
+    );
+    let started = Instant::now();
+    let module = format!("github.com/prometheus/prometheus@{version}");
+    let upstream = upstream_gomod(&go, work, &module)?;
+    if upstream
+        .lines()
+        .any(|l| l.trim_start().starts_with("replace"))
+    {
+        return Err(format!(
+            "the go.mod of {module} has replace lines, which this build does not pin yet"
+        ));
+    }
+    write(
+        &work.join("go.mod"),
+        &format!(
+            "module ipvslb.local/promql-check\n\ngo {}\n\nrequire github.com/prometheus/prometheus {version}\n",
+            go_directive(&upstream).unwrap_or("1.24")
+        ),
+    )?;
+    write(&work.join("main.go"), PROMQL_CHECK_MAIN)?;
+    go.run(
+        work,
+        &[
+            "get",
+            &format!("github.com/prometheus/prometheus/promql/parser@{version}"),
+        ],
+    )?;
+    go.run(work, &["mod", "tidy"])?;
+    go.build(work, "-s -w", ".", &program)?;
+    println!(
+        "promql-check built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(program)
 }
 
 /// The Go toolchain and the settings every build uses.

@@ -1,0 +1,45 @@
+// promql-check reads PromQL expressions, one JSON string per line, parses each with Prometheus'
+// own parser and prints one JSON object per line: {"names": [metric names it selects]} or
+// {"error": "what the parser says"}. The chart's tests use it on the dashboard and the alerts.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+
+	"github.com/prometheus/prometheus/promql/parser"
+)
+
+func main() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<20), 1<<20)
+	out := json.NewEncoder(os.Stdout)
+	// The functions and syntax a default Prometheus accepts (no experimental ones).
+	promql := parser.NewParser(parser.Options{})
+	for in.Scan() {
+		var expr string
+		if err := json.Unmarshal(in.Bytes(), &expr); err != nil {
+			fmt.Fprintln(os.Stderr, "promql-check: each line must be a JSON string:", err)
+			os.Exit(2)
+		}
+		node, err := promql.ParseExpr(expr)
+		if err != nil {
+			_ = out.Encode(map[string]any{"error": err.Error()})
+			continue
+		}
+		names := []string{}
+		parser.Inspect(node, func(n parser.Node, _ []parser.Node) error {
+			if selector, ok := n.(*parser.VectorSelector); ok {
+				names = append(names, selector.Name)
+			}
+			return nil
+		})
+		_ = out.Encode(map[string]any{"names": names})
+	}
+	if err := in.Err(); err != nil {
+		fmt.Fprintln(os.Stderr, "promql-check:", err)
+		os.Exit(2)
+	}
+}
