@@ -493,6 +493,16 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
         install.contains("kubectl get ippools"),
         "NOTES.txt: {install}"
     );
+    // The first pool NOTES.txt shows is one the API server takes.
+    let start = install
+        .find("<<POOL\n")
+        .expect("NOTES.txt shows a first pool")
+        + 7;
+    let end = start + install[start..].find("  POOL").unwrap();
+    let notes_pool: String = install[start..end]
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
+        .collect();
     ok(
         "the chart's CRDs established",
         &cluster.kubectl(&[
@@ -503,6 +513,8 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
             "--timeout=30s",
         ]),
     );
+    let out = cluster.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &notes_pool);
+    ok(&format!("NOTES.txt's first pool:\n{notes_pool}"), &out);
     let installed = release_objects(cluster);
     for want in [
         "deployment.apps/ipvslb-allocator",
