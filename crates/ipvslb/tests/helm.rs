@@ -1222,3 +1222,62 @@ fn the_pods_run_hardened_the_allocator_as_non_root_the_director_with_net_admin_a
             .any(|d| d["metadata"]["name"] == "ipvslb-director")
     );
 }
+
+/// The two metrics added for the alerts count what their alerts say: Services refused for want
+/// of an address, and kernel writes the director's full pass makes to repair drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_metrics_count_pending_services_and_repaired_drift() {
+    use ipvslb::dataplane::Dataplane;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, DeleteParams};
+
+    let cluster = cluster();
+    let (_turn, client) = turn(&["alerts"]).await;
+    let class = "test.ipvslb.io/alerts";
+    cluster.apply(&format!(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: alerts\nspec:\n  loadBalancerClass: {class}\n  addresses: [10.250.7.10/32]\n---\napiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata:\n  name: default\nspec:\n  nodeSelector: {{}}\n"
+    ));
+    let controllers = common::Controllers::start(&client, common::classes(class));
+    let metrics = controllers.metrics.clone();
+    cluster.apply(&common::service_yaml("alerts", "first", class, &[80], &[]));
+    wait_ingress(&client, "alerts", "first", &["10.250.7.10"], 20 * SECOND).await;
+    assert_eq!(metrics.services_pending.get(), 0);
+    cluster.apply(&common::service_yaml("alerts", "second", class, &[80], &[]));
+    eventually(
+        "the second Service counted pending",
+        20 * SECOND,
+        || async { (metrics.services_pending.get() == 1).then_some(()) },
+    )
+    .await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "alerts");
+    services
+        .delete("first", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_ingress(&client, "alerts", "second", &["10.250.7.10"], 20 * SECOND).await;
+    eventually("no Service pending", 20 * SECOND, || async {
+        (metrics.services_pending.get() == 0).then_some(())
+    })
+    .await;
+
+    // Drift: someone takes the VIP off the interface; the full pass (every 2 s here) puts it back
+    // and counts the write.
+    let vip: std::net::IpAddr = "10.250.7.10".parse().unwrap();
+    eventually("the VIP on the interface", 20 * SECOND, || async {
+        controllers
+            .dataplane
+            .addresses()
+            .ok()?
+            .contains(&vip)
+            .then_some(())
+    })
+    .await;
+    let before = metrics.full_pass_repairs.get();
+    controllers.dataplane.del_address(vip).unwrap();
+    eventually("the full pass to repair the drift", 20 * SECOND, || async {
+        let back = controllers.dataplane.addresses().ok()?.contains(&vip);
+        (back && metrics.full_pass_repairs.get() > before).then_some(())
+    })
+    .await;
+    controllers.stop().await;
+}
