@@ -787,6 +787,38 @@ fn parse_promql(exprs: &[String]) -> Vec<Result<Vec<String>, String>> {
     answers
 }
 
+/// `promql-check rules` on a rules file: what it says, `Err` when Prometheus would refuse it.
+fn check_rules(groups: &str) -> Result<String, String> {
+    use std::io::Write;
+    let version = xtask::apiserver::build::prometheus_version();
+    let program = xtask::apiserver::build::cached_promql_check(&version)
+        .unwrap_or_else(|e| panic!("promql-check is not built: {e}"));
+    let mut child = Command::new(program)
+        .arg("rules")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promql-check runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(groups.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(said)
+    } else {
+        Err(said)
+    }
+}
+
 /// The sample names an exposition declares with its `# TYPE` lines, as PromQL sees them.
 fn exported_names(exposition: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
@@ -873,6 +905,16 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_ipvslb_r
         "only {} alerts",
         exprs.len() - panels
     );
+    // The rule groups load as Prometheus loads a rules file: fields, durations, templates.
+    let groups = serde_norway::to_string(&rule["spec"]).unwrap();
+    let loaded = check_rules(&groups);
+    assert!(
+        loaded.is_ok(),
+        "the PrometheusRule does not load:\n{loaded:?}\n{groups}"
+    );
+    let broken = groups.replacen("{{ $labels.pool }}", "{{ $labels.pool ", 1);
+    assert_ne!(broken, groups);
+    assert!(check_rules(&broken).is_err(), "a broken template loads");
 
     // What a running `ipvslb run` exports.
     let cluster = cluster();

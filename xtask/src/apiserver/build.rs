@@ -215,11 +215,18 @@ pub fn prometheus_version() -> String {
         .unwrap_or_else(|| PROMETHEUS_VERSION.to_owned())
 }
 
-/// Where `promql-check` built against Prometheus `version` lives in the cache.
+/// Where `promql-check` built against Prometheus `version` lives in the cache (one folder per
+/// version and source, so an edited `main.go` is rebuilt).
 pub fn promql_check_in_cache(version: &str) -> PathBuf {
+    // FNV-1a: a stable fingerprint of the source.
+    let fingerprint = PROMQL_CHECK_MAIN
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
     crate::cache_root()
         .join("promql-check")
-        .join(version)
+        .join(format!("{version}-{fingerprint:016x}"))
         .join("bin")
         .join("promql-check")
 }

@@ -1,18 +1,30 @@
 // promql-check reads PromQL expressions, one JSON string per line, parses each with Prometheus'
 // own parser and prints one JSON object per line: {"names": [metric names it selects]} or
 // {"error": "what the parser says"}. The chart's tests use it on the dashboard and the alerts.
+//
+// `promql-check rules` reads a Prometheus rules file (groups) on standard input and checks it as
+// Prometheus loads one (unknown fields, durations, label names, expressions, the templates of
+// labels and annotations): it prints each error on a line and exits 1 if there is any.
 package main
 
 import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/rulefmt"
 	"github.com/prometheus/prometheus/promql/parser"
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "rules" {
+		checkRules()
+		return
+	}
 	in := bufio.NewScanner(os.Stdin)
 	in.Buffer(make([]byte, 1<<20), 1<<20)
 	out := json.NewEncoder(os.Stdout)
@@ -42,4 +54,24 @@ func main() {
 		fmt.Fprintln(os.Stderr, "promql-check:", err)
 		os.Exit(2)
 	}
+}
+
+func checkRules() {
+	content, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "promql-check:", err)
+		os.Exit(2)
+	}
+	groups, errs := rulefmt.Parse(content, false, model.LegacyValidation, parser.NewParser(parser.Options{}), slog.Default())
+	for _, err := range errs {
+		fmt.Println(err)
+	}
+	if len(errs) > 0 {
+		os.Exit(1)
+	}
+	count := 0
+	for _, group := range groups.Groups {
+		count += len(group.Rules)
+	}
+	fmt.Printf("%d rules in %d groups\n", count, len(groups.Groups))
 }
