@@ -34,7 +34,7 @@ fn unit_here() -> (PathBuf, String) {
         "the unit's ExecStart moved"
     );
     let here = text.replace("/usr/local/bin/ipvslb", env!("CARGO_BIN_EXE_ipvslb"));
-    let dir = std::env::temp_dir().join(format!("ipvslb-unit-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("systemd-unit");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("ipvslb-director.service");
     std::fs::write(&path, &here).unwrap();

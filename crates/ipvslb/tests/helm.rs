@@ -40,7 +40,7 @@ fn helm_binary() -> PathBuf {
 
 /// Runs helm with its state in a folder of this test process, never the user's.
 fn helm(args: &[&str]) -> Output {
-    let home = std::env::temp_dir().join(format!("ipvslb-helm-home-{}", std::process::id()));
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm-home");
     Command::new(helm_binary())
         .args(args)
         .env("HELM_CACHE_HOME", home.join("cache"))

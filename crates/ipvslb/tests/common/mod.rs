@@ -425,7 +425,8 @@ impl Cluster {
         for file in ["allocator", "director", "lease"] {
             text.push_str(&chart_rules(file));
         }
-        let path = std::env::temp_dir().join(format!("ipvslb-role-{}.yaml", std::process::id()));
+        // In the cluster's folder, which the watchdog removes.
+        let path = cluster().dir.join("chart-role.yaml");
         std::fs::write(&path, &text).unwrap();
         (path, text)
     }
