@@ -15,7 +15,11 @@ use common::{Cluster, cluster, eventually, free_addr, http_get, status, turn, wa
 use serde_json::Value;
 
 const SECOND: Duration = Duration::from_secs(1);
-const NAMESPACE: &str = "ipvslb-system";
+/// The release's namespace: not the binary's default Lease namespace (`ipvslb-system`), so the
+/// install test shows the Lease follows the Pod's namespace (POD_NAMESPACE) into its Role.
+const NAMESPACE: &str = "lb-system";
+/// Where the harness's own ServiceAccount and Leases live.
+const HARNESS_NAMESPACE: &str = "ipvslb-system";
 const RELEASE: &str = "ipvslb";
 
 fn chart() -> PathBuf {
@@ -406,7 +410,14 @@ fn mint_external_kubeconfig(cluster: &Cluster) -> PathBuf {
     let start = readme
         .find("# Mint the external director's kubeconfig")
         .expect("the README shows how to mint the external director's kubeconfig");
-    let script = &readme[start..start + readme[start..].find("```").unwrap()];
+    // The README installs into ipvslb-system; the test's release lives in NAMESPACE.
+    let script = readme[start..start + readme[start..].find("```").unwrap()]
+        .replace("-n ipvslb-system", &format!("-n {NAMESPACE}"));
+    assert!(
+        script.contains(&format!("-n {NAMESPACE} create token")),
+        "{script}"
+    );
+    let script = script.as_str();
     let dir = cluster.dir.join("external-director");
     std::fs::create_dir_all(&dir).unwrap();
     let path = format!(
@@ -918,7 +929,7 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_ipvslb_r
 
     // What a running `ipvslb run` exports.
     let cluster = cluster();
-    let (_turn, client) = turn(&["metrics", NAMESPACE]).await;
+    let (_turn, client) = turn(&["metrics", HARNESS_NAMESPACE]).await;
     let (role, _) = Cluster::chart_role();
     ok(
         "applying the role",
@@ -1024,7 +1035,7 @@ fn rules_of(text: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_any_one_rule_of_the_charts_roles_the_binary_fails_and_says_so() {
     let cluster = cluster();
-    let (_turn, _client) = turn(&["minimal", NAMESPACE]).await;
+    let (_turn, _client) = turn(&["minimal", HARNESS_NAMESPACE]).await;
     let class = "test.ipvslb.io/minimal";
     cluster.apply(&format!(
         "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: minimal\nspec:\n  loadBalancerClass: {class}\n  addresses: [10.250.8.10-10.250.8.100]\n---\napiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata:\n  name: default\nspec:\n  nodeSelector: {{}}\n"
