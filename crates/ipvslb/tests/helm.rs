@@ -227,7 +227,8 @@ fn the_chart_version_and_image_follow_the_workspace_version_and_the_dockerfile()
 }
 
 /// Prometheus Operator kinds the metrics values render, as permissive CRDs, so the dry run can
-/// reach them (their schemas are the operator's, not ours; ours are checked by helm lint).
+/// reach them (their fields are checked against the operator's own Go types by
+/// `the_servicemonitor_and_the_prometheusrule_decode_strictly_into_the_operators_types`).
 const MONITORING_CRDS: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -828,6 +829,63 @@ fn check_rules(groups: &str) -> Result<String, String> {
     } else {
         Err(said)
     }
+}
+
+/// `promql-check objects` on rendered documents: `Err` with what it says when one does not
+/// decode strictly into the Prometheus Operator's types.
+fn check_operator_objects(docs: &[&Value]) -> Result<String, String> {
+    use std::io::Write;
+    let version = xtask::apiserver::build::prometheus_version();
+    let program = xtask::apiserver::build::cached_promql_check(&version)
+        .unwrap_or_else(|e| panic!("promql-check is not built: {e}"));
+    let input: String = docs.iter().map(|d| format!("{d}\n")).collect();
+    let mut child = Command::new(program)
+        .arg("objects")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promql-check runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(said)
+    } else {
+        Err(said)
+    }
+}
+
+#[test]
+fn the_servicemonitor_and_the_prometheusrule_decode_strictly_into_the_operators_types() {
+    let docs = documents(&template(&chart().join("ci/metrics-values.yaml")));
+    let monitoring: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["apiVersion"] == "monitoring.coreos.com/v1")
+        .collect();
+    let kinds: BTreeSet<&str> = monitoring
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["PrometheusRule", "ServiceMonitor"].into());
+    let said = check_operator_objects(&monitoring);
+    assert!(said.is_ok(), "{said:?}");
+    // A field the operator does not know is caught.
+    let mut wrong = find(&docs, "ServiceMonitor", RELEASE).clone();
+    wrong["spec"]["endpoints"][0]["intervall"] = Value::from("30s");
+    assert!(
+        check_operator_objects(&[&wrong]).is_err(),
+        "an unknown field decodes"
+    );
 }
 
 /// The sample names an exposition declares with its `# TYPE` lines, as PromQL sees them.

@@ -26,6 +26,9 @@ pub const HELM_VERSION: &str = "v4.3.1";
 /// overrides it).
 pub const PROMETHEUS_VERSION: &str = "v0.316.0";
 
+/// The Prometheus Operator API module whose types `promql-check objects` decodes into.
+pub const PROMETHEUS_OPERATOR_VERSION: &str = "v0.95.2";
+
 /// The source of `promql-check`.
 const PROMQL_CHECK_MAIN: &str = include_str!("promql/main.go");
 
@@ -218,9 +221,10 @@ pub fn prometheus_version() -> String {
 /// Where `promql-check` built against Prometheus `version` lives in the cache (one folder per
 /// version and source, so an edited `main.go` is rebuilt).
 pub fn promql_check_in_cache(version: &str) -> PathBuf {
-    // FNV-1a: a stable fingerprint of the source.
+    // FNV-1a: a stable fingerprint of the source and the operator module's version.
     let fingerprint = PROMQL_CHECK_MAIN
         .bytes()
+        .chain(PROMETHEUS_OPERATOR_VERSION.bytes())
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
@@ -244,7 +248,8 @@ pub fn cached_promql_check(version: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// Builds `promql-check` (a small program over Prometheus' PromQL parser) unless cached.
+/// Builds `promql-check` (a small program over Prometheus' PromQL parser and rules loader and
+/// the Prometheus Operator's API types) unless cached.
 pub fn ensure_promql_check(version: &str) -> Result<PathBuf, String> {
     let program = promql_check_in_cache(version);
     if program.is_file() {
@@ -284,6 +289,9 @@ pub fn ensure_promql_check(version: &str) -> Result<PathBuf, String> {
         &[
             "get",
             &format!("github.com/prometheus/prometheus/promql/parser@{version}"),
+            &format!(
+                "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@{PROMETHEUS_OPERATOR_VERSION}"
+            ),
         ],
     )?;
     go.run(work, &["mod", "tidy"])?;

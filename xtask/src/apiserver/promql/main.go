@@ -2,6 +2,10 @@
 // own parser and prints one JSON object per line: {"names": [metric names it selects]} or
 // {"error": "what the parser says"}. The chart's tests use it on the dashboard and the alerts.
 //
+// `promql-check objects` reads Prometheus Operator objects (ServiceMonitor, PrometheusRule) as
+// JSON, one per line, and decodes each strictly into the operator's own Go types: a field the
+// operator does not know, or a value of the wrong type, is an error (exit 1).
+//
 // `promql-check rules` reads a Prometheus rules file (groups) on standard input and checks it as
 // Prometheus loads one (unknown fields, durations, label names, expressions, the templates of
 // labels and annotations): it prints each error on a line and exits 1 if there is any.
@@ -9,12 +13,14 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
 	"github.com/prometheus/common/model"
 	"github.com/prometheus/prometheus/model/rulefmt"
 	"github.com/prometheus/prometheus/promql/parser"
@@ -23,6 +29,10 @@ import (
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "rules" {
 		checkRules()
+		return
+	}
+	if len(os.Args) > 1 && os.Args[1] == "objects" {
+		checkObjects()
 		return
 	}
 	in := bufio.NewScanner(os.Stdin)
@@ -74,4 +84,39 @@ func checkRules() {
 		count += len(group.Rules)
 	}
 	fmt.Printf("%d rules in %d groups\n", count, len(groups.Groups))
+}
+
+func checkObjects() {
+	in := bufio.NewScanner(os.Stdin)
+	in.Buffer(make([]byte, 1<<22), 1<<22)
+	failed := false
+	for in.Scan() {
+		var kind struct{ Kind string }
+		if err := json.Unmarshal(in.Bytes(), &kind); err != nil {
+			fmt.Fprintln(os.Stderr, "promql-check:", err)
+			os.Exit(2)
+		}
+		var object any
+		switch kind.Kind {
+		case "ServiceMonitor":
+			object = &monitoringv1.ServiceMonitor{}
+		case "PrometheusRule":
+			object = &monitoringv1.PrometheusRule{}
+		default:
+			fmt.Printf("%s: not a kind this checker knows\n", kind.Kind)
+			failed = true
+			continue
+		}
+		decoder := json.NewDecoder(bytes.NewReader(in.Bytes()))
+		decoder.DisallowUnknownFields()
+		if err := decoder.Decode(object); err != nil {
+			fmt.Printf("%s: %v\n", kind.Kind, err)
+			failed = true
+			continue
+		}
+		fmt.Printf("%s: ok\n", kind.Kind)
+	}
+	if failed {
+		os.Exit(1)
+	}
 }
