@@ -1,7 +1,8 @@
 //! `cargo xtask apiserver build|start|stop`: a real kube-apiserver and etcd on loopback for tests.
 //!
 //! - `build` compiles `kube-apiserver`, `kubectl` and `etcd` from their Go modules with the installed
-//!   Go into `${IPVSLB_CACHE:-$HOME/.cache/ipvslb}/k8s/<version>/bin/`; cached binaries are reused.
+//!   Go into `${IPVSLB_CACHE:-$HOME/.cache/ipvslb}/k8s/<version>/bin/`, and `helm` into
+//!   `.../helm/<version>/bin/`; cached binaries are reused.
 //! - `start --dir DIR` starts etcd and kube-apiserver on 127.0.0.1 (free ports, fresh certificates,
 //!   a static admin token in `system:masters`, RBAC authorization), waits for `/readyz`, writes
 //!   `DIR/kubeconfig` and links `DIR/bin/kubectl`; both processes keep running in the background.
@@ -21,7 +22,7 @@ use std::time::Instant;
 const USAGE: &str = "usage: cargo xtask apiserver <command>
 
 commands:
-  build                  build kube-apiserver, kubectl and etcd (skipped when cached)
+  build                  build kube-apiserver, kubectl, etcd, helm and promql-check (skipped when cached)
   start --dir DIR        start etcd and kube-apiserver in the background; writes DIR/kubeconfig
   stop --dir DIR         stop them and remove what start wrote (--keep-logs keeps DIR/*.log)
 
@@ -63,9 +64,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .ok_or_else(|| format!("--dir DIR is required\n\n{USAGE}"))
     };
     match command.as_deref() {
-        Some("build") => build::ensure(&versions).map(|bins| {
+        Some("build") => {
+            let bins = build::ensure(&versions)?;
             println!("binaries in {}", bins.dir.display());
-        }),
+            let helm = build::ensure_helm(&build::helm_version())?;
+            println!("helm: {}", helm.display());
+            let check = build::ensure_promql_check(&build::prometheus_version())?;
+            println!("promql-check: {}", check.display());
+            Ok(())
+        }
         Some("start") => {
             let dir = need_dir()?;
             let bins = build::cached(&versions)?;

@@ -1,8 +1,9 @@
-//! Developer tasks of ipvslb as a library, so that tests reuse them: the CRD generator and the
-//! API server harness. The `xtask` binary (`cargo xtask <task>`) is a thin front end.
+//! Developer tasks of ipvslb as a library, so that tests reuse them: the CRD generator, the
+//! API server harness and the image's binary build. The `xtask` binary (`cargo xtask <task>`) is a thin front end.
 
 pub mod apiserver;
 pub mod crds;
+pub mod image;
 
 use std::path::{Path, PathBuf};
 

@@ -2,12 +2,14 @@
 //!
 //! - `crds`: write `crds/*.yaml` (and the chart's copy) from the Rust types.
 //! - `vm-test`, `vm-bench`: the kernel test VM.
-//! - `test`: every test (API server build if needed, `cargo test --workspace`, the VM tests).
+//! - `test`: every test (API server build if needed, `cargo test --workspace`, the image's
+//!   static binary, the VM tests).
+//! - `image-binary`: build the binary the Dockerfile copies, prove it static, run it.
 //! - `apiserver start|stop --dir DIR`: a real kube-apiserver and etcd on loopback.
 
 use std::process::ExitCode;
 
-use xtask::{apiserver, crds};
+use xtask::{apiserver, crds, image};
 mod test;
 mod vm;
 
@@ -16,6 +18,7 @@ const USAGE: &str = "usage: cargo xtask <task>
 tasks:
   test                       every test: builds the API server if needed, cargo test, the VM tests
   crds                       write crds/*.yaml from the API types
+  image-binary               build the Dockerfile's static binary, check it and run it
   apiserver build|start|stop  a real kube-apiserver and etcd on loopback (see --help)
   vm-test, vm-bench          the kernel test VM
 ";
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("crds") => crds::write(),
         Some("test") => test::run(&args[1..]),
+        Some("image-binary") => image::run(&args[1..]),
         Some("vm-test") => vm::test(&args[1..]),
         Some("vm-bench") => vm::bench(&args[1..]),
         Some("apiserver") => apiserver::run(&args[1..]),

@@ -98,7 +98,12 @@ const HOST_TOOLS: [(&str, &str); 8] = [
 
 /// Installs whatever of [`HOST_TOOLS`] is missing, with apt.
 fn host_tools() -> Result<(), String> {
-    let missing: Vec<&str> = HOST_TOOLS
+    install_missing("vm", &HOST_TOOLS)
+}
+
+/// Installs the Debian package of each `(path, package)` whose path is missing, with apt.
+pub fn install_missing(who: &str, tools: &[(&str, &str)]) -> Result<(), String> {
+    let missing: Vec<&str> = tools
         .iter()
         .filter(|(path, _)| !Path::new(path).exists())
         .map(|(_, package)| *package)
@@ -106,7 +111,7 @@ fn host_tools() -> Result<(), String> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("vm: installing {}", missing.join(" "));
+    eprintln!("{who}: installing {}", missing.join(" "));
     let install = || {
         Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])

@@ -448,6 +448,7 @@ impl Context {
             } else {
                 pending.remove(&name);
             }
+            self.metrics.services_pending.set(pending.len() as i64);
         }
         drop(guard);
         // Only a change of what is held moves the pool's counts or frees space.
@@ -497,6 +498,7 @@ impl Context {
             }
             if let Ok(mut pending) = self.pending.lock() {
                 pending.remove(name);
+                self.metrics.services_pending.set(pending.len() as i64);
             }
             if let Some(state) = guard.as_mut()
                 && state.allocator.release(name).is_some()

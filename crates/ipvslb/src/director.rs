@@ -637,6 +637,11 @@ impl<D: Dataplane> Context<D> {
             source,
         })?;
         self.record(&report);
+        // Per-Service converges keep the table current: whatever the full pass still writes
+        // is drift someone made, or entries left from while the director was down.
+        let repairs =
+            report.ops.values().sum::<usize>() + report.addresses_added + report.addresses_removed;
+        self.metrics.full_pass_repairs.inc_by(repairs as u64);
         Ok(report)
     }
 

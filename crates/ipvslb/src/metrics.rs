@@ -32,6 +32,12 @@ pub struct Metrics {
     pub leader: Gauge,
     /// IPPool status writes (each one an API request).
     pub pool_status_writes: Counter,
+    /// Services of ours the allocator refused for now (no address fits), waiting for one.
+    pub services_pending: Gauge,
+    /// Kernel writes the director's full pass made (drift repaired, stale entries collected).
+    pub full_pass_repairs: Counter,
+    /// 1 while `/readyz` would answer 200; set as `/metrics` is rendered.
+    ready: Gauge,
     /// Liveness and readiness. Here because every loop already holds the metrics.
     pub health: Health,
 }
@@ -84,9 +90,30 @@ impl Metrics {
             "IPPool status writes sent to the API server",
             pool_status_writes.clone(),
         );
+        let services_pending = Gauge::default();
+        registry.register(
+            "services_pending",
+            "Services the allocator could not give addresses yet",
+            services_pending.clone(),
+        );
+        let full_pass_repairs = Counter::default();
+        registry.register(
+            "full_pass_repairs",
+            "Kernel writes the director's full pass made: drift repaired, stale entries collected",
+            full_pass_repairs.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (every watch cache filled and streaming)",
+            ready.clone(),
+        );
         Self {
             registry,
             pool_status_writes,
+            services_pending,
+            full_pass_repairs,
+            ready,
             pool_addresses,
             assignments,
             reconcile_duration,
@@ -121,6 +148,7 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        self.ready.set(i64::from(self.health.ready().is_ok()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -669,10 +669,12 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
     }
 
     // Take away the status write: the next assignment fails with a line naming what and why.
-    let narrowed = common::Cluster::chart_role().1.replace(
-        "  resources: [services/status]\n  verbs: [patch, update]",
+    let full = common::Cluster::chart_role().1;
+    let narrowed = full.replace(
+        "  resources: [services/status]\n  verbs: [patch]",
         "  resources: [services/status]\n  verbs: [get]",
     );
+    assert_ne!(narrowed, full, "the chart's rule for Service status moved");
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &narrowed);
     assert!(
         out.status.success(),

@@ -1,4 +1,5 @@
-//! Builds `kube-apiserver`, `kubectl` and `etcd` from their Go modules into a per-version cache.
+//! Builds `kube-apiserver`, `kubectl` and `etcd` from their Go modules into a per-version cache,
+//! and `helm` (from `helm.sh/helm/v4`) beside them for the chart's tests.
 //!
 //! Kubernetes: a throwaway module requires `k8s.io/kubernetes` and pins every staging repository
 //! its `go.mod` lists (`k8s.io/api`, `k8s.io/client-go`, ...) with a `replace` line to the matching
@@ -17,6 +18,19 @@ pub const KUBERNETES_VERSION: &str = "v1.37.2";
 
 /// The etcd release built when nothing else is asked for.
 pub const ETCD_VERSION: &str = "v3.6.16";
+
+/// The helm release built when nothing else is asked for (`IPVSLB_HELM_VERSION` overrides it).
+pub const HELM_VERSION: &str = "v4.3.1";
+
+/// The Prometheus module whose PromQL parser `promql-check` uses (`IPVSLB_PROMETHEUS_VERSION`
+/// overrides it).
+pub const PROMETHEUS_VERSION: &str = "v0.316.0";
+
+/// The Prometheus Operator API module whose types `promql-check objects` decodes into.
+pub const PROMETHEUS_OPERATOR_VERSION: &str = "v0.95.2";
+
+/// The source of `promql-check`.
+const PROMQL_CHECK_MAIN: &str = include_str!("promql/main.go");
 
 /// The etcd modules that `go.etcd.io/etcd/server/v3` replaces with paths inside etcd's repository.
 const ETCD_SIBLINGS: [&str; 4] = [
@@ -150,6 +164,143 @@ pub fn ensure(versions: &Versions) -> Result<Binaries, String> {
         build_etcd(&go, &versions.etcd, &bins)?;
     }
     Ok(bins)
+}
+
+/// Where `helm` of `version` lives in the cache (the file may not exist yet).
+pub fn helm_in_cache(version: &str) -> PathBuf {
+    crate::cache_root()
+        .join("helm")
+        .join(version)
+        .join("bin")
+        .join("helm")
+}
+
+/// The helm release to build or use: `IPVSLB_HELM_VERSION`, else [`HELM_VERSION`].
+pub fn helm_version() -> String {
+    env::var("IPVSLB_HELM_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| HELM_VERSION.to_owned())
+}
+
+/// The cached `helm`, or an error saying how to build it.
+pub fn cached_helm(version: &str) -> Result<PathBuf, String> {
+    let helm = helm_in_cache(version);
+    if helm.is_file() {
+        Ok(helm)
+    } else {
+        Err(format!(
+            "missing {}; run `cargo xtask apiserver build` (or `cargo xtask test`) first",
+            helm.display()
+        ))
+    }
+}
+
+/// Builds `helm` of `version` unless it is cached, and returns its path.
+pub fn ensure_helm(version: &str) -> Result<PathBuf, String> {
+    let helm = helm_in_cache(version);
+    if helm.is_file() {
+        println!("helm {version} cached in {}", helm.display());
+        return Ok(helm);
+    }
+    let dir = helm.parent().expect("a bin folder");
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let go = Go::detect()?;
+    build_helm(&go, version, &helm)?;
+    Ok(helm)
+}
+
+/// The Prometheus module version to build `promql-check` with.
+pub fn prometheus_version() -> String {
+    env::var("IPVSLB_PROMETHEUS_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| PROMETHEUS_VERSION.to_owned())
+}
+
+/// Where `promql-check` built against Prometheus `version` lives in the cache (one folder per
+/// version and source, so an edited `main.go` is rebuilt).
+pub fn promql_check_in_cache(version: &str) -> PathBuf {
+    // FNV-1a: a stable fingerprint of the source and the operator module's version.
+    let fingerprint = PROMQL_CHECK_MAIN
+        .bytes()
+        .chain(PROMETHEUS_OPERATOR_VERSION.bytes())
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    crate::cache_root()
+        .join("promql-check")
+        .join(format!("{version}-{fingerprint:016x}"))
+        .join("bin")
+        .join("promql-check")
+}
+
+/// The cached `promql-check`, or an error saying how to build it.
+pub fn cached_promql_check(version: &str) -> Result<PathBuf, String> {
+    let program = promql_check_in_cache(version);
+    if program.is_file() {
+        Ok(program)
+    } else {
+        Err(format!(
+            "missing {}; run `cargo xtask apiserver build` (or `cargo xtask test`) first",
+            program.display()
+        ))
+    }
+}
+
+/// Builds `promql-check` (a small program over Prometheus' PromQL parser and rules loader and
+/// the Prometheus Operator's API types) unless cached.
+pub fn ensure_promql_check(version: &str) -> Result<PathBuf, String> {
+    let program = promql_check_in_cache(version);
+    if program.is_file() {
+        println!("promql-check ({version}) cached in {}", program.display());
+        return Ok(program);
+    }
+    let dir = program.parent().expect("a bin folder");
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let go = Go::detect()?;
+    let scratch = Scratch::new(&format!("promql-check-{version}"))?;
+    let work = &scratch.0;
+    println!(
+        "building promql-check with Prometheus {version} in {}",
+        work.display()
+    );
+    let started = Instant::now();
+    let module = format!("github.com/prometheus/prometheus@{version}");
+    let upstream = upstream_gomod(&go, work, &module)?;
+    if upstream
+        .lines()
+        .any(|l| l.trim_start().starts_with("replace"))
+    {
+        return Err(format!(
+            "the go.mod of {module} has replace lines, which this build does not pin yet"
+        ));
+    }
+    write(
+        &work.join("go.mod"),
+        &format!(
+            "module ipvslb.local/promql-check\n\ngo {}\n\nrequire github.com/prometheus/prometheus {version}\n",
+            go_directive(&upstream).unwrap_or("1.24")
+        ),
+    )?;
+    write(&work.join("main.go"), PROMQL_CHECK_MAIN)?;
+    go.run(
+        work,
+        &[
+            "get",
+            &format!("github.com/prometheus/prometheus/promql/parser@{version}"),
+            &format!(
+                "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring@{PROMETHEUS_OPERATOR_VERSION}"
+            ),
+        ],
+    )?;
+    go.run(work, &["mod", "tidy"])?;
+    go.build(work, "-s -w", ".", &program)?;
+    println!(
+        "promql-check built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(program)
 }
 
 /// The Go toolchain and the settings every build uses.
@@ -337,6 +488,38 @@ fn build_etcd(go: &Go, version: &str, bins: &Binaries) -> Result<(), String> {
     write(&bins.etcd_stamp(), &format!("{version}\n"))?;
     println!(
         "etcd {version} built in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn build_helm(go: &Go, version: &str, helm: &Path) -> Result<(), String> {
+    let scratch = Scratch::new(&format!("helm-{version}"))?;
+    let dir = &scratch.0;
+    println!("building helm {version} in {}", dir.display());
+    let started = Instant::now();
+    let module = format!("helm.sh/helm/v4@{version}");
+    let upstream = upstream_gomod(go, dir, &module)?;
+    // Helm's go.mod replaces nothing today; a replace line would need pinning here as for etcd.
+    if upstream
+        .lines()
+        .any(|l| l.trim_start().starts_with("replace"))
+    {
+        return Err(format!(
+            "the go.mod of {module} has replace lines, which this build does not pin yet"
+        ));
+    }
+    let gomod = format!(
+        "module ipvslb.local/helm-build\n\ngo {}\n\nrequire helm.sh/helm/v4 {version}\n",
+        go_directive(&upstream).unwrap_or("1.24")
+    );
+    write(&dir.join("go.mod"), &gomod)?;
+    let package = "helm.sh/helm/v4/cmd/helm";
+    go.run(dir, &["get", &format!("{package}@{version}")])?;
+    let ldflags = format!("-s -w -X helm.sh/helm/v4/internal/version.version={version}");
+    go.build(dir, &ldflags, package, helm)?;
+    println!(
+        "helm {version} built in {:.0}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

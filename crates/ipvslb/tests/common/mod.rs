@@ -415,14 +415,31 @@ impl Cluster {
         path
     }
 
-    /// The chart's ClusterRole, as a file and as text.
+    /// ClusterRole `ipvslb` holding every rule of the chart (the allocator's, the director's
+    /// and the Lease Role's, read from `charts/ipvslb/rbac/`), for `ipvslb run --role all`, as
+    /// a file and as text.
     pub fn chart_role() -> (PathBuf, String) {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../charts/ipvslb/templates/clusterrole.yaml");
-        let text = std::fs::read_to_string(&path).unwrap();
+        let mut text = String::from(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: ipvslb\nrules:\n",
+        );
+        for file in ["allocator", "director", "lease"] {
+            text.push_str(&chart_rules(file));
+        }
+        // In the cluster's folder, which the watchdog removes.
+        let path = cluster().dir.join("chart-role.yaml");
+        std::fs::write(&path, &text).unwrap();
         (path, text)
     }
 }
+
+/// The rules of `charts/ipvslb/rbac/<file>.yaml`, the very text the chart's roles include.
+pub fn chart_rules(file: &str) -> String {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../charts/ipvslb/rbac/{file}.yaml"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+impl Cluster {}
 
 /// The real binary, `ipvslb run` with the in-memory data plane, its log in a file; killed on
 /// drop.
