@@ -765,19 +765,28 @@ impl Allocator {
         claims: &[ServiceClaim],
         writing: &BTreeMap<ServiceName, Vec<IpAddr>>,
     ) -> (Allocator, Vec<PoolProblem>) {
-        let held: Vec<ServiceClaim> = claims
+        let (held, recorded): (Vec<ServiceClaim>, Vec<ServiceClaim>) = claims
             .iter()
-            .map(|claim| {
-                let mut claim = claim.clone();
-                if let Some(holding) = self.services.get(&claim.name) {
-                    claim.current = holding.assignment.addresses.clone();
-                    claim.ports = holding.ports.clone();
-                    claim.sharing_key = holding.sharing_key.clone();
-                }
-                claim
+            .cloned()
+            .partition(|claim| self.services.contains_key(&claim.name));
+        let held: Vec<ServiceClaim> = held
+            .into_iter()
+            .filter_map(|mut claim| {
+                let holding = self.services.get(&claim.name)?;
+                claim.current = holding.assignment.addresses.clone();
+                claim.ports = holding.ports.clone();
+                claim.sharing_key = holding.sharing_key.clone();
+                Some(claim)
             })
             .collect();
-        let (mut allocator, problems) = Allocator::restored(pools, &held);
+        // What this allocator holds is the truth, and goes first; a status alone (a Service
+        // it holds nothing for) is restored only where that leaves room.
+        let (mut allocator, problems) = Allocator::new(pools);
+        for claim in by_age(&held).into_iter().chain(by_age(&recorded)) {
+            if !claim.current.is_empty() {
+                let _ = allocator.restore(claim);
+            }
+        }
         for claim in claims {
             allocator.reserve_recorded(&claim.name, &claim.current);
         }

@@ -6,7 +6,7 @@
 //! address the rules let it keep.
 //!
 //! `IPVSLB_SEED=n cargo test -p ipvslb-core --test alloc_interleavings` replays one seed;
-//! `IPVSLB_SEEDS=n` runs that many (default 2,000).
+//! `IPVSLB_SEEDS=n` runs that many (default 5,000).
 
 mod common;
 
@@ -60,12 +60,16 @@ struct ApiService {
     /// Bumped on every spec change, so a move can be tied to one.
     generation: u64,
     status: Vec<IpAddr>,
+    /// The generation the status was decided for.
+    status_generation: u64,
 }
 
 /// A decision whose status write has not reached the API yet.
 struct Write {
     name: ServiceName,
     addresses: Vec<IpAddr>,
+    /// The spec generation it was decided for.
+    generation: u64,
     /// Whether the rules let the Service's recorded addresses go: they had left every pool, or
     /// they collide with a Service that changed its ports on a shared address (a new leader
     /// cannot tell which of two changed, so the older keeps the address).
@@ -189,6 +193,7 @@ impl Sim {
                 claim,
                 generation: 0,
                 status: Vec::new(),
+                status_generation: 0,
             },
         );
     }
@@ -300,9 +305,11 @@ impl Sim {
                 .push(format!("  held {held:?} recorded {recorded:?}"));
         }
         self.log.push(format!("decide {name}: {addresses:?}{why}"));
+        let generation = self.api[name].generation;
         self.writes.push(Write {
             name: name.clone(),
             addresses,
+            generation,
             justified: self.justified.contains(name),
         });
     }
@@ -360,7 +367,8 @@ impl Sim {
             return;
         };
         if !before.is_empty() {
-            let changed_spec = service.generation != 0;
+            // Only a change since the status was decided excuses a move.
+            let changed_spec = write.generation != service.status_generation;
             assert!(
                 changed_spec || write.justified,
                 "{} lost {before:?} (now {:?}) with no reason the rules accept",
@@ -369,6 +377,7 @@ impl Sim {
             );
         }
         service.status = write.addresses;
+        service.status_generation = write.generation;
         self.log
             .push(format!("status {}: {:?}", write.name, service.status));
     }
@@ -576,7 +585,7 @@ fn seeds() -> Vec<u64> {
     let count = std::env::var("IPVSLB_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+        .unwrap_or(5000);
     (0..count).collect()
 }
 
