@@ -932,14 +932,24 @@ impl Allocator {
         claim: &ServiceClaim,
     ) -> (Result<Assignment, AllocError>, Option<Released>) {
         if let Some(kept) = self.keep(claim) {
+            // A family the Service no longer wants may still be in its status.
+            self.reserve_recorded(&claim.name, &claim.current);
             return (Ok(kept), None);
         }
         // The Service's status is the allocation record: when it fits, take it back rather
         // than move the Service (a restore that happens late, or after a release).
         let mut released = None;
         if !claim.current.is_empty() {
-            match self.take_exact(claim, &claim.current, Taking::Record) {
-                Ok(recorded) => return (Ok(self.widen(claim, recorded)), None),
+            match self.take_exact(
+                claim,
+                &still_wanted(claim.families, &claim.current),
+                Taking::Record,
+            ) {
+                Ok(recorded) => {
+                    let kept = self.widen(claim, recorded);
+                    self.reserve_recorded(&claim.name, &claim.current);
+                    return (Ok(kept), None);
+                }
                 Err(reason) => {
                     released = Some(Released {
                         addresses: claim.current.clone(),
@@ -1135,7 +1145,11 @@ impl Allocator {
         // Checking against the other holders is simplest with this Service's own use removed.
         let previous = self.unhold(&claim.name)?;
         let kept = self
-            .take_exact(claim, &previous.assignment.addresses, Taking::Record)
+            .take_exact(
+                claim,
+                &still_wanted(claim.families, &previous.assignment.addresses),
+                Taking::Record,
+            )
             .ok()?;
         Some(self.widen(claim, kept))
     }
@@ -1636,6 +1650,19 @@ impl Allocator {
         let n = to_u128(addr);
         let (&(f, _), &(last, index)) = self.owners.range(..=(family, n)).next_back()?;
         (f == family && n <= last).then_some(index)
+    }
+}
+
+/// The held addresses a Service keeps under its policy as now written: a single-stack Service
+/// keeps its family's address and lets the other go, rather than moving both.
+fn still_wanted(policy: FamilyPolicy, addrs: &[IpAddr]) -> Vec<IpAddr> {
+    match policy {
+        FamilyPolicy::SingleStack { primary } => addrs
+            .iter()
+            .copied()
+            .filter(|a| IpFamily::of(a) == primary)
+            .collect(),
+        _ => addrs.to_vec(),
     }
 }
 

@@ -477,3 +477,34 @@ fn a_kept_holder_the_pool_no_longer_selects_gains_no_second_family() {
         "no IPv6 address for a Service the pool no longer serves"
     );
 }
+
+#[test]
+fn a_service_that_drops_a_family_keeps_the_address_of_the_other() {
+    let mut c = Cluster::new(vec![pool("ds", 1, &["10.0.0.0/30", "2001:db8::/126"])]);
+    c.create(svc("default", "first", 1));
+    let mut dual = svc("default", "web", 2);
+    dual.families = ipvslb_core::FamilyPolicy::RequireDualStack {
+        primary: ipvslb_core::IpFamily::V4,
+    };
+    assert_eq!(
+        c.create(dual),
+        Some(vec![
+            "10.0.0.1".parse().unwrap(),
+            "2001:db8::".parse().unwrap()
+        ])
+    );
+    // .0 comes free, then web becomes single-stack IPv4: it keeps .1, not the lowest free.
+    c.services.retain(|s| s.name.name != "first");
+    for claim in &mut c.services {
+        claim.families = ipvslb_core::FamilyPolicy::SingleStack {
+            primary: ipvslb_core::IpFamily::V4,
+        };
+    }
+    let edited = c.edit(vec![pool("ds", 1, &["10.0.0.0/30", "2001:db8::/126"])]);
+    assert!(edited.released.is_empty(), "{:?}", edited.released);
+    assert_eq!(
+        c.of("default/web"),
+        ["10.0.0.1"],
+        "the IPv4 address stays, the IPv6 one goes"
+    );
+}
