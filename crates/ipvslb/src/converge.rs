@@ -513,7 +513,12 @@ impl<D: Dataplane> Converger<D> {
         let mut draining = BTreeSet::new();
         for (key, entry) in &actual.services {
             let Some(wanted) = desired.services.get_mut(key) else {
-                continue; // the whole service goes: nothing left to drain into
+                // The whole service goes: nothing left to drain into, and its clocks go too,
+                // or they would pile up and shorten the grace of a later drain.
+                if owner(key) {
+                    state.draining.retain(|(k, _), _| k != key);
+                }
+                continue;
             };
             for (dest_key, dest) in &entry.destinations {
                 if wanted.destinations.contains_key(dest_key) {
@@ -696,6 +701,32 @@ mod tests {
             c.dataplane().addresses().unwrap(),
             BTreeSet::from([ip("10.240.0.210")])
         );
+    }
+
+    #[test]
+    fn a_drain_cut_short_by_the_services_removal_starts_afresh_next_time() {
+        let c = Converger::new(Memory::default(), Duration::from_secs(30));
+        let k = key("10.240.0.210", 80);
+        let both = table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]);
+        let one = table(&[(k, &[("10.0.0.1", 1)])]);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let step = |desired: &Table, now: Instant| {
+            c.converge_service(&svc("web"), desired, &owned(), c.generation().unwrap(), now)
+                .unwrap()
+        };
+        step(&both, at(0));
+        step(&one, at(1)); // 10.0.0.2 starts draining
+        step(&Table::new(), at(2)); // the whole virtual service goes
+        step(&both, at(100));
+        let again = step(&one, at(101));
+        assert_eq!(
+            again.next_drain_deadline,
+            Some(at(131)),
+            "a full grace period, not the clock of the first drain"
+        );
+        let kernel = c.dataplane().table().unwrap();
+        assert_eq!(kernel.services[&k].destinations.len(), 2, "still draining");
     }
 
     #[test]
