@@ -590,6 +590,12 @@ mod tests {
     use ipvslb_ipvs::{Destination, ForwardingMethod, Protocol, Scheduler, VirtualService};
 
     use super::*;
+
+    /// A per-Service converge planned from the view as it is now.
+    fn converge(c: &Converger<Memory>, name: &str, desired: &Table, now: Instant) -> Report {
+        c.converge_service(&svc(name), desired, &owned(), c.generation().unwrap(), now)
+            .unwrap()
+    }
     use crate::dataplane::Memory;
 
     fn ip(s: &str) -> IpAddr {
@@ -659,8 +665,7 @@ mod tests {
         let now = Instant::now();
         let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let api = table(&[(key("10.240.0.211", 80), &[("10.0.0.1", 1)])]);
-        c.converge_service(&svc("web"), &web, &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &web, now);
         // Someone removes the VIP behind the director's back.
         c.dataplane().del_address(ip("10.240.0.210")).unwrap();
         let other = c
@@ -825,16 +830,8 @@ mod tests {
         let now = Instant::now();
         let tcp = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 1)])]);
         let other = table(&[(key("10.240.0.210", 853), &[("10.0.0.1", 1)])]);
-        c.converge_service(
-            &svc("dns-tcp"),
-            &tcp,
-            &owned(),
-            c.generation().unwrap(),
-            now,
-        )
-        .unwrap();
-        c.converge_service(&svc("dot"), &other, &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "dns-tcp", &tcp, now);
+        converge(&c, "dot", &other, now);
         let gone = c
             .converge_service(
                 &svc("dns-tcp"),
@@ -927,8 +924,7 @@ mod tests {
         let since = c.generation().unwrap();
         // The caches, as the pass read them: no Service yet.
         let snapshot = (Table::new(), BTreeMap::new());
-        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &web(), now);
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), web());
@@ -937,14 +933,7 @@ mod tests {
             BTreeSet::from([ip("10.240.0.210")])
         );
         // Its held keys survived the pass: deleting it now removes its entries and its VIP.
-        c.converge_service(
-            &svc("web"),
-            &Table::new(),
-            &owned(),
-            c.generation().unwrap(),
-            now,
-        )
-        .unwrap();
+        converge(&c, "web", &Table::new(), now);
         assert_eq!(c.dataplane().table().unwrap(), Table::new());
         assert!(c.dataplane().addresses().unwrap().is_empty());
     }
@@ -953,18 +942,10 @@ mod tests {
     fn a_service_deleted_after_the_full_pass_took_its_snapshot_is_not_brought_back() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &web(), now);
         let since = c.generation().unwrap();
         let snapshot = (web(), held_by("web", &web()));
-        c.converge_service(
-            &svc("web"),
-            &Table::new(),
-            &owned(),
-            c.generation().unwrap(),
-            now,
-        )
-        .unwrap();
+        converge(&c, "web", &Table::new(), now);
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), Table::new());
@@ -975,13 +956,11 @@ mod tests {
     fn a_service_changed_after_the_full_pass_took_its_snapshot_is_not_rolled_back() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &web(), now);
         let since = c.generation().unwrap();
         let snapshot = (web(), held_by("web", &web()));
         let moved = table(&[(key("10.240.0.211", 8080), &[("10.0.0.2", 1)])]);
-        c.converge_service(&svc("web"), &moved, &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &moved, now);
         c.converge_all(&snapshot.0, snapshot.1, &owned(), since, now)
             .unwrap();
         assert_eq!(c.dataplane().table().unwrap(), moved);
@@ -1056,14 +1035,7 @@ mod tests {
         let now = Instant::now();
         let contested = key("10.240.0.210", 80);
         let older = table(&[(contested, &[("10.0.0.1", 1)])]);
-        c.converge_service(
-            &svc("older"),
-            &older,
-            &owned(),
-            c.generation().unwrap(),
-            now,
-        )
-        .unwrap();
+        converge(&c, "older", &older, now);
         // A plan made from a stale or partial view may still hand the newer one the key.
         let newer = table(&[
             (contested, &[("10.0.0.9", 1)]),
@@ -1082,14 +1054,7 @@ mod tests {
         let kernel = c.dataplane().table().unwrap();
         assert_eq!(kernel.services[&contested], older.services[&contested]);
         assert!(kernel.services.contains_key(&key("10.240.0.210", 443)));
-        c.converge_service(
-            &svc("newer"),
-            &Table::new(),
-            &owned(),
-            c.generation().unwrap(),
-            now,
-        )
-        .unwrap();
+        converge(&c, "newer", &Table::new(), now);
         assert_eq!(c.dataplane().table().unwrap(), older);
         assert_eq!(
             c.dataplane().addresses().unwrap(),
@@ -1141,8 +1106,7 @@ mod tests {
     fn a_service_whose_pool_is_deleted_loses_its_entries_and_vip_on_its_next_converge() {
         let c = Converger::new(Memory::default(), Duration::ZERO);
         let now = Instant::now();
-        c.converge_service(&svc("web"), &web(), &owned(), c.generation().unwrap(), now)
-            .unwrap();
+        converge(&c, "web", &web(), now);
         let gone = c
             .converge_service(
                 &svc("web"),

@@ -179,39 +179,28 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             drain_grace: args.drain_grace,
             concurrency: args.concurrency,
         };
-        match args.dataplane {
+        let subscription = services.subscribe();
+        let director = match args.dataplane {
             DataplaneKind::Kernel => {
                 let kernel = crate::dataplane::Kernel::open(&args.interface).map_err(|e| {
                     format!("opening the kernel data plane: {e} (or run with --dataplane=memory)")
                 })?;
                 info!(interface = %args.interface, "kernel data plane: IPVS over netlink");
-                tasks.push((
-                    "the director",
-                    tokio::spawn(director::run(
-                        client.clone(),
-                        config,
-                        services.subscribe(),
-                        kernel,
-                        metrics.clone(),
-                        shutdown.clone(),
-                    )),
-                ));
+                spawn_director(&client, config, subscription, kernel, &metrics, &shutdown)
             }
             DataplaneKind::Memory => {
                 info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
-                tasks.push((
-                    "the director",
-                    tokio::spawn(director::run(
-                        client.clone(),
-                        config,
-                        services.subscribe(),
-                        Memory::default(),
-                        metrics.clone(),
-                        shutdown.clone(),
-                    )),
-                ));
+                spawn_director(
+                    &client,
+                    config,
+                    subscription,
+                    Memory::default(),
+                    &metrics,
+                    &shutdown,
+                )
             }
-        }
+        };
+        tasks.push(("the director", director));
     }
     let _services = AbortOnDrop(tokio::spawn(services.run(
         &client,
@@ -225,6 +214,25 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     let _ = shutdown_tx.send(true);
     stop(tasks, args.shutdown_timeout, &metrics.health).await;
     Ok(())
+}
+
+/// The director over `dataplane`, running until `shutdown`.
+fn spawn_director<D: crate::dataplane::Dataplane>(
+    client: &Client,
+    config: director::Config,
+    services: crate::shared::Subscription<crate::cached::CachedService>,
+    dataplane: D,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(director::run(
+        client.clone(),
+        config,
+        services,
+        dataplane,
+        metrics.clone(),
+        shutdown.clone(),
+    ))
 }
 
 /// Waits for `tasks` until `deadline`; a task still running then (a request the API server
