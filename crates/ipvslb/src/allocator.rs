@@ -209,9 +209,10 @@ pub async fn run(
         }
     }));
     let pool_stream =
-        crate::watch_all(&client, pools_writer, &ctx.metrics.health).touched_objects();
+        crate::watch_all(&client, pools_writer, &ctx.metrics.health, "allocator").touched_objects();
     let namespace_stream =
-        crate::watch_all(&client, namespaces_writer, &ctx.metrics.health).applied_objects();
+        crate::watch_all(&client, namespaces_writer, &ctx.metrics.health, "allocator")
+            .applied_objects();
 
     let on_namespace = services.clone();
     let became_leader = leadership_gained(leading.clone());

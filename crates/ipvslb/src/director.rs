@@ -146,14 +146,15 @@ pub async fn run<D: Dataplane>(
     }));
     let on_node = services.clone();
     let pool_stream =
-        crate::watch_all(&client, pools_writer, &ctx.metrics.health).touched_objects();
-    let set_stream =
-        crate::watch_all(&client, node_sets_writer, &ctx.metrics.health).touched_objects();
+        crate::watch_all(&client, pools_writer, &ctx.metrics.health, "director").touched_objects();
+    let set_stream = crate::watch_all(&client, node_sets_writer, &ctx.metrics.health, "director")
+        .touched_objects();
     let node_stream = crate::watch_stream(
         &client,
         watcher::Config::default(),
         translate::trim_node,
         &ctx.metrics.health,
+        "director",
     )
     .reflect(nodes_writer)
     .touched_objects()
@@ -163,6 +164,7 @@ pub async fn run<D: Dataplane>(
         watcher::Config::default().labels(LABEL_SERVICE_NAME),
         |_: &mut EndpointSlice| {},
         &ctx.metrics.health,
+        "director",
     )
     .reflect(slices_writer)
     .touched_objects();

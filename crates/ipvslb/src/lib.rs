@@ -65,6 +65,7 @@ pub fn watch_all<K>(
     client: &kube::Client,
     writer: kube::runtime::reflector::store::Writer<K>,
     health: &server::Health,
+    by: &'static str,
 ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
 + Send
 + use<K>
@@ -77,18 +78,21 @@ where
         kube::runtime::watcher::Config::default(),
         |_| {},
         health,
+        by,
     )
     .reflect(writer)
 }
 
 /// A retried watch of the objects of kind `K` that `config` selects, each object trimmed by `slim`
 /// (and of what no kind needs) before anyone sees it. Its errors are logged and, with its
-/// progress, reported to `health`: a cache that cannot be filled makes the process unready.
+/// progress, reported to `health` under the kind and `by` (whose cache it fills): a cache that
+/// cannot be filled makes the process unready.
 pub fn watch_stream<K>(
     client: &kube::Client,
     config: kube::runtime::watcher::Config,
     slim: fn(&mut K),
     health: &server::Health,
+    by: &'static str,
 ) -> impl futures::Stream<Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>>
 + Send
 + use<K>
@@ -99,7 +103,8 @@ where
     use kube::runtime::WatchStreamExt;
     use kube::runtime::watcher::Event;
     let kind = kind_name::<K>();
-    health.watch_started(kind);
+    let name = server::health::WatchName { kind, by };
+    health.watch_started(name);
     let health = health.clone();
     kube::runtime::watcher(
         kube::Api::<K>::all(client.clone()),
@@ -107,14 +112,14 @@ where
     )
     .default_backoff()
     .inspect(move |event| match event {
-        Ok(Event::InitDone) => health.watch_progressed(kind, true),
+        Ok(Event::InitDone) => health.watch_progressed(name, true),
         Ok(Event::Apply(_) | Event::Delete(_) | Event::InitApply(_)) => {
-            health.watch_progressed(kind, false)
+            health.watch_progressed(name, false)
         }
         Ok(Event::Init) => {}
         Err(error) => {
-            tracing::warn!(kind, %error, "watch failed; retrying with backoff");
-            health.watch_failed(kind, error.to_string());
+            tracing::warn!(kind, by, %error, "watch failed; retrying with backoff");
+            health.watch_failed(name, error.to_string());
         }
     })
     // Nothing reads managedFields or kubectl's last-applied copy, and they are most of a

@@ -91,31 +91,32 @@ where
             deletions,
         } = self;
         // After `reflect`: a subscriber reads what it is told of from the cache.
-        let stream = crate::watch_stream::<K>(client, watcher::Config::default(), slim, health)
-            .reflect(writer)
-            .inspect_ok(move |event| match event {
-                watcher::Event::Apply(object) => {
-                    let changed = ObjectRef::from_obj(object);
-                    for tx in &applied {
-                        let _ = tx.send(changed.clone());
-                    }
-                }
-                watcher::Event::InitDone => {
-                    for object in store.state() {
-                        let changed = ObjectRef::from_obj(&*object);
+        let stream =
+            crate::watch_stream::<K>(client, watcher::Config::default(), slim, health, "shared")
+                .reflect(writer)
+                .inspect_ok(move |event| match event {
+                    watcher::Event::Apply(object) => {
+                        let changed = ObjectRef::from_obj(object);
                         for tx in &applied {
                             let _ = tx.send(changed.clone());
                         }
                     }
-                }
-                watcher::Event::Delete(object) => {
-                    let object = Arc::new(object.clone());
-                    for tx in &deletions {
-                        let _ = tx.send(object.clone());
+                    watcher::Event::InitDone => {
+                        for object in store.state() {
+                            let changed = ObjectRef::from_obj(&*object);
+                            for tx in &applied {
+                                let _ = tx.send(changed.clone());
+                            }
+                        }
                     }
-                }
-                watcher::Event::Init | watcher::Event::InitApply(_) => {}
-            });
+                    watcher::Event::Delete(object) => {
+                        let object = Arc::new(object.clone());
+                        for tx in &deletions {
+                            let _ = tx.send(object.clone());
+                        }
+                    }
+                    watcher::Event::Init | watcher::Event::InitApply(_) => {}
+                });
         drain(stream)
     }
 }

@@ -734,8 +734,9 @@ async fn readyz_names_a_kind_whose_cache_cannot_be_filled_until_its_list_is_allo
     );
     let answer = eventually("/readyz to name NodeSet", 30 * SECOND, || async {
         let answer = ipvslb.get("/readyz");
-        (status(&answer) == Some(503) && body(&answer).contains("NodeSet: cache cannot be filled"))
-            .then_some(answer)
+        (status(&answer) == Some(503)
+            && body(&answer).contains("NodeSet (director): cache cannot be filled"))
+        .then_some(answer)
     })
     .await;
     assert!(

@@ -117,7 +117,7 @@ pub enum Error {
     /// The interface named for the VIP addresses is a dummy interface ipvslb did not create
     /// (it lacks [`vip::INTERFACE_ALIAS`]): it is someone else's, and is left alone.
     #[error(
-        "interface {interface} exists and was not created by ipvslb (alias {}, not {:?}): VIP addresses go only on an interface of ipvslb's own; name another one, or delete this one if it is ipvslb's from before the mark",
+        "interface {interface} exists and was not created by ipvslb (alias {}, not {:?}): VIP addresses go only on an interface of ipvslb's own; name another one, or, if ipvslb made this one (before the mark, or stopped while making it), mark it with `ip link set {interface} alias ipvslb` or delete it",
         .alias.as_deref().map_or("none".to_owned(), |a| format!("{a:?}")),
         vip::INTERFACE_ALIAS
     )]

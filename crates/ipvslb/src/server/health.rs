@@ -14,7 +14,7 @@ pub struct Health {
 #[derive(Default)]
 struct State {
     loops: BTreeMap<&'static str, Loop>,
-    watches: BTreeMap<&'static str, Watch>,
+    watches: BTreeMap<WatchName, Watch>,
     /// Conditions that must be met before the process is ready, with what they wait for.
     pending: BTreeMap<&'static str, &'static str>,
     /// Reconciles running now, per controller: when each started.
@@ -62,6 +62,22 @@ pub struct InFlight {
 /// A reconcile running for longer than this is taken as stuck: every call in one is bounded
 /// well below it (the client's timeouts, the data plane's batches).
 const RECONCILE_BOUND: Duration = Duration::from_secs(120);
+
+/// One watch: the kind it lists and the role whose cache it fills (the allocator and the
+/// director each keep their own cache of pools, and each must be filled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WatchName {
+    /// The kind (`IPPool`, ...).
+    pub kind: &'static str,
+    /// Whose cache (`allocator`, `director`, `shared`).
+    pub by: &'static str,
+}
+
+impl std::fmt::Display for WatchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.kind, self.by)
+    }
+}
 
 impl Health {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -134,7 +150,7 @@ impl Health {
     }
 
     /// A watch of `kind` started listing.
-    pub fn watch_started(&self, kind: &'static str) {
+    pub fn watch_started(&self, kind: WatchName) {
         self.lock()
             .watches
             .entry(kind)
@@ -143,7 +159,7 @@ impl Health {
 
     /// The watch of `kind` delivered: its cache is filled (`complete`) or it is streaming
     /// changes again after an error.
-    pub fn watch_progressed(&self, kind: &'static str, complete: bool) {
+    pub fn watch_progressed(&self, kind: WatchName, complete: bool) {
         let mut state = self.lock();
         let watch = state.watches.entry(kind).or_insert(Watch::Filling(None));
         match watch {
@@ -153,7 +169,7 @@ impl Health {
     }
 
     /// The watch of `kind` failed with `error`.
-    pub fn watch_failed(&self, kind: &'static str, error: String) {
+    pub fn watch_failed(&self, kind: WatchName, error: String) {
         let mut state = self.lock();
         let watch = state.watches.entry(kind).or_insert(Watch::Filling(None));
         *watch = match watch {
@@ -295,18 +311,31 @@ mod tests {
     #[test]
     fn readiness_names_the_kind_whose_cache_cannot_be_filled_until_it_is() {
         let health = Health::default();
-        health.watch_started("IPPool");
-        health.watch_failed("IPPool", "403 forbidden".into());
+        let pools = WatchName {
+            kind: "IPPool",
+            by: "allocator",
+        };
+        let directors = WatchName {
+            kind: "IPPool",
+            by: "director",
+        };
+        health.watch_started(pools);
+        health.watch_started(directors);
+        health.watch_progressed(directors, true);
+        health.watch_failed(pools, "403 forbidden".into());
         let why = health.ready().unwrap_err();
-        assert!(why.contains("IPPool: cache cannot be filled: 403"), "{why}");
-        health.watch_progressed("IPPool", false);
+        assert!(
+            why.contains("IPPool (allocator): cache cannot be filled: 403"),
+            "one role's filled cache does not hide the other's: {why}"
+        );
+        health.watch_progressed(pools, false);
         assert!(
             health.ready().is_err(),
             "a partial list is not a filled cache"
         );
-        health.watch_progressed("IPPool", true);
+        health.watch_progressed(pools, true);
         assert_eq!(health.ready(), Ok(()));
-        health.watch_failed("IPPool", "gone".into());
+        health.watch_failed(pools, "gone".into());
         assert!(health.ready().unwrap_err().contains("watch failing"));
         let quiet = Instant::now() + WATCH_RECOVERED;
         assert_eq!(
@@ -314,7 +343,7 @@ mod tests {
             Ok(()),
             "no new error within the backoff: the watch was re-established"
         );
-        health.watch_progressed("IPPool", false);
+        health.watch_progressed(pools, false);
         assert_eq!(health.ready(), Ok(()), "streaming again after an error");
         health.require("first pass", "the director's first full pass");
         assert_eq!(
