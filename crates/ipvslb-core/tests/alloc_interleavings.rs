@@ -6,7 +6,8 @@
 //! address the rules let it keep.
 //!
 //! `IPVSLB_SEED=n cargo test -p ipvslb-core --test alloc_interleavings` replays one seed;
-//! `IPVSLB_SEEDS=n` runs that many (default 5,000).
+//! `IPVSLB_SEEDS=n` runs that many (default 5,000); with `IPVSLB_TRACE=1` a failing seed's steps
+//! also show what the allocator holds and what statuses keep out of reach after each decision.
 
 mod common;
 
