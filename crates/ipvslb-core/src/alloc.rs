@@ -1185,13 +1185,27 @@ impl Allocator {
         taking: Taking,
     ) -> Result<Assignment, AllocError> {
         check_shape(claim.families, addrs)?;
+        let mut addrs = addrs.to_vec();
         if let FamilyPolicy::RequireDualStack { primary } = claim.families {
             for family in [primary, primary.other()] {
-                if !addrs.iter().any(|a| IpFamily::of(a) == family) {
-                    return Err(AllocError::MissingFamily { family });
+                if addrs.iter().any(|a| IpFamily::of(a) == family) {
+                    continue;
                 }
+                // A holder that must now be dual-stack keeps its address and gains the other
+                // family from the same pool, under that pool's rules as now written.
+                if let (Taking::Record, [held]) = (taking, &addrs[..])
+                    && let Ok(index) = self.pool_for_addresses(claim, &[*held], taking)
+                    && self.pools[index].has_family(family)
+                    && self.pools[index].fits(claim, &[])
+                    && let Some(extra) = self.pick(claim, index, family)
+                {
+                    addrs.push(extra);
+                    continue;
+                }
+                return Err(AllocError::MissingFamily { family });
             }
         }
+        let addrs = &addrs[..];
         if let Requested::Addresses(wanted) = &claim.requested
             && let Some(requested) = wanted.iter().find(|w| !addrs.contains(w))
         {

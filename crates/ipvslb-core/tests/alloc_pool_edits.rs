@@ -508,3 +508,26 @@ fn a_service_that_drops_a_family_keeps_the_address_of_the_other() {
         "the IPv4 address stays, the IPv6 one goes"
     );
 }
+
+#[test]
+fn a_single_stack_service_made_dual_stack_keeps_its_address_and_gains_the_other_family() {
+    let mut c = Cluster::new(vec![pool("ds", 1, &["10.0.0.0/30", "2001:db8::/126"])]);
+    c.create(svc("default", "first", 1));
+    assert_eq!(
+        c.create(svc("default", "web", 2)),
+        Some(vec!["10.0.0.1".parse().unwrap()])
+    );
+    c.services.retain(|s| s.name.name != "first");
+    for claim in &mut c.services {
+        claim.families = ipvslb_core::FamilyPolicy::RequireDualStack {
+            primary: ipvslb_core::IpFamily::V4,
+        };
+    }
+    let edited = c.edit(vec![pool("ds", 1, &["10.0.0.0/30", "2001:db8::/126"])]);
+    assert!(edited.released.is_empty(), "{:?}", edited.released);
+    assert_eq!(
+        c.of("default/web"),
+        ["10.0.0.1", "2001:db8::"],
+        "it keeps .1 (not the lowest free .0) and gains IPv6"
+    );
+}
