@@ -756,30 +756,11 @@ async fn helm_install_gives_accounts_with_which_the_real_binary_serves_whoami_th
 /// Each expression parsed by Prometheus' own PromQL parser (`promql-check`, built by
 /// `cargo xtask apiserver build`): the metric names it selects, or the parser's error.
 fn parse_promql(exprs: &[String]) -> Vec<Result<Vec<String>, String>> {
-    let version = xtask::apiserver::build::prometheus_version();
-    let program = xtask::apiserver::build::cached_promql_check(&version).unwrap_or_else(|e| {
-        panic!(
-            "promql-check is not built: {e}\n(Go and the Go module proxy are needed to build it)"
-        )
-    });
     let input: String = exprs
         .iter()
         .map(|e| format!("{}\n", Value::from(e.as_str())))
         .collect();
-    let mut child = Command::new(program)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promql-check runs");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = ok("promql-check", &child.wait_with_output().unwrap());
+    let out = ok("promql-check", &promql_check(&[], &input));
     let answers: Vec<Result<Vec<String>, String>> = out
         .lines()
         .map(|line| {
@@ -799,26 +780,21 @@ fn parse_promql(exprs: &[String]) -> Vec<Result<Vec<String>, String>> {
     answers
 }
 
-/// `promql-check rules` on a rules file: what it says, `Err` when Prometheus would refuse it.
-fn check_rules(groups: &str) -> Result<String, String> {
-    use std::io::Write;
+/// Runs `promql-check` (built into the test cache beside helm) with `args` on `input`.
+fn promql_check(args: &[&str], input: &str) -> Output {
     let version = xtask::apiserver::build::prometheus_version();
-    let program = xtask::apiserver::build::cached_promql_check(&version)
-        .unwrap_or_else(|e| panic!("promql-check is not built: {e}"));
-    let mut child = Command::new(program)
-        .arg("rules")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promql-check runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(groups.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let program = xtask::apiserver::build::cached_promql_check(&version).unwrap_or_else(|e| {
+        panic!(
+            "promql-check is not built: {e}\n(Go and the Go module proxy are needed to build it)"
+        )
+    });
+    let mut command = Command::new(program);
+    command.args(args);
+    common::with_stdin(command, input)
+}
+
+/// What `promql-check` said, `Err` when it refused its input.
+fn verdict(out: Output) -> Result<String, String> {
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -831,38 +807,16 @@ fn check_rules(groups: &str) -> Result<String, String> {
     }
 }
 
+/// `promql-check rules` on a rules file: what it says, `Err` when Prometheus would refuse it.
+fn check_rules(groups: &str) -> Result<String, String> {
+    verdict(promql_check(&["rules"], groups))
+}
+
 /// `promql-check objects` on rendered documents: `Err` with what it says when one does not
 /// decode strictly into the Prometheus Operator's types.
 fn check_operator_objects(docs: &[&Value]) -> Result<String, String> {
-    use std::io::Write;
-    let version = xtask::apiserver::build::prometheus_version();
-    let program = xtask::apiserver::build::cached_promql_check(&version)
-        .unwrap_or_else(|e| panic!("promql-check is not built: {e}"));
     let input: String = docs.iter().map(|d| format!("{d}\n")).collect();
-    let mut child = Command::new(program)
-        .arg("objects")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promql-check runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(said)
-    } else {
-        Err(said)
-    }
+    verdict(promql_check(&["objects"], &input))
 }
 
 #[test]
