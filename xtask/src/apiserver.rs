@@ -1,6 +1,6 @@
 //! `cargo xtask apiserver build|start|stop`: a real kube-apiserver and etcd on loopback for tests.
 //!
-//! - `build` compiles `kube-apiserver`, `kubectl` and `etcd` from their Go modules with the installed
+//! - `build` compiles `kube-apiserver`, `kubectl`, `kube-proxy` and `etcd` from their Go modules with the installed
 //!   Go into `${IPVSLB_CACHE:-$HOME/.cache/ipvslb}/k8s/<version>/bin/`, and `helm` into
 //!   `.../helm/<version>/bin/`; cached binaries are reused.
 //! - `start --dir DIR` starts etcd and kube-apiserver on 127.0.0.1 (free ports, fresh certificates,
@@ -22,7 +22,7 @@ use std::time::Instant;
 const USAGE: &str = "usage: cargo xtask apiserver <command>
 
 commands:
-  build                  build kube-apiserver, kubectl, etcd, helm and promql-check (skipped when cached)
+  build                  build kube-apiserver, kubectl, kube-proxy, etcd, helm and promql-check (skipped when cached)
   start --dir DIR        start etcd and kube-apiserver in the background; writes DIR/kubeconfig
   stop --dir DIR         stop them and remove what start wrote (--keep-logs keeps DIR/*.log)
 
@@ -65,7 +65,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     };
     match command.as_deref() {
         Some("build") => {
-            let bins = build::ensure(&versions)?;
+            let bins = build::ensure_kube_proxy(&versions)?;
             println!("binaries in {}", bins.dir.display());
             let helm = build::ensure_helm(&build::helm_version())?;
             println!("helm: {}", helm.display());

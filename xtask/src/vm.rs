@@ -7,9 +7,9 @@
 //! serial console as the only channel. `/init` runs the binaries, prints a marker line with their
 //! exit status and powers the VM off; this side waits for the marker with a deadline.
 
-mod boot;
-mod initramfs;
-mod kernel;
+pub mod boot;
+pub mod initramfs;
+pub mod kernel;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 /// What the VM runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
     /// The kernel tests (`crates/ipvslb-ipvs/tests/kernel_*.rs`).
     Test,
     /// The netlink benchmark.
@@ -44,7 +44,8 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
     eprintln!("vm: kernel {}", kernel.version);
 
     let binaries = build_binaries(mode)?;
-    let initrd = initramfs::build(&cache, &kernel, &binaries, mode, args)?;
+    let contents = initramfs::Contents::for_tests(mode, binaries, args);
+    let initrd = initramfs::build(&cache, &kernel, &contents)?;
     eprintln!(
         "vm: initramfs {} ready after {:.1?}",
         initrd.display(),
@@ -58,7 +59,12 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
             Mode::Test => 600,
             Mode::Bench => 1800,
         });
-    let outcome = boot::run(&kernel.vmlinuz, &initrd, timeout)?;
+    let outcome = boot::run(
+        &kernel.vmlinuz,
+        &initrd,
+        &boot::Machine::isolated(),
+        timeout,
+    )?;
     eprintln!(
         "vm: marker after {:.1?} of VM time; whole run {:.1?}",
         outcome.to_marker,
@@ -97,7 +103,7 @@ const HOST_TOOLS: [(&str, &str); 8] = [
 ];
 
 /// Installs whatever of [`HOST_TOOLS`] is missing, with apt.
-fn host_tools() -> Result<(), String> {
+pub fn host_tools() -> Result<(), String> {
     install_missing("vm", &HOST_TOOLS)
 }
 
@@ -181,7 +187,7 @@ fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
 }
 
 /// Runs `command`, failing with its name when it does not succeed.
-fn run_checked(command: &mut Command) -> Result<(), String> {
+pub fn run_checked(command: &mut Command) -> Result<(), String> {
     let status = command
         .status()
         .map_err(|e| format!("running {command:?}: {e}"))?;
@@ -193,7 +199,7 @@ fn run_checked(command: &mut Command) -> Result<(), String> {
 }
 
 /// Runs `command` and returns its standard output.
-fn output_of(command: &mut Command) -> Result<String, String> {
+pub fn output_of(command: &mut Command) -> Result<String, String> {
     let output = command
         .output()
         .map_err(|e| format!("running {command:?}: {e}"))?;

@@ -29,6 +29,11 @@ pub const PROMETHEUS_VERSION: &str = "v0.316.0";
 /// The Prometheus Operator API module whose types `promql-check objects` decodes into.
 pub const PROMETHEUS_OPERATOR_VERSION: &str = "v0.95.2";
 
+/// The Kubernetes commands built from `k8s.io/kubernetes`.
+const APISERVER_PACKAGE: &str = "k8s.io/kubernetes/cmd/kube-apiserver";
+const KUBECTL_PACKAGE: &str = "k8s.io/kubernetes/cmd/kubectl";
+const KUBE_PROXY_PACKAGE: &str = "k8s.io/kubernetes/cmd/kube-proxy";
+
 /// The source of `promql-check`.
 const PROMQL_CHECK_MAIN: &str = include_str!("promql/main.go");
 
@@ -85,6 +90,8 @@ pub struct Binaries {
     pub kubectl: PathBuf,
     /// `etcd`.
     pub etcd: PathBuf,
+    /// `kube-proxy`, which the end-to-end run starts on each node (built by [`ensure_kube_proxy`]).
+    pub kube_proxy: PathBuf,
 }
 
 impl Binaries {
@@ -98,6 +105,7 @@ impl Binaries {
             kube_apiserver: dir.join("kube-apiserver"),
             kubectl: dir.join("kubectl"),
             etcd: dir.join("etcd"),
+            kube_proxy: dir.join("kube-proxy"),
             dir,
         }
     }
@@ -156,13 +164,41 @@ pub fn ensure(versions: &Versions) -> Result<Binaries, String> {
             bins.dir.display()
         );
     } else {
-        build_kubernetes(&go, &versions.kubernetes, &bins)?;
+        build_kubernetes(
+            &go,
+            &versions.kubernetes,
+            &[
+                (APISERVER_PACKAGE, &bins.kube_apiserver),
+                (KUBECTL_PACKAGE, &bins.kubectl),
+            ],
+        )?;
     }
     if etcd_cached {
         println!("etcd {} cached in {}", versions.etcd, bins.dir.display());
     } else {
         build_etcd(&go, &versions.etcd, &bins)?;
     }
+    Ok(bins)
+}
+
+/// Builds `kube-proxy` of `versions.kubernetes` (from the same module set as the API server)
+/// unless it is cached, and returns the binaries with it.
+pub fn ensure_kube_proxy(versions: &Versions) -> Result<Binaries, String> {
+    let bins = ensure(versions)?;
+    if bins.kube_proxy.is_file() {
+        println!(
+            "kube-proxy {} cached in {}",
+            versions.kubernetes,
+            bins.dir.display()
+        );
+        return Ok(bins);
+    }
+    let go = Go::detect()?;
+    build_kubernetes(
+        &go,
+        &versions.kubernetes,
+        &[(KUBE_PROXY_PACKAGE, &bins.kube_proxy)],
+    )?;
     Ok(bins)
 }
 
@@ -394,14 +430,17 @@ impl Drop for Scratch {
     }
 }
 
-fn build_kubernetes(go: &Go, version: &str, bins: &Binaries) -> Result<(), String> {
+/// Builds each `(package, output)` of `k8s.io/kubernetes` at `version`.
+fn build_kubernetes(go: &Go, version: &str, targets: &[(&str, &Path)]) -> Result<(), String> {
     let (minor, staging_version) = staging_version(version)?;
     let scratch = Scratch::new(&format!("k8s-{version}"))?;
     let dir = &scratch.0;
-    println!(
-        "building kube-apiserver and kubectl {version} in {}",
-        dir.display()
-    );
+    let names: Vec<&str> = targets
+        .iter()
+        .map(|(package, _)| package.rsplit('/').next().unwrap_or(package))
+        .collect();
+    let names = names.join(", ");
+    println!("building {names} {version} in {}", dir.display());
     let started = Instant::now();
     let upstream = upstream_gomod(go, dir, &format!("k8s.io/kubernetes@{version}"))?;
     let staging = staging_modules(&upstream);
@@ -419,16 +458,14 @@ fn build_kubernetes(go: &Go, version: &str, bins: &Binaries) -> Result<(), Strin
     }
     gomod.push_str(")\n");
     write(&dir.join("go.mod"), &gomod)?;
-    let apiserver_pkg = "k8s.io/kubernetes/cmd/kube-apiserver";
-    let kubectl_pkg = "k8s.io/kubernetes/cmd/kubectl";
-    go.run(
-        dir,
-        &[
-            "get",
-            &format!("{apiserver_pkg}@{version}"),
-            &format!("{kubectl_pkg}@{version}"),
-        ],
-    )?;
+    let mut get = vec!["get".to_owned()];
+    get.extend(
+        targets
+            .iter()
+            .map(|(package, _)| format!("{package}@{version}")),
+    );
+    let get: Vec<&str> = get.iter().map(String::as_str).collect();
+    go.run(dir, &get)?;
     println!(
         "  modules resolved in {:.0}s",
         started.elapsed().as_secs_f64()
@@ -448,10 +485,7 @@ fn build_kubernetes(go: &Go, version: &str, bins: &Binaries) -> Result<(), Strin
             ldflags.push_str(&format!(" -X {pkg}.{var}={value}"));
         }
     }
-    for (pkg, out) in [
-        (apiserver_pkg, &bins.kube_apiserver),
-        (kubectl_pkg, &bins.kubectl),
-    ] {
+    for (pkg, out) in targets {
         let t = Instant::now();
         go.build(dir, &ldflags, pkg, out)?;
         println!(
@@ -461,7 +495,7 @@ fn build_kubernetes(go: &Go, version: &str, bins: &Binaries) -> Result<(), Strin
         );
     }
     println!(
-        "kube-apiserver and kubectl {version} built in {:.0}s",
+        "{names} {version} built in {:.0}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -8,6 +8,28 @@ use std::time::{Duration, Instant};
 
 use super::initramfs::MARKER;
 
+/// The virtual machine to boot.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs (TCG runs one host thread per CPU).
+    pub cpus: u32,
+    /// The `-nic` option, or none for a VM without a network card.
+    pub nic: Option<String>,
+}
+
+impl Machine {
+    /// The kernel tests' VM: 1 GiB, one CPU, no network card.
+    pub fn isolated() -> Self {
+        Self {
+            memory_mib: 1024,
+            cpus: 1,
+            nic: None,
+        }
+    }
+}
+
 /// How a VM run ended.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -22,11 +44,21 @@ pub struct Outcome {
 /// Boots `vmlinuz` with `initrd`, echoes the console, and returns the status in the marker line.
 /// Fails when the marker does not come within `timeout_secs` or qemu ends without it; the VM is
 /// killed if it has not powered itself off shortly after the marker.
-pub fn run(vmlinuz: &Path, initrd: &Path, timeout_secs: u64) -> Result<Outcome, String> {
+pub fn run(
+    vmlinuz: &Path,
+    initrd: &Path,
+    machine: &Machine,
+    timeout_secs: u64,
+) -> Result<Outcome, String> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "1024", "-smp", "1"])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-accel", "tcg"])
+        .arg("-m")
+        .arg(machine.memory_mib.to_string())
+        .arg("-smp")
+        .arg(machine.cpus.to_string())
+        .args(["-nographic", "-no-reboot", "-nic"])
+        .arg(machine.nic.as_deref().unwrap_or("none"))
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")

@@ -40,18 +40,66 @@ const PROGRAMS: [(&str, &str); 3] = [
 /// The marker `/init` prints last; [`super::boot`] waits for it.
 pub const MARKER: &str = "IPVSLB-VM-RESULT status=";
 
-/// Builds `<cache>/initramfs-<mode>.gz` and returns its path.
-pub fn build(
-    cache: &Path,
-    kernel: &Kernel,
-    binaries: &[PathBuf],
-    mode: Mode,
-    args: &[String],
-) -> Result<PathBuf, String> {
-    let name = match mode {
-        Mode::Test => "test",
-        Mode::Bench => "bench",
-    };
+/// What goes into an initramfs besides busybox and the witnesses of [`PROGRAMS`].
+#[derive(Debug, Clone, Default)]
+pub struct Contents {
+    /// The file name stem: `<cache>/initramfs-<name>.gz`.
+    pub name: String,
+    /// Test binaries, copied to `/tests/<name without its hash>` and stripped of debug info.
+    pub tests: Vec<PathBuf>,
+    /// More programs: (host path, path in the VM); their shared libraries come along.
+    pub programs: Vec<(PathBuf, String)>,
+    /// Files and folders copied as they are: (host path, path in the VM).
+    pub files: Vec<(PathBuf, String)>,
+    /// Symbolic links: (path in the VM, target).
+    pub links: Vec<(String, String)>,
+    /// Modules beyond [`MODULES`], by name.
+    pub modules: Vec<String>,
+    /// Folders under `kernel/` of the modules tree whose every module comes along
+    /// (e.g. `net/netfilter`).
+    pub module_dirs: Vec<String>,
+    /// The shell lines `/init` runs after mounting and loading `ip_vs`; they set `status`.
+    pub run: String,
+}
+
+impl Contents {
+    /// The kernel tests' or the benchmark's initramfs: every binary under `/tests` run in turn
+    /// with `args`.
+    pub fn for_tests(mode: Mode, tests: Vec<PathBuf>, args: &[String]) -> Self {
+        let mut quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        if mode == Mode::Test {
+            // The tests share one kernel table: one at a time.
+            quoted.push("--test-threads=1".to_owned());
+        }
+        let run = format!(
+            r#"for t in /tests/*; do
+    echo "vm: running $t"
+    $t {args} || status=$?
+done
+"#,
+            args = quoted.join(" ")
+        );
+        Self {
+            name: match mode {
+                Mode::Test => "test",
+                Mode::Bench => "bench",
+            }
+            .to_owned(),
+            tests,
+            run,
+            ..Self::default()
+        }
+    }
+}
+
+/// `s` quoted for `/bin/sh`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// Builds `<cache>/initramfs-<name>.gz` and returns its path.
+pub fn build(cache: &Path, kernel: &Kernel, contents: &Contents) -> Result<PathBuf, String> {
+    let name = &contents.name;
     let root = cache.join(format!("initramfs-{name}"));
     let _ = std::fs::remove_dir_all(&root);
     for dir in [
@@ -67,12 +115,16 @@ pub fn build(
     }
 
     let mut elves = Vec::new();
-    for (host, guest) in PROGRAMS {
+    let programs = PROGRAMS
+        .iter()
+        .map(|(host, guest)| (PathBuf::from(host), (*guest).to_owned()))
+        .chain(contents.programs.iter().cloned());
+    for (host, guest) in programs {
         let target = root.join(guest.trim_start_matches('/'));
-        copy(Path::new(host), &target)?;
-        elves.push(PathBuf::from(host));
+        copy(&host, &target)?;
+        elves.push(host);
     }
-    for binary in binaries {
+    for binary in &contents.tests {
         let file_name = binary
             .file_name()
             .and_then(|n| n.to_str())
@@ -90,9 +142,15 @@ pub fn build(
             &root.join(library.strip_prefix("/").unwrap_or(&library)),
         )?;
     }
+    for (host, guest) in &contents.files {
+        copy_tree(host, &root.join(guest.trim_start_matches('/')))?;
+    }
+    for (link, target) in &contents.links {
+        symlink(target, &root.join(link.trim_start_matches('/')))?;
+    }
 
-    modules(kernel, &root)?;
-    write_init(&root, mode, args)?;
+    modules(kernel, &root, contents)?;
+    write_init(&root, &contents.run)?;
 
     let initrd = cache.join(format!("initramfs-{name}.gz"));
     let script = format!(
@@ -108,7 +166,24 @@ pub fn build(
 fn libraries(elves: &[PathBuf]) -> Result<BTreeSet<PathBuf>, String> {
     let mut libraries = BTreeSet::new();
     for elf in elves {
-        let text = output_of(Command::new("ldd").arg(elf))?;
+        let output = Command::new("ldd")
+            .arg(elf)
+            .output()
+            .map_err(|e| format!("running ldd {}: {e}", elf.display()))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            // A static binary (such as the Go programs) needs nothing more.
+            if text.contains("not a dynamic executable")
+                || String::from_utf8_lossy(&output.stderr).contains("not a dynamic executable")
+            {
+                continue;
+            }
+            return Err(format!(
+                "ldd {} failed: {}",
+                elf.display(),
+                String::from_utf8_lossy(&output.stderr)
+            ));
+        }
         for line in text.lines() {
             // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
             // "/lib64/ld-linux-x86-64.so.2 (0x...)"
@@ -124,21 +199,31 @@ fn libraries(elves: &[PathBuf]) -> Result<BTreeSet<PathBuf>, String> {
     Ok(libraries)
 }
 
-/// Copies [`MODULES`] and what they depend on into the initramfs and runs `depmod`.
-fn modules(kernel: &Kernel, root: &Path) -> Result<(), String> {
+/// Copies [`MODULES`], those `contents` asks for, and what they depend on into the initramfs and
+/// runs `depmod`.
+fn modules(kernel: &Kernel, root: &Path, contents: &Contents) -> Result<(), String> {
     let mut by_name = BTreeMap::new();
     index_modules(&kernel.modules, &mut by_name)?;
 
     let target = root.join("lib/modules").join(&kernel.version);
     mkdir(&target)?;
-    let mut wanted: Vec<String> = MODULES.iter().map(|m| (*m).to_owned()).collect();
+    let mut wanted: Vec<String> = MODULES
+        .iter()
+        .map(|m| (*m).to_owned())
+        .chain(contents.modules.iter().cloned())
+        .collect();
+    for dir in &contents.module_dirs {
+        let mut in_dir = BTreeMap::new();
+        index_modules(&kernel.modules.join("kernel").join(dir), &mut in_dir)?;
+        wanted.extend(in_dir.into_keys());
+    }
     let mut done = BTreeSet::new();
     while let Some(name) = wanted.pop() {
         if !done.insert(name.clone()) {
             continue;
         }
         let Some(path) = by_name.get(&name) else {
-            if MODULES.contains(&name.as_str()) {
+            if MODULES.contains(&name.as_str()) || contents.modules.contains(&name) {
                 // A scheduler this kernel does not ship: the tests find out for themselves.
                 eprintln!("vm: kernel {} has no module {name}", kernel.version);
                 continue;
@@ -192,17 +277,9 @@ fn index_modules(dir: &Path, by_name: &mut BTreeMap<String, PathBuf>) -> Result<
     Ok(())
 }
 
-/// Writes `/init`: mounts, loads `ip_vs`, runs every binary under `/tests`, prints the marker,
-/// powers off.
-fn write_init(root: &Path, mode: Mode, args: &[String]) -> Result<(), String> {
-    let mut quoted: Vec<String> = args
-        .iter()
-        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
-        .collect();
-    if mode == Mode::Test {
-        // The tests share one kernel table: one at a time.
-        quoted.push("--test-threads=1".to_owned());
-    }
+/// Writes `/init`: mounts, loads `ip_vs`, runs `run`, prints the marker with `status`, powers
+/// off.
+fn write_init(root: &Path, run: &str) -> Result<(), String> {
     let script = format!(
         r#"#!/bin/sh
 /bin/busybox --install -s /bin
@@ -217,14 +294,10 @@ mkdir -p /run/netns
 /sbin/ip link set lo up
 modprobe ip_vs || echo "vm: modprobe ip_vs failed"
 status=0
-for t in /tests/*; do
-    echo "vm: running $t"
-    $t {args} || status=$?
-done
+{run}
 echo "{MARKER}$status"
 poweroff -f
-"#,
-        args = quoted.join(" ")
+"#
     );
     let init = root.join("init");
     std::fs::write(&init, script).map_err(|e| format!("writing {}: {e}", init.display()))?;
@@ -251,7 +324,24 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
 }
 
+/// Copies a file, or a folder with everything in it.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    if !from.is_dir() {
+        return copy(from, to);
+    }
+    mkdir(to)?;
+    let entries =
+        std::fs::read_dir(from).map_err(|e| format!("reading {}: {e}", from.display()))?;
+    for entry in entries.filter_map(Result::ok) {
+        copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
 fn symlink(target: &str, link: &Path) -> Result<(), String> {
+    if let Some(parent) = link.parent() {
+        mkdir(parent)?;
+    }
     std::os::unix::fs::symlink(target, link)
         .map_err(|e| format!("linking {} to {target}: {e}", link.display()))
 }

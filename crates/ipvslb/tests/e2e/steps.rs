@@ -1,0 +1,784 @@
+//! The steps of the demo, in order; each builds on the state the one before left.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use crate::cluster::{self, Family, Kube, apply, kubectl, wait_for};
+use crate::hosts::{self, Background, CLIENT, CLIENT_V4, NODES, PODS, REMOTE, in_ns, node_of, sh};
+use crate::web::{self, Answer, now_ms};
+use crate::witness;
+
+/// The write-up's VIP: the first address of the example's pool.
+const VIP: &str = "10.240.0.210";
+
+/// An IPVS service of somebody else, which ipvslb must leave alone.
+const FOREIGN: (&str, &str) = ("-t", "10.240.0.250:8080");
+
+/// How long a step waits for the system to converge before it fails.
+const CONVERGE: Duration = Duration::from_secs(45);
+const POLL: Duration = Duration::from_millis(100);
+
+/// The state the steps share.
+struct Run {
+    kube: Kube,
+    director: Option<Background>,
+    /// kube-proxy on each node, the pods' servers.
+    others: Vec<Background>,
+    /// Lines of numbers printed at the end.
+    numbers: Vec<String>,
+}
+
+type Step = (&'static str, fn(&mut Run) -> Result<(), String>);
+
+const STEPS: [Step; 10] = [
+    ("apply", apply_the_demo),
+    ("round-robin", round_robin),
+    ("port-change", port_change),
+    ("node-not-ready", node_not_ready),
+    ("ipvsadm-clear", ipvsadm_clear),
+    ("delete", delete_the_service),
+    ("masquerade", masquerade),
+    ("tunnel", tunnel),
+    ("ipv6", ipv6),
+    ("local-traffic-policy", local_traffic_policy),
+];
+
+/// `e2e run`: the hosts, then every step; fails when any step failed.
+pub fn run() -> Result<(), String> {
+    let mut run = setup()?;
+    let mut passed = 0;
+    let mut failed = 0;
+    let mut broken: Option<&str> = None;
+    for (name, step) in STEPS {
+        let outcome = match broken {
+            Some(first) => Err(format!("not run: step {first} failed and the rest need it")),
+            None => {
+                println!("e2e: step {name}");
+                step(&mut run)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                passed += 1;
+                println!("ok {name}");
+            }
+            Err(why) => {
+                failed += 1;
+                println!("FAILED {name}: {why}");
+                if broken.is_none() {
+                    diagnose(&run);
+                }
+                if name == "apply" {
+                    broken = Some(name);
+                }
+            }
+        }
+    }
+    for line in &run.numbers {
+        println!("e2e: {line}");
+    }
+    if let Some(director) = run.director.take() {
+        director.stop(Duration::from_secs(10));
+    }
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{failed} of {} steps failed", STEPS.len()))
+    }
+}
+
+/// What helps to read a failure: the processes' last words and the kernel's table.
+fn diagnose(run: &Run) {
+    for process in run.director.iter().chain(&run.others) {
+        if process.name.starts_with("kube-proxy") || process.name == "ipvslb" {
+            println!("--- last lines of {}:\n{}", process.name, process.tail(25));
+        }
+    }
+    if let Ok(table) = sh("ipvsadm", &["-L", "-n"]) {
+        println!("--- ipvsadm -L -n:\n{table}");
+    }
+}
+
+/// The hosts, the way to the API server, the Nodes and namespace, kube-proxy on each node, the
+/// pods' servers, and the foreign IPVS service.
+fn setup() -> Result<Run, String> {
+    hosts::build()?;
+    crate::relay::start()?;
+    wait_for(
+        "the API server through qemu's forwarding",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || kubectl(&["get", "--raw", "/readyz"]).map(|t| t.contains("ok").then_some(())),
+    )?;
+    let kube = Kube::connect()?;
+    // What kubelets would have registered, and the namespace the chart would have made.
+    cluster::create(&cluster::nodes_yaml())?;
+    kubectl(&["create", "namespace", "ipvslb-system"])?;
+    let mut others = Vec::new();
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = exe.to_string_lossy().into_owned();
+    for pod in PODS {
+        let v4 = format!("{}:80", pod.v4());
+        let v6 = format!("[{}]:80", pod.v6());
+        others.push(Background::start(
+            pod.name,
+            Some(pod.name),
+            &exe,
+            &["whoami", pod.name, &v4, &v6],
+        )?);
+    }
+    for node in NODES {
+        let cidrs = "10.32.0.0/16,fd00:10:32::/56";
+        others.push(Background::start(
+            &format!("kube-proxy-{}", node.name),
+            Some(node.name),
+            "/bin/kube-proxy",
+            &[
+                "--kubeconfig=/e2e/kubeconfig-node",
+                &format!("--hostname-override={}", node.name),
+                "--proxy-mode=iptables",
+                &format!("--cluster-cidr={cidrs}"),
+                // A namespace cannot change the host's conntrack table size.
+                "--conntrack-max-per-core=0",
+                "--conntrack-min=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                "--iptables-min-sync-period=0s",
+                "--iptables-localhost-nodeports=false",
+                "--v=1",
+            ],
+        )?);
+    }
+    sh("ipvsadm", &["-A", FOREIGN.0, FOREIGN.1, "-s", "rr"])?;
+    Ok(Run {
+        kube,
+        director: None,
+        others,
+        numbers: Vec::new(),
+    })
+}
+
+/// Step 1: the CRDs, the director, the example's pool and the whoami Service; the EXTERNAL-IP
+/// and `kubectl get ippools`.
+fn apply_the_demo(run: &mut Run) -> Result<(), String> {
+    kubectl(&["apply", "-f", "/e2e/crds/"])?;
+    kubectl(&[
+        "wait",
+        "--for=condition=established",
+        "--timeout=60s",
+        "crd/ippools.ipvslb.io",
+        "crd/nodesets.ipvslb.io",
+    ])?;
+    run.director = Some(Background::start(
+        "ipvslb",
+        None,
+        "/tests/ipvslb",
+        &[
+            "run",
+            "--kubeconfig",
+            cluster::KUBECONFIG,
+            // Short, so that the repair step does not wait five minutes.
+            "--resync",
+            "3s",
+            "--drain-grace",
+            "5s",
+            "--metrics-addr",
+            "127.0.0.1:9090",
+            "--identity",
+            "director1",
+        ],
+    )?);
+    apply(&cluster::slice_yaml("whoami", "web", Family::V4, &PODS))?;
+    kubectl(&["apply", "-f", "/e2e/examples/whoami/pool.yaml"])?;
+
+    let baseline = baseline(run)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = exe.to_string_lossy().into_owned();
+    let target = format!("{VIP}:80");
+    let poller = Background::start(
+        "first-answer",
+        Some(CLIENT),
+        &exe,
+        &["ask", &target, "0", "100"],
+    )?;
+    let applied = now_ms();
+    kubectl(&["apply", "-f", "/e2e/examples/whoami/whoami.yaml"])?;
+    wait_for(
+        "the EXTERNAL-IP of whoami",
+        CONVERGE,
+        Duration::from_millis(50),
+        || {
+            Ok(run
+                .kube
+                .ingress("whoami")?
+                .contains(&VIP.to_owned())
+                .then_some(()))
+        },
+    )?;
+    let assigned = now_ms();
+    let first = wait_for(
+        "a first answer through the VIP",
+        Duration::from_secs(90),
+        POLL,
+        || {
+            let text = std::fs::read_to_string(&poller.log).unwrap_or_default();
+            Ok(web::parse(&text)
+                .into_iter()
+                .find(|a| a.at_ms >= applied && a.outcome.is_ok()))
+        },
+    )?;
+    poller.stop(Duration::from_secs(1));
+    let ratio = |ms: u128| ms as f64 / baseline.max(1) as f64;
+    let to_ip = assigned - applied;
+    let to_answer = first.at_ms.saturating_sub(applied);
+    run.numbers.push(format!(
+        "apply -> EXTERNAL-IP = {to_ip} ms (baseline {baseline} ms, ratio {:.2})",
+        ratio(to_ip)
+    ));
+    run.numbers.push(format!(
+        "apply -> first answer through the VIP = {to_answer} ms (ratio {:.2})",
+        ratio(to_answer)
+    ));
+
+    let services = kubectl(&["get", "service", "whoami"])?;
+    println!("{services}");
+    let row = services.lines().nth(1).unwrap_or_default();
+    if !row.split_whitespace().any(|w| w == VIP) {
+        return Err(format!(
+            "kubectl get service whoami shows no EXTERNAL-IP {VIP}: {row}"
+        ));
+    }
+    let pools = kubectl(&["get", "ippools"])?;
+    println!("{pools}");
+    let assigned = column(&pools, "default", "ASSIGNED");
+    if assigned.as_deref() != Some("1") {
+        return Err(format!(
+            "kubectl get ippools shows ASSIGNED {assigned:?} for pool default, not 1"
+        ));
+    }
+    Ok(())
+}
+
+/// The baseline of the apply timings, measured the same way: `kubectl apply` of a Service of
+/// another load balancer class, whose status this test writes itself, until it is seen.
+fn baseline(run: &Run) -> Result<u128, String> {
+    let start = now_ms();
+    apply(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: baseline
+  namespace: default
+spec:
+  type: LoadBalancer
+  loadBalancerClass: example.com/not-ipvslb
+  ports:
+  - port: 80
+",
+    )?;
+    run.kube.set_ingress("baseline", "192.0.2.99")?;
+    wait_for(
+        "the baseline's status",
+        CONVERGE,
+        Duration::from_millis(50),
+        || {
+            Ok(run
+                .kube
+                .ingress("baseline")?
+                .contains(&"192.0.2.99".to_owned())
+                .then_some(()))
+        },
+    )?;
+    let took = now_ms() - start;
+    kubectl(&["delete", "service", "baseline"])?;
+    Ok(took)
+}
+
+/// The value in column `header` of the row named `name` of a `kubectl get` table.
+fn column(table: &str, name: &str, header: &str) -> Option<String> {
+    let mut lines = table.lines();
+    let index = lines.next()?.split_whitespace().position(|h| h == header)?;
+    lines
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|words| words.first() == Some(&name))
+        .and_then(|words| words.get(index).map(|w| (*w).to_owned()))
+}
+
+/// `count` requests from `ns` to `target`, one after another.
+fn ask(ns: &str, target: &str, count: usize) -> Result<Vec<Answer>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = exe.to_string_lossy().into_owned();
+    let count = count.to_string();
+    Ok(web::parse(&in_ns(ns, &[&exe, "ask", target, &count, "0"])?))
+}
+
+/// Waits until `count` requests in a row are all answered (kube-proxy and the director may
+/// still be catching up with a change), then returns those answers.
+fn ask_until_answered(ns: &str, target: &str, count: usize) -> Result<Vec<Answer>, String> {
+    wait_for(
+        &format!("answers from {target} in {ns}"),
+        CONVERGE,
+        POLL,
+        || {
+            let answers = ask(ns, target, count)?;
+            match answers.iter().find_map(|a| a.outcome.clone().err()) {
+                Some(e) => Err(e),
+                None if answers.len() == count => Ok(Some(answers)),
+                None => Err(format!("{} answers of {count}", answers.len())),
+            }
+        },
+    )
+}
+
+/// The node each answer came through (from the address the pod saw).
+fn via(answers: &[Answer]) -> Vec<&'static str> {
+    answers
+        .iter()
+        .map(|a| a.remote().and_then(node_of).unwrap_or("?"))
+        .collect()
+}
+
+/// `pod@node` for each answer (`pod@address` when the pod saw an address of no node), for the
+/// log.
+fn shown(answers: &[Answer]) -> String {
+    answers
+        .iter()
+        .map(|a| match (a.pod(), a.remote()) {
+            (Some(pod), Some(remote)) => match node_of(remote) {
+                Some(node) => format!("{pod}@{node}"),
+                None => format!("{pod}@{remote}"),
+            },
+            _ => "error".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The nodes must take turns, as `rr` over two destinations sends them.
+fn alternates(answers: &[Answer]) -> Result<(), String> {
+    let nodes = via(answers);
+    let turns = nodes.windows(2).all(|w| w[0] != w[1]);
+    let both = NODES.iter().all(|n| nodes.contains(&n.name));
+    if turns && both && !nodes.contains(&"?") {
+        Ok(())
+    } else {
+        Err(format!("the nodes did not take turns: {}", shown(answers)))
+    }
+}
+
+/// Step 2: round robin over both nodes, through the director and through kube-proxy.
+fn round_robin(_: &mut Run) -> Result<(), String> {
+    const N: usize = 24;
+    let key = format!("TCP {VIP}:80");
+    let before = witness::stats()?;
+    let hits_before: Vec<u64> = NODES
+        .iter()
+        .map(|n| witness::kube_proxy_hits(n.name, VIP, 80))
+        .collect::<Result<_, _>>()?;
+    let answers = ask(CLIENT, &format!("{VIP}:80"), N)?;
+    let after = witness::stats()?;
+    println!("round robin: {}", shown(&answers));
+    if let Some(e) = answers.iter().find_map(|a| a.outcome.clone().err()) {
+        return Err(format!("a request through the VIP failed: {e}"));
+    }
+    alternates(&answers)?;
+    let pods: BTreeSet<usize> = answers
+        .iter()
+        .filter_map(|a| PODS.iter().find(|p| Some(p.name) == a.pod()))
+        .map(|p| p.node)
+        .collect();
+    if pods.len() != NODES.len() {
+        return Err(format!(
+            "pods of only one node answered: {}",
+            shown(&answers)
+        ));
+    }
+    for (node, hits_before) in NODES.iter().zip(hits_before) {
+        let counted = witness::delta(&before, &after, &format!("{key} -> {}:80", node.v4));
+        if counted.conns != (N / 2) as u64 {
+            return Err(format!(
+                "ipvsadm counted {} connections to {}, not {}",
+                counted.conns,
+                node.name,
+                N / 2
+            ));
+        }
+        let hits = witness::kube_proxy_hits(node.name, VIP, 80)? - hits_before;
+        if hits != (N / 2) as u64 {
+            return Err(format!(
+                "kube-proxy's rules for {VIP}:80 on {} matched {hits} connections, not {}",
+                node.name,
+                N / 2
+            ));
+        }
+    }
+    let service = witness::delta(&before, &after, &key);
+    if service.out_pkts != 0 {
+        return Err(format!(
+            "the director saw {} answer packets: direct routing answers from the nodes",
+            service.out_pkts
+        ));
+    }
+    Ok(())
+}
+
+/// The destinations of `key`, once the director's table has it as `check` wants.
+fn table_until(
+    what: &str,
+    key: &str,
+    check: impl Fn(Option<&witness::Service>) -> bool,
+) -> Result<Option<witness::Service>, String> {
+    wait_for(what, CONVERGE, POLL, || {
+        let service = witness::service(key)?;
+        if check(service.as_ref()) {
+            Ok(Some(service))
+        } else {
+            Err(format!("{key}: {service:?}"))
+        }
+    })
+}
+
+/// Whether `service` sends to exactly the nodes `nodes` (by address) with weight 1 over
+/// `forward` to `port`.
+fn serves(service: Option<&witness::Service>, nodes: &[&str], port: u16, forward: &str) -> bool {
+    let Some(service) = service else {
+        return false;
+    };
+    let mut want: Vec<String> = nodes.iter().map(|n| endpoint(n, port)).collect();
+    want.sort();
+    let mut have: Vec<String> = service
+        .destinations
+        .iter()
+        .filter(|d| d.weight > 0 && d.forward == forward)
+        .map(|d| d.addr.clone())
+        .collect();
+    have.sort();
+    have == want && service.destinations.len() == nodes.len()
+}
+
+/// `addr:port`, bracketed for IPv6, as ipvsadm prints it.
+fn endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
+}
+
+fn both_nodes_v4() -> Vec<&'static str> {
+    NODES.iter().map(|n| n.v4).collect()
+}
+
+/// Step 3: the Service's port changes; the table follows.
+fn port_change(_: &mut Run) -> Result<(), String> {
+    let nodes = both_nodes_v4();
+    let set_port = |port: u16| {
+        kubectl(&[
+            "patch",
+            "service",
+            "whoami",
+            "--type=json",
+            "-p",
+            &format!(r#"[{{"op":"replace","path":"/spec/ports/0/port","value":{port}}}]"#),
+        ])
+    };
+    set_port(8080)?;
+    table_until(
+        "the virtual service on port 8080",
+        &format!("TCP {VIP}:8080"),
+        |s| serves(s, &nodes, 8080, "Route"),
+    )?;
+    table_until("port 80 gone", &format!("TCP {VIP}:80"), |s| s.is_none())?;
+    ask_until_answered(CLIENT, &format!("{VIP}:8080"), 4)?;
+    let old = ask(CLIENT, &format!("{VIP}:80"), 2)?;
+    if let Some(answer) = old.iter().find(|a| a.outcome.is_ok()) {
+        return Err(format!("the old port 80 still answered: {answer:?}"));
+    }
+    set_port(80)?;
+    table_until(
+        "the virtual service back on port 80",
+        &format!("TCP {VIP}:80"),
+        |s| serves(s, &nodes, 80, "Route"),
+    )?;
+    ask_until_answered(CLIENT, &format!("{VIP}:80"), 4).map(drop)
+}
+
+/// Step 4: node2 reported NotReady; new connections go to node1 only.
+fn node_not_ready(run: &mut Run) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = exe.to_string_lossy().into_owned();
+    let target = format!("{VIP}:80");
+    let key = format!("TCP {target}");
+    let poller = Background::start(
+        "not-ready",
+        Some(CLIENT),
+        &exe,
+        &["ask", &target, "0", "50"],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let written = now_ms();
+    run.kube.set_ready("node2", false)?;
+    let drained = table_until("node2 out of rotation", &key, |s| {
+        s.is_some_and(|s| {
+            s.destinations
+                .iter()
+                .all(|d| d.addr != endpoint(NODES[1].v4, 80) || d.weight == 0)
+        })
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let log = poller.stop(Duration::from_secs(1));
+    drained?;
+    let answers: Vec<Answer> = web::parse(&log)
+        .into_iter()
+        .filter(|a| a.at_ms >= written)
+        .collect();
+    let last_node2 = answers
+        .iter()
+        .zip(via(&answers))
+        .filter(|(_, node)| *node == "node2")
+        .map(|(a, _)| a.at_ms)
+        .max();
+    run.numbers.push(match last_node2 {
+        Some(at) => format!("node NotReady -> last answer from it = {} ms", at - written),
+        None => "node NotReady -> last answer from it = 0 ms (none after the write)".to_owned(),
+    });
+    let later: Vec<Answer> = answers
+        .iter()
+        .filter(|a| last_node2.is_none_or(|at| a.at_ms > at))
+        .cloned()
+        .collect();
+    if let Some(e) = answers.iter().find_map(|a| a.outcome.clone().err()) {
+        return Err(format!("a request failed while node2 left: {e}"));
+    }
+    if later.len() < 10 || via(&later).iter().any(|n| *n != "node1") {
+        return Err(format!(
+            "after node2's last answer, wanted 10 or more answers all through node1: {}",
+            shown(&later)
+        ));
+    }
+    println!("after NotReady: {}", shown(&later[..later.len().min(12)]));
+    run.kube.set_ready("node2", true)?;
+    let nodes = both_nodes_v4();
+    table_until("node2 back", &key, |s| serves(s, &nodes, 80, "Route"))?;
+    Ok(())
+}
+
+/// Step 5: `ipvsadm -C` wipes the table; the next full pass puts it back as planned.
+fn ipvsadm_clear(run: &mut Run) -> Result<(), String> {
+    let planned = witness::saved(VIP)?;
+    if planned.is_empty() {
+        return Err(format!(
+            "ipvsadm -S shows nothing for {VIP} before the clear"
+        ));
+    }
+    let cleared = now_ms();
+    sh("ipvsadm", &["-C"])?;
+    wait_for(
+        "the table repaired",
+        CONVERGE,
+        Duration::from_millis(50),
+        || {
+            let now = witness::saved(VIP)?;
+            if now == planned {
+                Ok(Some(()))
+            } else {
+                Err(format!("{now:?}, planned {planned:?}"))
+            }
+        },
+    )?;
+    run.numbers.push(format!(
+        "ipvsadm -C -> table repaired by the full pass = {} ms (--resync 3s)",
+        now_ms() - cleared
+    ));
+    // Its owner would put the foreign service back; the next step checks ipvslb leaves it.
+    sh("ipvsadm", &["-A", FOREIGN.0, FOREIGN.1, "-s", "rr"])?;
+    ask_until_answered(CLIENT, &format!("{VIP}:80"), 4).map(drop)
+}
+
+/// Step 6: the Service deleted; its virtual service and VIP leave, the foreign service stays.
+fn delete_the_service(_: &mut Run) -> Result<(), String> {
+    kubectl(&["delete", "service", "whoami"])?;
+    wait_for("the VIP gone from the kernel", CONVERGE, POLL, || {
+        let rules = witness::saved(VIP)?;
+        let addresses = witness::addresses("ipvslb0")?;
+        if rules.is_empty() && !addresses.iter().any(|a| a == VIP) {
+            Ok(Some(()))
+        } else {
+            Err(format!("rules {rules:?}, ipvslb0 {addresses:?}"))
+        }
+    })?;
+    let foreign = format!("TCP {}", FOREIGN.1);
+    if witness::service(&foreign)?.is_none() {
+        return Err(format!("the foreign service {foreign} is gone"));
+    }
+    Ok(())
+}
+
+fn set_forwarding(node_set: &str, forwarding: &str) -> Result<(), String> {
+    kubectl(&[
+        "patch",
+        "nodeset",
+        node_set,
+        "--type=merge",
+        "-p",
+        &format!(r#"{{"spec":{{"forwarding":"{forwarding}"}}}}"#),
+    ])
+    .map(drop)
+}
+
+/// Step 7a: masquerade to the NodePort, from a client beyond the director.
+fn masquerade(run: &mut Run) -> Result<(), String> {
+    set_forwarding("default", "Masquerade")?;
+    kubectl(&["apply", "-f", "/e2e/examples/whoami/whoami.yaml"])?;
+    wait_for("the EXTERNAL-IP of whoami again", CONVERGE, POLL, || {
+        Ok(run
+            .kube
+            .ingress("whoami")?
+            .contains(&VIP.to_owned())
+            .then_some(()))
+    })?;
+    let node_port: u16 = kubectl(&[
+        "get",
+        "service",
+        "whoami",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ])?
+    .trim()
+    .parse()
+    .map_err(|e| format!("the NodePort of whoami: {e}"))?;
+    let key = format!("TCP {VIP}:80");
+    table_until("masquerading to the NodePort", &key, |s| {
+        serves(s, &both_nodes_v4(), node_port, "Masq")
+    })?;
+    let target = format!("{VIP}:80");
+    ask_until_answered(REMOTE, &target, 2)?;
+    let before = witness::stats()?;
+    let answers = ask_until_answered(REMOTE, &target, 8)?;
+    let after = witness::stats()?;
+    println!("masquerade: {}", shown(&answers));
+    alternates(&answers)?;
+    let service = witness::delta(&before, &after, &key);
+    if service.out_pkts == 0 {
+        return Err("the director saw no answer packets, which masquerading needs".to_owned());
+    }
+    Ok(())
+}
+
+/// Step 7b: IP-in-IP to the nodes, which decapsulate on `tunl0`.
+fn tunnel(_: &mut Run) -> Result<(), String> {
+    for node in NODES {
+        hosts::accept_tunnel(node.name)?;
+    }
+    set_forwarding("default", "Tunnel")?;
+    let key = format!("TCP {VIP}:80");
+    table_until("tunnelling to the nodes", &key, |s| {
+        serves(s, &both_nodes_v4(), 80, "Tunnel")
+    })?;
+    let target = format!("{VIP}:80");
+    ask_until_answered(CLIENT, &target, 2)?;
+    let before = witness::stats()?;
+    let answers = ask_until_answered(CLIENT, &target, 8)?;
+    let after = witness::stats()?;
+    println!("tunnel: {}", shown(&answers));
+    alternates(&answers)?;
+    if witness::delta(&before, &after, &key).out_pkts != 0 {
+        return Err("answers passed the director; a tunnel answers from the node".to_owned());
+    }
+    set_forwarding("default", "DirectRouting")?;
+    table_until("direct routing again", &key, |s| {
+        serves(s, &both_nodes_v4(), 80, "Route")
+    })
+    .map(drop)
+}
+
+/// Step 8: the dual-stack example's IPv6 VIP, over direct routing.
+fn ipv6(run: &mut Run) -> Result<(), String> {
+    let example = std::fs::read_to_string("/e2e/examples/dual-stack/dual-stack.yaml")
+        .map_err(|e| format!("reading the dual-stack example: {e}"))?;
+    // Its Nodes describe the same two nodes; the test's own (with labels) stay as they are.
+    let without_nodes: Vec<&str> = example
+        .split("\n---\n")
+        .filter(|doc| !doc.lines().any(|l| l == "kind: Node"))
+        .collect();
+    apply(&without_nodes.join("\n---\n"))?;
+    set_forwarding("dual", "DirectRouting")?;
+    apply(&cluster::slice_yaml("web", "https", Family::V6, &PODS))?;
+    apply(&cluster::slice_yaml("web", "https", Family::V4, &PODS))?;
+    let vip6 = wait_for("an IPv6 EXTERNAL-IP for web", CONVERGE, POLL, || {
+        Ok(run
+            .kube
+            .ingress("web")?
+            .into_iter()
+            .find(|a| a.contains(':')))
+    })?;
+    let key = format!("TCP [{vip6}]:443");
+    let nodes: Vec<&str> = NODES.iter().map(|n| n.v6).collect();
+    table_until("the IPv6 virtual service", &key, |s| {
+        serves(s, &nodes, 443, "Route")
+    })?;
+    let target = format!("[{vip6}]:443");
+    ask_until_answered(CLIENT, &target, 2)?;
+    let before = witness::stats()?;
+    let answers = ask_until_answered(CLIENT, &target, 8)?;
+    let after = witness::stats()?;
+    println!("ipv6 {vip6}: {}", shown(&answers));
+    alternates(&answers)?;
+    if witness::delta(&before, &after, &key).out_pkts != 0 {
+        return Err("IPv6 answers passed the director".to_owned());
+    }
+    Ok(())
+}
+
+/// Step 9: `externalTrafficPolicy: Local` with pods on node1 only.
+fn local_traffic_policy(run: &mut Run) -> Result<(), String> {
+    apply(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: whoami-local
+  namespace: default
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector:
+    app: whoami
+  ports:
+  - name: web
+    port: 80
+    protocol: TCP
+",
+    )?;
+    apply(&cluster::slice_yaml(
+        "whoami-local",
+        "web",
+        Family::V4,
+        &cluster::pods_on(0),
+    ))?;
+    let vip = wait_for("the EXTERNAL-IP of whoami-local", CONVERGE, POLL, || {
+        Ok(run
+            .kube
+            .ingress("whoami-local")?
+            .into_iter()
+            .find(|a| !a.contains(':')))
+    })?;
+    let key = format!("TCP {vip}:80");
+    table_until("node1 only", &key, |s| {
+        serves(s, &[NODES[0].v4], 80, "Route")
+    })?;
+    let answers = ask_until_answered(CLIENT, &format!("{vip}:80"), 6)?;
+    println!("local {vip}: {}", shown(&answers));
+    let client: std::net::IpAddr = CLIENT_V4.parse().map_err(|e| format!("{e}"))?;
+    for answer in &answers {
+        let on_node1 = PODS
+            .iter()
+            .any(|p| p.node == 0 && Some(p.name) == answer.pod());
+        if !on_node1 || answer.remote() != Some(client) {
+            return Err(format!(
+                "wanted node1's pods seeing the client's own address {client}: {answer:?}"
+            ));
+        }
+    }
+    Ok(())
+}

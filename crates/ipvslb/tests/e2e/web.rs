@@ -1,0 +1,147 @@
+//! whoami, the demo's pods: an HTTP server that answers with its name and the address the
+//! request came from, and the client that asks it through the VIP.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `whoami NAME ADDR:PORT...`: serves until killed.
+pub fn serve(args: &[String]) -> Result<(), String> {
+    let (name, addrs) = args.split_first().ok_or("whoami NAME ADDR:PORT...")?;
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        let listener = TcpListener::bind(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || answer(&name, stream));
+            }
+        }));
+    }
+    println!("ready");
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+/// Reads the request head and answers as traefik/whoami does (the lines the test reads).
+fn answer(name: &str, mut stream: TcpStream) {
+    let remote = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut request = String::new();
+    if let Ok(clone) = stream.try_clone() {
+        let mut reader = BufReader::new(clone);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+            request.push_str(&line);
+            line.clear();
+        }
+    }
+    let first = request.lines().next().unwrap_or_default();
+    let body = format!("Hostname: {name}\nRemoteAddr: {remote}\n{first}\n");
+    let _ = write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// One answer seen by the client.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// When the request started, in milliseconds since the epoch.
+    pub at_ms: u128,
+    /// The pod and the address it saw, or what went wrong.
+    pub outcome: Result<(String, IpAddr), String>,
+}
+
+impl Answer {
+    pub fn pod(&self) -> Option<&str> {
+        self.outcome.as_ref().ok().map(|(pod, _)| pod.as_str())
+    }
+    pub fn remote(&self) -> Option<IpAddr> {
+        self.outcome.as_ref().ok().map(|(_, remote)| *remote)
+    }
+}
+
+/// Milliseconds since the epoch: the clock shared by every process in the VM.
+pub fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+/// `ask ADDR:PORT COUNT EVERY_MS`: makes COUNT requests (0: until killed), one every EVERY_MS,
+/// printing a line per answer: `<ms> ok <pod> <remote>` or `<ms> err <what>`.
+pub fn ask(args: &[String]) -> Result<(), String> {
+    let [addr, count, every] = args else {
+        return Err("ask ADDR:PORT COUNT EVERY_MS".to_owned());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: u64 = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let every = Duration::from_millis(every.parse().map_err(|e| format!("{every}: {e}"))?);
+    let mut done = 0;
+    while count == 0 || done < count {
+        let at = now_ms();
+        match get(addr) {
+            Ok((pod, remote)) => println!("{at} ok {pod} {remote}"),
+            Err(e) => println!("{at} err {}", e.replace('\n', " ")),
+        }
+        done += 1;
+        std::thread::sleep(every);
+    }
+    Ok(())
+}
+
+/// One `GET /` to `addr`: the pod's name and the address it saw.
+fn get(addr: SocketAddr) -> Result<(String, IpAddr), String> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).ok();
+    write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("reading: {e}"))?;
+    let field = |name: &str| {
+        response
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_owned)
+    };
+    let pod = field("Hostname:").ok_or_else(|| format!("no Hostname in {response:?}"))?;
+    let remote = field("RemoteAddr:").ok_or_else(|| format!("no RemoteAddr in {response:?}"))?;
+    let remote: SocketAddr = remote.parse().map_err(|e| format!("{remote}: {e}"))?;
+    Ok((pod, remote.ip()))
+}
+
+/// Parses the lines [`ask`] printed.
+pub fn parse(output: &str) -> Vec<Answer> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.splitn(3, ' ');
+            let at_ms = words.next()?.parse().ok()?;
+            let outcome = match words.next()? {
+                "ok" => {
+                    let rest = words.next()?;
+                    let (pod, remote) = rest.split_once(' ')?;
+                    Ok((pod.to_owned(), remote.parse().ok()?))
+                }
+                _ => Err(words.next().unwrap_or_default().to_owned()),
+            };
+            Some(Answer { at_ms, outcome })
+        })
+        .collect()
+}

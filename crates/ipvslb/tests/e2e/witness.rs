@@ -1,0 +1,168 @@
+//! What the kernel says, read with the independent tools: `ipvsadm` for the director's table
+//! and counters, `iptables-save` for kube-proxy's rules on a node, `ip` for the VIPs.
+
+use std::collections::BTreeMap;
+
+use crate::hosts::{in_ns, sh};
+
+/// A virtual service as `ipvsadm -L -n` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// `TCP 10.240.0.210:80`.
+    pub key: String,
+    pub scheduler: String,
+    pub destinations: Vec<Destination>,
+}
+
+/// A destination line: `10.240.0.101:80 Route 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub addr: String,
+    pub forward: String,
+    pub weight: u32,
+}
+
+/// The director's table.
+pub fn table() -> Result<Vec<Service>, String> {
+    Ok(parse_table(&sh("ipvsadm", &["-L", "-n"])?))
+}
+
+/// The virtual service `key` (`TCP 10.240.0.210:80`), if the kernel has it.
+pub fn service(key: &str) -> Result<Option<Service>, String> {
+    Ok(table()?.into_iter().find(|s| s.key == key))
+}
+
+fn parse_table(text: &str) -> Vec<Service> {
+    let mut services: Vec<Service> = Vec::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["->", addr, forward, weight, ..] if *addr != "RemoteAddress:Port" => {
+                if let Some(service) = services.last_mut() {
+                    service.destinations.push(Destination {
+                        addr: (*addr).to_owned(),
+                        forward: (*forward).to_owned(),
+                        weight: weight.parse().unwrap_or(0),
+                    });
+                }
+            }
+            [protocol @ ("TCP" | "UDP" | "SCTP"), addr, scheduler, ..] => services.push(Service {
+                key: format!("{protocol} {addr}"),
+                scheduler: (*scheduler).to_owned(),
+                destinations: Vec::new(),
+            }),
+            _ => {}
+        }
+    }
+    services
+}
+
+/// Counters of a virtual service or destination: connections, packets in and out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub conns: u64,
+    pub in_pkts: u64,
+    pub out_pkts: u64,
+}
+
+/// Counters by `TCP 10.240.0.210:80` for services and `TCP 10.240.0.210:80 -> 10.240.0.101:80`
+/// for their destinations, once every packet so far is in them: this kernel sums its per-CPU
+/// counters into the totals it reports only on its 2-second estimation timer.
+pub fn stats() -> Result<BTreeMap<String, Counters>, String> {
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    Ok(parse_stats(&sh(
+        "ipvsadm",
+        &["-L", "-n", "--stats", "--exact"],
+    )?))
+}
+
+fn parse_stats(text: &str) -> BTreeMap<String, Counters> {
+    let mut all = BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let numbers = |rest: &[&str]| -> Option<Counters> {
+            Some(Counters {
+                conns: rest.first()?.parse().ok()?,
+                in_pkts: rest.get(1)?.parse().ok()?,
+                out_pkts: rest.get(2)?.parse().ok()?,
+            })
+        };
+        match words.as_slice() {
+            ["->", addr, rest @ ..] => {
+                if let Some(counters) = numbers(rest) {
+                    all.insert(format!("{current} -> {addr}"), counters);
+                }
+            }
+            [protocol @ ("TCP" | "UDP" | "SCTP"), addr, rest @ ..] => {
+                current = format!("{protocol} {addr}");
+                if let Some(counters) = numbers(rest) {
+                    all.insert(current.clone(), counters);
+                }
+            }
+            _ => {}
+        }
+    }
+    all
+}
+
+/// The change of each counter from `before` to `after`.
+pub fn delta(
+    before: &BTreeMap<String, Counters>,
+    after: &BTreeMap<String, Counters>,
+    key: &str,
+) -> Counters {
+    let b = before.get(key).copied().unwrap_or_default();
+    let a = after.get(key).copied().unwrap_or_default();
+    Counters {
+        conns: a.conns.saturating_sub(b.conns),
+        in_pkts: a.in_pkts.saturating_sub(b.in_pkts),
+        out_pkts: a.out_pkts.saturating_sub(b.out_pkts),
+    }
+}
+
+/// `ipvsadm -S -n` lines that mention `vip` (the table as rules, for comparing two moments).
+pub fn saved(vip: &str) -> Result<Vec<String>, String> {
+    let text = sh("ipvsadm", &["-S", "-n"])?;
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(vip))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    Ok(lines)
+}
+
+/// The addresses on the director's interface `dev`.
+pub fn addresses(dev: &str) -> Result<Vec<String>, String> {
+    let text = sh("ip", &["-o", "addr", "show", "dev", dev])?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet" || *w == "inet6")?;
+            Some(words.next()?.split('/').next()?.to_owned())
+        })
+        .collect())
+}
+
+/// Packets counted by kube-proxy's NAT rules on `node` that match `vip` and `port`: rules of
+/// the `nat` table see the first packet of each connection, so this counts connections.
+pub fn kube_proxy_hits(node: &str, vip: &str, port: u16) -> Result<u64, String> {
+    let text = in_ns(node, &["iptables-save", "-c", "-t", "nat"])?;
+    Ok(rule_hits(
+        &text,
+        &format!("-d {vip}/32"),
+        &format!("--dport {port} "),
+    ))
+}
+
+fn rule_hits(text: &str, dest: &str, port: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.contains(dest) && l.contains(port))
+        .filter_map(|l| {
+            let counters = l.strip_prefix('[')?.split(']').next()?;
+            counters.split(':').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
