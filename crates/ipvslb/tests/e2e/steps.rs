@@ -78,7 +78,15 @@ pub fn run() -> Result<(), String> {
         println!("e2e: {line}");
     }
     if let Some(director) = run.director.take() {
-        director.stop(Duration::from_secs(10));
+        // Whatever the director found worth a warning during the run, for the reader.
+        let log = director.stop(Duration::from_secs(10));
+        for line in log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .take(20)
+        {
+            println!("ipvslb log: {line}");
+        }
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
