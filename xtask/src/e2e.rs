@@ -116,29 +116,19 @@ struct Built {
 
 fn build_binaries() -> Result<Built, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(cargo)
-        .args([
-            "test",
-            "-p",
-            "ipvslb",
-            "--features",
-            "ipvslb/e2e-tests",
-            "--locked",
-        ])
-        .args(["--test", "e2e", "--no-run", "--message-format=json"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !output.status.success() {
-        return Err("building the end-to-end binaries failed".to_owned());
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let executables: Vec<PathBuf> = stdout
-        .lines()
-        .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
-        .filter_map(|line| xtask::json_string(line, "executable"))
-        .map(PathBuf::from)
-        .collect();
+    let executables = crate::vm::executables(
+        Command::new(cargo)
+            .args([
+                "test",
+                "-p",
+                "ipvslb",
+                "--features",
+                "ipvslb/e2e-tests",
+                "--locked",
+            ])
+            .args(["--test", "e2e", "--no-run", "--message-format=json"]),
+        "the end-to-end binaries",
+    )?;
     let named = |prefix: &str| {
         executables
             .iter()

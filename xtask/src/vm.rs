@@ -158,19 +158,8 @@ fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
         Mode::Test => command.args(["--test", "kernel_*"]),
         Mode::Bench => command.args(["--release", "--test", "kernel_bench"]),
     };
-    let output = command
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| format!("running cargo: {e}"))?;
-    if !output.status.success() {
-        return Err("building the kernel test binaries failed".to_owned());
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let mut binaries: Vec<PathBuf> = stdout
-        .lines()
-        .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
-        .filter_map(|line| xtask::json_string(line, "executable"))
-        .map(PathBuf::from)
+    let mut binaries: Vec<PathBuf> = executables(&mut command, "the kernel test binaries")?
+        .into_iter()
         .filter(|path| {
             path.file_name()
                 .and_then(|n| n.to_str())
@@ -184,6 +173,23 @@ fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
         return Err("cargo built no kernel_* test binary".to_owned());
     }
     Ok(binaries)
+}
+
+/// Runs a `cargo ... --message-format=json` build and returns the executables it produced.
+pub fn executables(command: &mut Command, what: &str) -> Result<Vec<PathBuf>, String> {
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !output.status.success() {
+        return Err(format!("building {what} failed"));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(|line| xtask::json_string(line, "executable"))
+        .map(PathBuf::from)
+        .collect())
 }
 
 /// Runs `command`, failing with its name when it does not succeed.

@@ -153,6 +153,15 @@ fn sysctl(ns: Option<&str>, setting: &str) -> Result<(), String> {
     }
 }
 
+/// A bridge `name` in `ns` with an address of each family, up.
+fn bridge(ns: Option<&str>, name: &str, v4: &str, v6: &str) -> Result<(), String> {
+    ip(ns, &format!("link add {name} type bridge"))?;
+    ip(ns, &format!("addr add {v4} dev {name}"))?;
+    // No duplicate address detection: the test hosts are alone on their links.
+    ip(ns, &format!("addr add {v6} dev {name} nodad"))?;
+    ip(ns, &format!("link set {name} up"))
+}
+
 /// Builds every namespace, link, address and route of the picture above.
 pub fn build() -> Result<(), String> {
     // qemu's user network: the only way out is the API server's forwarded address. The card
@@ -166,10 +175,12 @@ pub fn build() -> Result<(), String> {
     }
     ip(None, "link set eth0 up")?;
     ip(None, "addr add 10.0.2.15/24 dev eth0")?;
-    ip(None, "link add br0 type bridge")?;
-    ip(None, &format!("addr add {DIRECTOR_V4}/24 dev br0"))?;
-    ip(None, &format!("addr add {DIRECTOR_V6}/64 dev br0 nodad"))?;
-    ip(None, "link set br0 up")?;
+    bridge(
+        None,
+        "br0",
+        &format!("{DIRECTOR_V4}/24"),
+        &format!("{DIRECTOR_V6}/64"),
+    )?;
     // Masquerading needs the director to forward the nodes' answers; it must not tell the
     // nodes to go around it.
     sysctl(None, "net.ipv4.ip_forward=1")?;
@@ -215,10 +226,12 @@ pub fn build() -> Result<(), String> {
         ip(ns, &format!("-6 route add default via {DIRECTOR_V6}"))?;
         sysctl(ns, "net.ipv4.ip_forward=1")?;
         sysctl(ns, "net.ipv6.conf.all.forwarding=1")?;
-        ip(ns, "link add cbr0 type bridge")?;
-        ip(ns, &format!("addr add 10.32.{n}.1/24 dev cbr0"))?;
-        ip(ns, &format!("addr add fd00:10:32:{n}::1/64 dev cbr0 nodad"))?;
-        ip(ns, "link set cbr0 up")?;
+        bridge(
+            ns,
+            "cbr0",
+            &format!("10.32.{n}.1/24"),
+            &format!("fd00:10:32:{n}::1/64"),
+        )?;
         for (j, other) in NODES.iter().enumerate() {
             if i != j {
                 let m = other.pod_net;

@@ -201,15 +201,7 @@ fn apply_the_demo(run: &mut Run) -> Result<(), String> {
     kubectl(&["apply", "-f", "/e2e/examples/whoami/pool.yaml"])?;
 
     let baseline = baseline(run)?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let exe = exe.to_string_lossy().into_owned();
-    let target = format!("{VIP}:80");
-    let poller = Background::start(
-        "first-answer",
-        Some(CLIENT),
-        &exe,
-        &["ask", &target, "0", "100"],
-    )?;
+    let poller = poller("first-answer", &format!("{VIP}:80"), 100)?;
     let applied = now_ms();
     kubectl(&["apply", "-f", "/e2e/examples/whoami/whoami.yaml"])?;
     wait_for(
@@ -311,6 +303,15 @@ fn column(table: &str, name: &str, header: &str) -> Option<String> {
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .find(|words| words.first() == Some(&name))
         .and_then(|words| words.get(index).map(|w| (*w).to_owned()))
+}
+
+/// A client in `client` asking `target` every `every_ms` until stopped; its answers are in its
+/// log.
+fn poller(name: &str, target: &str, every_ms: u32) -> Result<Background, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = exe.to_string_lossy().into_owned();
+    let every = every_ms.to_string();
+    Background::start(name, Some(CLIENT), &exe, &["ask", target, "0", &every])
 }
 
 /// `count` requests from `ns` to `target`, one after another.
@@ -514,16 +515,8 @@ fn port_change(_: &mut Run) -> Result<(), String> {
 
 /// Step 4: node2 reported NotReady; new connections go to node1 only.
 fn node_not_ready(run: &mut Run) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let exe = exe.to_string_lossy().into_owned();
-    let target = format!("{VIP}:80");
-    let key = format!("TCP {target}");
-    let poller = Background::start(
-        "not-ready",
-        Some(CLIENT),
-        &exe,
-        &["ask", &target, "0", "50"],
-    )?;
+    let key = format!("TCP {VIP}:80");
+    let poller = poller("not-ready", &format!("{VIP}:80"), 50)?;
     std::thread::sleep(Duration::from_secs(1));
     let written = now_ms();
     run.kube.set_ready("node2", false)?;
@@ -635,6 +628,23 @@ fn set_forwarding(node_set: &str, forwarding: &str) -> Result<(), String> {
     .map(drop)
 }
 
+/// Eight requests from `ns` to `target` once it answers, which must take turns between the
+/// nodes; returns how the director's counters of `key` moved meanwhile.
+fn taking_turns(
+    label: &str,
+    ns: &str,
+    target: &str,
+    key: &str,
+) -> Result<witness::Counters, String> {
+    ask_until_answered(ns, target, 2)?;
+    let before = witness::stats()?;
+    let answers = ask_until_answered(ns, target, 8)?;
+    let after = witness::stats()?;
+    println!("{label}: {}", shown(&answers));
+    alternates(&answers)?;
+    Ok(witness::delta(&before, &after, key))
+}
+
 /// Step 7a: masquerade to the NodePort, from a client beyond the director.
 fn masquerade(run: &mut Run) -> Result<(), String> {
     set_forwarding("default", "Masquerade")?;
@@ -660,14 +670,7 @@ fn masquerade(run: &mut Run) -> Result<(), String> {
     table_until("masquerading to the NodePort", &key, |s| {
         serves(s, &both_nodes_v4(), node_port, "Masq")
     })?;
-    let target = format!("{VIP}:80");
-    ask_until_answered(REMOTE, &target, 2)?;
-    let before = witness::stats()?;
-    let answers = ask_until_answered(REMOTE, &target, 8)?;
-    let after = witness::stats()?;
-    println!("masquerade: {}", shown(&answers));
-    alternates(&answers)?;
-    let service = witness::delta(&before, &after, &key);
+    let service = taking_turns("masquerade", REMOTE, &format!("{VIP}:80"), &key)?;
     if service.out_pkts == 0 {
         return Err("the director saw no answer packets, which masquerading needs".to_owned());
     }
@@ -684,14 +687,7 @@ fn tunnel(_: &mut Run) -> Result<(), String> {
     table_until("tunnelling to the nodes", &key, |s| {
         serves(s, &both_nodes_v4(), 80, "Tunnel")
     })?;
-    let target = format!("{VIP}:80");
-    ask_until_answered(CLIENT, &target, 2)?;
-    let before = witness::stats()?;
-    let answers = ask_until_answered(CLIENT, &target, 8)?;
-    let after = witness::stats()?;
-    println!("tunnel: {}", shown(&answers));
-    alternates(&answers)?;
-    if witness::delta(&before, &after, &key).out_pkts != 0 {
+    if taking_turns("tunnel", CLIENT, &format!("{VIP}:80"), &key)?.out_pkts != 0 {
         return Err("answers passed the director; a tunnel answers from the node".to_owned());
     }
     set_forwarding("default", "DirectRouting")?;
@@ -726,14 +722,8 @@ fn ipv6(run: &mut Run) -> Result<(), String> {
     table_until("the IPv6 virtual service", &key, |s| {
         serves(s, &nodes, 443, "Route")
     })?;
-    let target = format!("[{vip6}]:443");
-    ask_until_answered(CLIENT, &target, 2)?;
-    let before = witness::stats()?;
-    let answers = ask_until_answered(CLIENT, &target, 8)?;
-    let after = witness::stats()?;
-    println!("ipv6 {vip6}: {}", shown(&answers));
-    alternates(&answers)?;
-    if witness::delta(&before, &after, &key).out_pkts != 0 {
+    let label = format!("ipv6 {vip6}");
+    if taking_turns(&label, CLIENT, &format!("[{vip6}]:443"), &key)?.out_pkts != 0 {
         return Err("IPv6 answers passed the director".to_owned());
     }
     Ok(())
