@@ -4,7 +4,7 @@
 //! with qemu's user network in `restrict=on` mode, so the guest reaches nothing but the one
 //! forwarded address `10.0.2.100:6443`, which qemu hands, connection by connection, to
 //! `xtask relay` and so to the API server on the host's loopback. Inside the VM the orchestrator
-//! (`crates/ipvslb/tests/e2e.rs`) builds the test hosts as network namespaces, starts
+//! (`crates/ipvslb/tests/e2e/`) builds the test hosts as network namespaces, starts
 //! `ipvslb run`, a real `kube-proxy` on each node, and the pods, and runs the steps.
 
 use std::io::{Read, Write};
@@ -17,15 +17,20 @@ use xtask::apiserver::{build, server};
 
 use crate::vm::{boot, initramfs, install_missing, kernel};
 
-/// The address and port the guest dials for the API server (qemu's `guestfwd`).
+/// The address and port the guest dials for the API server (qemu's `guestfwd`; the guest's
+/// relay, `tests/e2e/relay.rs`, dials the same).
 const GUEST_API: &str = "10.0.2.100:6443";
 
-/// The director's address on the nodes' segment, where the guest's own relay listens for the
-/// nodes' kube-proxy.
+/// The director's address on the nodes' segment (`hosts::DIRECTOR_V4` in the guest), where the
+/// guest's relay listens for the nodes' kube-proxy.
 const DIRECTOR_API: &str = "10.240.0.6:6443";
 
-/// Modules the run needs beyond IPVS: the virtual network card, IP-in-IP for the tunnel step.
-const MODULES: [&str; 5] = ["virtio_net", "virtio_pci", "ipip", "tunnel4", "ip_tunnel"];
+/// Modules the run needs beyond IPVS: the virtual network card, IP-in-IP for the tunnel step
+/// (which loads it as a node's operator would).
+const MODULES: [&str; 3] = ["virtio_net", "virtio_pci", "ipip"];
+
+/// The modules `/init` loads before the run: the network card's.
+const LOADED: [&str; 2] = ["virtio_pci", "virtio_net"];
 
 /// Module folders taken whole: every netfilter module kube-proxy's rules may load.
 const MODULE_DIRS: [&str; 3] = ["net/netfilter", "net/ipv4/netfilter", "net/ipv6/netfilter"];
@@ -82,15 +87,26 @@ pub fn run(args: &[String]) -> Result<(), String> {
     );
 
     let outcome = boot_guest(&kernel, &cache, &guest, &api, &bins, &built);
-    // The API server stops whatever the VM did.
-    let stopped = api.stop();
+    // The API server stops whatever the VM did; its logs stay when the run failed.
+    let stopped = match &outcome {
+        Ok(o) if o.status == 0 => api.stop(),
+        _ => {
+            eprintln!("e2e: the API server's logs stay in {}", api.dir.display());
+            api.stop_keeping_logs()
+        }
+    };
     let outcome = outcome?;
     stopped?;
 
     let summary: Vec<&String> = outcome
         .lines
         .iter()
-        .filter(|l| l.starts_with("ok ") || l.starts_with("FAILED ") || l.starts_with("e2e: "))
+        .filter(|l| {
+            ["ok ", "FAILED ", "e2e: ", "round robin: "]
+                .iter()
+                .any(|p| l.starts_with(p))
+                || l.contains(" passed, ")
+        })
         .collect();
     println!("== e2e summary (whole run {:.1?})", started.elapsed());
     for line in summary {
@@ -156,12 +172,7 @@ fn boot_guest(
 ) -> Result<boot::Outcome, String> {
     let admin = std::fs::read_to_string(&api.kubeconfig)
         .map_err(|e| format!("reading {}: {e}", api.kubeconfig.display()))?;
-    let port = api
-        .url
-        .rsplit(':')
-        .next()
-        .ok_or_else(|| format!("no port in {}", api.url))?
-        .to_owned();
+    let port = api.url.rsplit(':').next().unwrap_or_default().to_owned();
     // The director dials its own relay on loopback, the nodes the relay on the director's
     // address; the certificate names 127.0.0.1, so the nodes say which name to check.
     write(
@@ -179,7 +190,7 @@ fn boot_guest(
     )?;
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut contents = initramfs::Contents {
+    let contents = initramfs::Contents {
         name: "e2e".to_owned(),
         tests: vec![built.e2e.clone(), built.ipvslb.clone()],
         programs: vec![
@@ -206,16 +217,21 @@ fn boot_guest(
             .collect(),
         modules: MODULES.iter().map(|m| (*m).to_owned()).collect(),
         module_dirs: MODULE_DIRS.iter().map(|d| (*d).to_owned()).collect(),
-        run: String::new(),
+        run: format!(
+            "for m in {}; do modprobe $m || echo \"vm: modprobe $m failed\"; done\n/tests/e2e run || status=$?\n",
+            LOADED.join(" ")
+        ),
     };
-    contents.run = format!(
-        "for m in {}; do modprobe $m || echo \"vm: modprobe $m failed\"; done\n/tests/e2e run || status=$?\n",
-        MODULES.join(" ")
-    );
     let initrd = initramfs::build(cache, kernel, &contents)?;
 
     let xtask = std::env::current_exe().map_err(|e| format!("finding xtask itself: {e}"))?;
-    let (guest_ip, guest_port) = GUEST_API.split_once(':').unwrap_or((GUEST_API, "6443"));
+    let (guest_ip, guest_port) = GUEST_API.split_once(':').unwrap_or_default();
+    if xtask.to_string_lossy().contains([',', ' ']) {
+        return Err(format!(
+            "qemu's -nic option cannot carry the path {} (a comma or space in it)",
+            xtask.display()
+        ));
+    }
     let machine = boot::Machine {
         memory_mib: 3072,
         cpus: 2,

@@ -125,6 +125,11 @@ impl Server {
         self.shutdown(false)
     }
 
+    /// Stops both processes and removes the state directory's contents but the logs.
+    pub fn stop_keeping_logs(mut self) -> Result<(), String> {
+        self.shutdown(true)
+    }
+
     fn shutdown(&mut self, keep_logs: bool) -> Result<(), String> {
         // Newest first: kube-apiserver, then the etcd it depends on.
         for (name, mut child) in self.children.drain(..).rev() {

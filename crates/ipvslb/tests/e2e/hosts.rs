@@ -314,6 +314,8 @@ impl Background {
         };
         let child = command
             .args(args)
+            // Plain log lines, for reading back.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -20,7 +20,6 @@ pub fn serve(args: &[String]) -> Result<(), String> {
             }
         }));
     }
-    println!("ready");
     for thread in threads {
         let _ = thread.join();
     }
@@ -58,7 +57,7 @@ fn answer(name: &str, mut stream: TcpStream) {
 /// One answer seen by the client.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    /// When the request started, in milliseconds since the epoch.
+    /// When the answer (or the failure) came, in milliseconds since the epoch.
     pub at_ms: u128,
     /// The pod and the address it saw, or what went wrong.
     pub outcome: Result<(String, IpAddr), String>,
@@ -90,10 +89,17 @@ pub fn ask(args: &[String]) -> Result<(), String> {
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let count: u64 = count.parse().map_err(|e| format!("{count}: {e}"))?;
     let every = Duration::from_millis(every.parse().map_err(|e| format!("{every}: {e}"))?);
+    // A poller must not sit in one attempt long: its lines time what it saw.
+    let connect = if every.is_zero() {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(500)
+    };
     let mut done = 0;
     while count == 0 || done < count {
+        let answer = get(addr, connect);
         let at = now_ms();
-        match get(addr) {
+        match answer {
             Ok((pod, remote)) => println!("{at} ok {pod} {remote}"),
             Err(e) => println!("{at} err {}", e.replace('\n', " ")),
         }
@@ -104,9 +110,9 @@ pub fn ask(args: &[String]) -> Result<(), String> {
 }
 
 /// One `GET /` to `addr`: the pod's name and the address it saw.
-fn get(addr: SocketAddr) -> Result<(String, IpAddr), String> {
+fn get(addr: SocketAddr, connect: Duration) -> Result<(String, IpAddr), String> {
     let timeout = Duration::from_secs(2);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect_timeout(&addr, connect).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(timeout)).ok();
     write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut response = String::new();

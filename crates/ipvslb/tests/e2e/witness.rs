@@ -37,16 +37,22 @@ fn parse_table(text: &str) -> Vec<Service> {
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["->", addr, forward, weight, ..] if *addr != "RemoteAddress:Port" => {
-                if let Some(service) = services.last_mut() {
+            ["->", addr, forward, weight, ..] => {
+                // The header line has no number where the weight goes.
+                if let (Some(service), Ok(weight)) = (services.last_mut(), weight.parse()) {
                     service.destinations.push(Destination {
                         addr: (*addr).to_owned(),
                         forward: (*forward).to_owned(),
-                        weight: weight.parse().unwrap_or(0),
+                        weight,
                     });
                 }
             }
-            [protocol @ ("TCP" | "UDP" | "SCTP"), addr, scheduler, ..] => services.push(Service {
+            [
+                protocol @ ("TCP" | "UDP" | "SCTP" | "FWM"),
+                addr,
+                scheduler,
+                ..,
+            ] => services.push(Service {
                 key: format!("{protocol} {addr}"),
                 scheduler: (*scheduler).to_owned(),
                 destinations: Vec::new(),
@@ -57,23 +63,35 @@ fn parse_table(text: &str) -> Vec<Service> {
     services
 }
 
-/// Counters of a virtual service or destination: connections, packets in and out.
+/// Counters of a virtual service or destination: connections, and packets out (IPVS counts the
+/// answers it sees, which only masquerading shows it).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
     pub conns: u64,
-    pub in_pkts: u64,
     pub out_pkts: u64,
 }
 
 /// Counters by `TCP 10.240.0.210:80` for services and `TCP 10.240.0.210:80 -> 10.240.0.101:80`
 /// for their destinations, once every packet so far is in them: this kernel sums its per-CPU
-/// counters into the totals it reports only on its 2-second estimation timer.
+/// counters into the totals it reports only on its 2-second estimation timer, so they are read
+/// until two readings a timer period apart agree.
 pub fn stats() -> Result<BTreeMap<String, Counters>, String> {
-    std::thread::sleep(std::time::Duration::from_millis(2500));
-    Ok(parse_stats(&sh(
-        "ipvsadm",
-        &["-L", "-n", "--stats", "--exact"],
-    )?))
+    let read = || -> Result<_, String> {
+        Ok(parse_stats(&sh(
+            "ipvsadm",
+            &["-L", "-n", "--stats", "--exact"],
+        )?))
+    };
+    let mut last = read()?;
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        let now = read()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Err("ipvsadm's counters did not settle within 11 s".to_owned())
 }
 
 fn parse_stats(text: &str) -> BTreeMap<String, Counters> {
@@ -84,7 +102,6 @@ fn parse_stats(text: &str) -> BTreeMap<String, Counters> {
         let numbers = |rest: &[&str]| -> Option<Counters> {
             Some(Counters {
                 conns: rest.first()?.parse().ok()?,
-                in_pkts: rest.get(1)?.parse().ok()?,
                 out_pkts: rest.get(2)?.parse().ok()?,
             })
         };
@@ -106,18 +123,22 @@ fn parse_stats(text: &str) -> BTreeMap<String, Counters> {
     all
 }
 
-/// The change of each counter from `before` to `after`.
+/// The change of each counter of `key` from `before` to `after`; an error when either reading
+/// lacks it or a counter went down (the entry was replaced in between).
 pub fn delta(
     before: &BTreeMap<String, Counters>,
     after: &BTreeMap<String, Counters>,
     key: &str,
-) -> Counters {
-    let b = before.get(key).copied().unwrap_or_default();
-    let a = after.get(key).copied().unwrap_or_default();
-    Counters {
-        conns: a.conns.saturating_sub(b.conns),
-        in_pkts: a.in_pkts.saturating_sub(b.in_pkts),
-        out_pkts: a.out_pkts.saturating_sub(b.out_pkts),
+) -> Result<Counters, String> {
+    let (Some(b), Some(a)) = (before.get(key), after.get(key)) else {
+        return Err(format!("ipvsadm --stats has no {key} in both readings"));
+    };
+    match (
+        a.conns.checked_sub(b.conns),
+        a.out_pkts.checked_sub(b.out_pkts),
+    ) {
+        (Some(conns), Some(out_pkts)) => Ok(Counters { conns, out_pkts }),
+        _ => Err(format!("the counters of {key} went down: {b:?} then {a:?}")),
     }
 }
 
@@ -144,6 +165,63 @@ pub fn addresses(dev: &str) -> Result<Vec<String>, String> {
             Some(words.next()?.split('/').next()?.to_owned())
         })
         .collect())
+}
+
+/// The comment of the counting rules the run adds.
+const FORWARDED: &str = "e2e-forwarded";
+const TO_CLIENT: &str = "e2e-to-client";
+
+/// Counting rules (no target: they only count) for telling the paths apart: every packet the
+/// director forwards through its IP stack, and every packet a node sends to `client` on its
+/// segment. kube-proxy leaves built-in chains' other rules alone.
+pub fn add_path_counters(nodes: &[&str], client: (&str, &str)) -> Result<(), String> {
+    for tool in ["iptables", "ip6tables"] {
+        sh(
+            tool,
+            &["-A", "FORWARD", "-m", "comment", "--comment", FORWARDED],
+        )?;
+    }
+    for node in nodes {
+        for (tool, addr) in [("iptables", client.0), ("ip6tables", client.1)] {
+            in_ns(
+                node,
+                &[
+                    tool,
+                    "-t",
+                    "mangle",
+                    "-A",
+                    "POSTROUTING",
+                    "-o",
+                    "eth0",
+                    "-d",
+                    addr,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    TO_CLIENT,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Packets the director has forwarded through its IP stack (both families).
+pub fn forwarded() -> Result<u64, String> {
+    let mut total = 0;
+    for tool in ["iptables-save", "ip6tables-save"] {
+        total += rule_hits(&sh(tool, &["-c", "-t", "filter"])?, FORWARDED, "");
+    }
+    Ok(total)
+}
+
+/// Packets `node` has sent straight to the client (both families).
+pub fn sent_to_client(node: &str) -> Result<u64, String> {
+    let mut total = 0;
+    for tool in ["iptables-save", "ip6tables-save"] {
+        total += rule_hits(&in_ns(node, &[tool, "-c", "-t", "mangle"])?, TO_CLIENT, "");
+    }
+    Ok(total)
 }
 
 /// Packets counted by kube-proxy's NAT rules on `node` that match `vip` and `port`: rules of
