@@ -144,37 +144,55 @@ pub struct Persistence {
     pub timeout_seconds: u32,
 }
 
-/// A node health check.
+/// A node health check, run by every director against each destination it programs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type == 'HTTP' || (!has(self.path) && !has(self.host))",
+        "message": "path and host are for HTTP checks"
+    }
+]))]
 pub struct HealthCheck {
     /// What to probe.
     #[serde(rename = "type")]
     pub kind: HealthCheckType,
-    /// The port to probe; absent: the Service port (or NodePort under masquerade).
+    /// Which port of the node to probe; `port` overrides it.
+    #[serde(default)]
+    pub target: HealthCheckTarget,
+    /// A fixed port to probe on every node (a node agent's, say), whatever `target` says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
-    /// The HTTP path, for `HTTP` checks.
+    /// The HTTP path, for `HTTP` checks (default `/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = 1024), regex(pattern = r"^/"))]
     pub path: Option<String>,
-    /// Seconds between probes.
+    /// The HTTP `Host` header, for `HTTP` checks (default: the node's address and port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub host: Option<String>,
+    /// Time between two probes of one destination, such as `500ms` or `5s` (10 ms to 1 h).
+    /// Each destination's probes are spread over the interval, with a jitter of a tenth of it.
     #[serde(default = "default_interval")]
-    #[schemars(range(min = 1, max = 3600))]
-    pub interval_seconds: u32,
-    /// Seconds before one probe fails.
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub interval: String,
+    /// How long one probe may take before it counts as failed, such as `1s`; at most the
+    /// interval.
     #[serde(default = "default_timeout")]
-    #[schemars(range(min = 1, max = 3600))]
-    pub timeout_seconds: u32,
-    /// Successes in a row that bring a node back.
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub timeout: String,
+    /// Successes in a row that bring a failed destination back.
     #[serde(default = "default_rise")]
     #[schemars(range(min = 1, max = 100))]
     pub rise: u32,
-    /// Failures in a row that take a node out.
+    /// Failures in a row that take a destination out (weight 0, then removed once drained).
     #[serde(default = "default_fall")]
     #[schemars(range(min = 1, max = 100))]
     pub fall: u32,
+    /// What happens when every destination of a virtual service fails its checks.
+    #[serde(default)]
+    pub all_down: AllDown,
 }
 
 /// The kind of health check.
@@ -186,6 +204,35 @@ pub enum HealthCheckType {
     HTTP,
     /// No check: the Node's Ready condition alone decides.
     None,
+}
+
+/// Which port of a node a check probes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum HealthCheckTarget {
+    /// The Service's `healthCheckNodePort` for `externalTrafficPolicy: Local` (kube-proxy
+    /// answers 200 only where the node has a ready endpoint, as cloud load balancers probe),
+    /// else the port's NodePort when it has one (kube-proxy's path to a pod), else the port
+    /// the destination receives.
+    #[default]
+    Auto,
+    /// The port's NodePort.
+    NodePort,
+    /// The Service port (for nodes that serve the VIP themselves).
+    ServicePort,
+    /// The Service's `healthCheckNodePort` (only Services with `externalTrafficPolicy: Local`
+    /// have one; the others fall back to `Auto`).
+    HealthCheckNodePort,
+}
+
+/// What a virtual service does when all its destinations fail their checks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AllDown {
+    /// Keep every destination (fail open, as keepalived does): a check that fails everywhere
+    /// at once more likely says something about the check or the director than the nodes.
+    #[default]
+    KeepAll,
+    /// Remove them all: new connections are refused.
+    Withdraw,
 }
 
 /// What ipvslb has made of a NodeSet.
@@ -203,12 +250,12 @@ pub struct NodeSetStatus {
     pub conditions: Vec<Condition>,
 }
 
-fn default_interval() -> u32 {
-    5
+fn default_interval() -> String {
+    "5s".to_owned()
 }
 
-fn default_timeout() -> u32 {
-    2
+fn default_timeout() -> String {
+    "2s".to_owned()
 }
 
 fn default_rise() -> u32 {

@@ -53,6 +53,7 @@ fn inputs() -> (
         scheduler: Scheduler::Rr,
         flags: ServiceFlags::empty(),
         persistence: None,
+        health: None,
     };
     let services = (0..SERVICES)
         .map(|i| PlannedService {
@@ -72,6 +73,7 @@ fn inputs() -> (
             traffic_policy: TrafficPolicy::Cluster,
             scheduler: None,
             ready_endpoints: BTreeMap::new(),
+            health_check_node_port: None,
         })
         .collect();
     (services, vec![pool], vec![set], nodes)

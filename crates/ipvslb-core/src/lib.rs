@@ -5,6 +5,7 @@
 //! Time, when needed, comes in as an argument; results go out as data for the caller to act on.
 
 pub mod alloc;
+pub mod health;
 pub mod model;
 pub mod plan;
 pub mod range;

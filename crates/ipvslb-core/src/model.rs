@@ -275,6 +275,43 @@ pub struct NodeSetSpec {
     pub flags: ServiceFlags,
     /// Persistence timeout in seconds, if persistent.
     pub persistence: Option<u32>,
+    /// How the directors check the nodes, if they do.
+    pub health: Option<HealthPolicy>,
+}
+
+/// A NodeSet's health check: the check and where it points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// The probe and its timing.
+    pub check: crate::health::Check,
+    /// Which port of a node.
+    pub target: CheckTarget,
+    /// A fixed port, overriding `target`.
+    pub port: Option<u16>,
+    /// What a virtual service does when all its destinations fail.
+    pub all_down: AllDown,
+}
+
+/// Which port of a node a check probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckTarget {
+    /// `healthCheckNodePort` for Local Services, else the NodePort, else the destination port.
+    Auto,
+    /// The NodePort (else the destination port).
+    NodePort,
+    /// The Service port.
+    ServicePort,
+    /// `healthCheckNodePort` (else as `Auto`).
+    HealthCheckNodePort,
+}
+
+/// What a virtual service does when all its destinations fail their checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllDown {
+    /// Keeps them all (fail open).
+    KeepAll,
+    /// Drops them all.
+    Withdraw,
 }
 
 /// A Node as the core sees it.
@@ -332,4 +369,6 @@ pub struct PlannedService {
     pub scheduler: Option<Scheduler>,
     /// Ready endpoints per node name (from EndpointSlices), for [`TrafficPolicy::Local`].
     pub ready_endpoints: BTreeMap<String, u32>,
+    /// `spec.healthCheckNodePort` (Local Services only), which kube-proxy serves.
+    pub health_check_node_port: Option<u16>,
 }

@@ -2,16 +2,17 @@
 //! director must hold. One virtual service per (VIP, protocol, port); one destination per usable
 //! node of the pool's NodeSet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipvslb_ipvs::{
     Destination, ForwardingMethod, ServiceFlags, ServiceKey, Table, VirtualService, host_prefix,
 };
 
+use crate::health::Target;
 use crate::model::{
-    Forwarding, IpFamily, NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName,
-    ServicePort, TrafficPolicy,
+    AllDown, CheckTarget, Forwarding, HealthPolicy, IpFamily, NodeInfo, NodeSetSpec,
+    PlannedService, PoolSpec, ServiceName, ServicePort, TrafficPolicy,
 };
 
 /// The well-known label that keeps a node out of every external load balancer.
@@ -27,6 +28,8 @@ pub struct Plan {
     pub problems: Vec<PlanProblem>,
     /// Which Service each virtual service is for.
     pub owners: BTreeMap<ServiceKey, ServiceName>,
+    /// What each Service's destinations are checked by (NodeSets with a health check only).
+    pub targets: BTreeMap<ServiceName, BTreeSet<Target>>,
 }
 
 /// A Service that could not be planned in full.
@@ -104,6 +107,19 @@ pub fn plan(
     node_sets: &[NodeSetSpec],
     nodes: &[NodeInfo],
 ) -> Plan {
+    plan_checked(services, pools, node_sets, nodes, &BTreeSet::new())
+}
+
+/// [`plan`], leaving out the destinations whose health-check target is in `down` (all of a
+/// virtual service's are kept when all are down and the NodeSet says
+/// [`AllDown::KeepAll`]).
+pub fn plan_checked(
+    services: &[PlannedService],
+    pools: &[PoolSpec],
+    node_sets: &[NodeSetSpec],
+    nodes: &[NodeInfo],
+    down: &BTreeSet<Target>,
+) -> Plan {
     let pools: BTreeMap<&str, &PoolSpec> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
     let backends: BTreeMap<&str, (&NodeSetSpec, Vec<Backend>)> = node_sets
         .iter()
@@ -161,12 +177,30 @@ pub fn plan(
                 };
                 plan.owners.insert(key, service.name.clone());
                 let virtual_service = virtual_service(key, service, set);
-                plan.table.insert(
-                    virtual_service,
-                    dests.iter().map(|(addr, method, weight)| {
+                let mut kept: Vec<Destination> = dests
+                    .iter()
+                    .map(|(addr, method, weight)| {
                         Destination::new(*addr, dest_port, *method, *weight)
-                    }),
-                );
+                    })
+                    .collect();
+                if let Some(policy) = &set.health {
+                    let target = |addr: IpAddr| Target {
+                        address: addr,
+                        port: check_port(policy, service, port, dest_port),
+                        check: policy.check.clone(),
+                    };
+                    let targets = plan.targets.entry(service.name.clone()).or_default();
+                    targets.extend(kept.iter().map(|d| target(d.address)));
+                    let healthy: Vec<Destination> = kept
+                        .iter()
+                        .filter(|d| !down.contains(&target(d.address)))
+                        .cloned()
+                        .collect();
+                    if !healthy.is_empty() || policy.all_down == AllDown::Withdraw {
+                        kept = healthy;
+                    }
+                }
+                plan.table.insert(virtual_service, kept);
             }
         }
     }
@@ -238,6 +272,30 @@ fn destination_port(forwarding: Forwarding, port: &ServicePort) -> Option<u16> {
     }
 }
 
+/// The node port a check of `port`'s destinations probes.
+fn check_port(
+    policy: &HealthPolicy,
+    service: &PlannedService,
+    port: &ServicePort,
+    dest_port: u16,
+) -> u16 {
+    if let Some(fixed) = policy.port {
+        return fixed;
+    }
+    let auto = || {
+        service
+            .health_check_node_port
+            .filter(|_| service.traffic_policy == TrafficPolicy::Local)
+            .or(port.node_port)
+            .unwrap_or(dest_port)
+    };
+    match policy.target {
+        CheckTarget::Auto | CheckTarget::HealthCheckNodePort => auto(),
+        CheckTarget::NodePort => port.node_port.unwrap_or(dest_port),
+        CheckTarget::ServicePort => port.port,
+    }
+}
+
 fn virtual_service(key: ServiceKey, service: &PlannedService, set: &NodeSetSpec) -> VirtualService {
     let scheduler = service
         .scheduler
@@ -304,6 +362,7 @@ mod tests {
             scheduler: Scheduler::Rr,
             flags: ServiceFlags::empty(),
             persistence: None,
+            health: None,
         }
     }
 
@@ -324,6 +383,7 @@ mod tests {
             traffic_policy: TrafficPolicy::Cluster,
             scheduler: None,
             ready_endpoints: BTreeMap::new(),
+            health_check_node_port: None,
         }
     }
 
@@ -358,6 +418,108 @@ mod tests {
                 (ip("10.240.0.102"), 80, ForwardingMethod::Route, 1)
             ]
         );
+    }
+
+    fn checked(set: NodeSetSpec, all_down: AllDown, port: Option<u16>) -> NodeSetSpec {
+        NodeSetSpec {
+            health: Some(HealthPolicy {
+                check: crate::health::Check {
+                    probe: crate::health::Probe::Tcp,
+                    interval: std::time::Duration::from_millis(500),
+                    timeout: std::time::Duration::from_millis(250),
+                    rise: 2,
+                    fall: 3,
+                },
+                target: CheckTarget::Auto,
+                port,
+                all_down,
+            }),
+            ..set
+        }
+    }
+
+    fn down_at(set: &NodeSetSpec, addrs: &[(&str, u16)]) -> BTreeSet<Target> {
+        let check = set.health.as_ref().map(|h| h.check.clone()).unwrap();
+        addrs
+            .iter()
+            .map(|(a, port)| Target {
+                address: ip(a),
+                port: *port,
+                check: check.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_destination_whose_check_is_down_is_left_out_and_the_others_stay() {
+        let nodes = [
+            node("node1", &["10.240.0.101"]),
+            node("node2", &["10.240.0.102"]),
+        ];
+        let set = checked(node_set(Forwarding::DirectRouting), AllDown::KeepAll, None);
+        let whoami = service("whoami", &["10.240.0.210"], &[(80, Some(31220))]);
+        // Auto probes the NodePort when the Service has one.
+        let down = down_at(&set, &[("10.240.0.102", 31220)]);
+        let pools = [pool("pool", "default")];
+        let plan = plan_checked(&[whoami], &pools, &[set], &nodes, &down);
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        assert_eq!(
+            dests(&plan, key),
+            vec![(ip("10.240.0.101"), 80, ForwardingMethod::Route, 1)]
+        );
+        let name = ServiceName::new("default", "whoami");
+        assert_eq!(
+            plan.targets[&name]
+                .iter()
+                .map(|t| (t.address, t.port))
+                .collect::<Vec<_>>(),
+            vec![(ip("10.240.0.101"), 31220), (ip("10.240.0.102"), 31220)],
+            "both are still checked, so the down one can come back"
+        );
+    }
+
+    #[test]
+    fn when_every_check_is_down_keep_all_fails_open_and_withdraw_empties_the_service() {
+        let nodes = [
+            node("node1", &["10.240.0.101"]),
+            node("node2", &["10.240.0.102"]),
+        ];
+        let whoami = service("whoami", &["10.240.0.210"], &[(80, None)]);
+        let key = ServiceKey::addr(ip("10.240.0.210"), Protocol::Tcp, 80);
+        let pools = [pool("pool", "default")];
+        for (all_down, left) in [(AllDown::KeepAll, 2), (AllDown::Withdraw, 0)] {
+            // A fixed port: one probe per node, whatever the Service.
+            let set = checked(node_set(Forwarding::DirectRouting), all_down, Some(8081));
+            let down = down_at(&set, &[("10.240.0.101", 8081), ("10.240.0.102", 8081)]);
+            let plan = plan_checked(&[whoami.clone()], &pools, &[set], &nodes, &down);
+            assert_eq!(dests(&plan, key).len(), left, "{all_down:?}");
+            assert!(
+                plan.table.services.contains_key(&key),
+                "the service itself stays"
+            );
+        }
+    }
+
+    #[test]
+    fn a_local_service_is_checked_on_its_health_check_node_port() {
+        let nodes = [node("node1", &["10.240.0.101"])];
+        let mut local = service("local", &["10.240.0.211"], &[(80, Some(31220))]);
+        local.traffic_policy = TrafficPolicy::Local;
+        local.health_check_node_port = Some(32000);
+        local.ready_endpoints = [("node1".to_owned(), 1)].into();
+        let set = checked(node_set(Forwarding::DirectRouting), AllDown::KeepAll, None);
+        let plan = plan_checked(
+            &[local],
+            &[pool("pool", "default")],
+            &[set],
+            &nodes,
+            &BTreeSet::new(),
+        );
+        let ports: Vec<u16> = plan.targets[&ServiceName::new("default", "local")]
+            .iter()
+            .map(|t| t.port)
+            .collect();
+        assert_eq!(ports, vec![32000]);
     }
 
     #[test]

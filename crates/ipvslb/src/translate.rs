@@ -3,15 +3,17 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipvslb_api::{
     ANNOTATION_ALLOW_SHARED_IP, ANNOTATION_LOAD_BALANCER_IPS, ANNOTATION_POOL,
     ANNOTATION_SCHEDULER, IPPool, LABEL_SERVICE_NAME, NodeSet, SchedulerFlag, SchedulerName,
 };
+use ipvslb_core::health::{Check, Probe};
 use ipvslb_core::{
-    FamilyPolicy, Forwarding, IpFamily, NodeAddressType, NodeInfo, NodeSetSpec, PoolRole, PoolSpec,
-    PortKey, Requested, Requirement, Selector, ServiceAllocation, ServiceClaim, ServiceName,
-    ServicePort, TrafficPolicy,
+    AllDown, CheckTarget, FamilyPolicy, Forwarding, HealthPolicy, IpFamily, NodeAddressType,
+    NodeInfo, NodeSetSpec, PoolRole, PoolSpec, PortKey, Requested, Requirement, Selector,
+    ServiceAllocation, ServiceClaim, ServiceName, ServicePort, TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
 use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
@@ -297,6 +299,9 @@ pub fn planned_service(
                 })
             })
             .collect(),
+        health_check_node_port: spec
+            .health_check_node_port
+            .and_then(|n| u16::try_from(n).ok()),
         traffic_policy: match spec.external_traffic_policy.as_deref() {
             Some("Local") => TrafficPolicy::Local,
             _ => TrafficPolicy::Cluster,
@@ -486,7 +491,77 @@ pub fn node_set(set: &NodeSet) -> Result<NodeSetSpec, Invalid> {
         scheduler,
         flags,
         persistence: spec.persistence.map(|p| p.timeout_seconds),
+        health: health_policy(&name, spec.health_check.as_ref())?,
     })
+}
+
+/// The NodeSet's health check as the planner takes it; `None` when there is none to run.
+fn health_policy(
+    name: &str,
+    check: Option<&ipvslb_api::HealthCheck>,
+) -> Result<Option<HealthPolicy>, Invalid> {
+    let Some(check) = check else {
+        return Ok(None);
+    };
+    let invalid = |field: &str, message: String| Invalid {
+        kind: "NodeSet",
+        name: name.to_owned(),
+        field: format!("spec.healthCheck.{field}"),
+        message,
+    };
+    let duration = |field: &str, text: &str| {
+        humantime::parse_duration(text).map_err(|e| {
+            invalid(
+                field,
+                format!("{text:?} is no duration such as 500ms or 5s: {e}"),
+            )
+        })
+    };
+    let interval = duration("interval", &check.interval)?;
+    let timeout = duration("timeout", &check.timeout)?;
+    if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&interval) {
+        return Err(invalid(
+            "interval",
+            format!("{} is outside 10ms to 1h", check.interval),
+        ));
+    }
+    if timeout.is_zero() || timeout > interval {
+        return Err(invalid(
+            "timeout",
+            format!(
+                "{} must be above zero and at most the interval ({})",
+                check.timeout, check.interval
+            ),
+        ));
+    }
+    let probe = match check.kind {
+        ipvslb_api::HealthCheckType::None => return Ok(None),
+        ipvslb_api::HealthCheckType::TCP => Probe::Tcp,
+        ipvslb_api::HealthCheckType::HTTP => Probe::Http {
+            path: check.path.clone().unwrap_or_else(|| "/".to_owned()),
+            host: check.host.clone(),
+        },
+    };
+    Ok(Some(HealthPolicy {
+        check: Check {
+            probe,
+            interval,
+            timeout,
+            rise: check.rise.max(1),
+            fall: check.fall.max(1),
+        },
+        target: match check.target {
+            ipvslb_api::HealthCheckTarget::Auto => CheckTarget::Auto,
+            ipvslb_api::HealthCheckTarget::NodePort => CheckTarget::NodePort,
+            ipvslb_api::HealthCheckTarget::ServicePort => CheckTarget::ServicePort,
+            ipvslb_api::HealthCheckTarget::HealthCheckNodePort => CheckTarget::HealthCheckNodePort,
+        },
+        port: check.port,
+        all_down: match check.all_down {
+            ipvslb_api::AllDown::KeepAll => AllDown::KeepAll,
+            ipvslb_api::AllDown::Withdraw => AllDown::Withdraw,
+        },
+    }))
 }
 
 fn scheduler(name: SchedulerName) -> Scheduler {

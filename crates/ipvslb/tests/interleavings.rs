@@ -142,6 +142,7 @@ impl World {
             scheduler: self.scheduler.clone(),
             flags: ServiceFlags::empty(),
             persistence: None,
+            health: None,
         }]
     }
 
@@ -186,6 +187,7 @@ impl World {
             traffic_policy: TrafficPolicy::Cluster,
             scheduler: None,
             ready_endpoints: BTreeMap::new(),
+            health_check_node_port: None,
         })
     }
 
