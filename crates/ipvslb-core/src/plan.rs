@@ -491,7 +491,7 @@ mod tests {
             // A fixed port: one probe per node, whatever the Service.
             let set = checked(node_set(Forwarding::DirectRouting), all_down, Some(8081));
             let down = down_at(&set, &[("10.240.0.101", 8081), ("10.240.0.102", 8081)]);
-            let plan = plan_checked(&[whoami.clone()], &pools, &[set], &nodes, &down);
+            let plan = plan_checked(std::slice::from_ref(&whoami), &pools, &[set], &nodes, &down);
             assert_eq!(dests(&plan, key).len(), left, "{all_down:?}");
             assert!(
                 plan.table.services.contains_key(&key),
