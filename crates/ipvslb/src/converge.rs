@@ -18,6 +18,9 @@ use tracing::debug;
 
 use crate::dataplane::{self, Dataplane};
 
+/// How often a draining destination's connection counts are looked at again.
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
+
 /// What one convergence did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -499,7 +502,7 @@ impl<D: Dataplane> Converger<D> {
     }
 
     /// Diffs with draining: destinations that left `desired` go to weight 0 and stay there
-    /// until their grace period is over.
+    /// until their grace period is over or the kernel counts no connection to them.
     fn apply_diff(
         &self,
         state: &mut State,
@@ -526,8 +529,17 @@ impl<D: Dataplane> Converger<D> {
                     continue;
                 }
                 let started = *state.draining.entry((*key, *dest_key)).or_insert(now);
-                let deadline = started + self.grace;
-                if now < deadline {
+                let mut deadline = started + self.grace;
+                // The kernel counts the destination's connections: once none is left, active
+                // or not, there is nothing to wait for. Until then, look again soon.
+                if let Some(stats) = entry.destination_stats.get(dest_key) {
+                    if stats.active_connections == 0 && stats.inactive_connections == 0 {
+                        deadline = now;
+                    } else {
+                        deadline = deadline.min(now + DRAIN_CHECK);
+                    }
+                }
+                if now < deadline && started + self.grace > now {
                     let mut kept = dest.clone();
                     kept.weight = 0;
                     wanted.destinations.insert(*dest_key, kept);
@@ -732,6 +744,35 @@ mod tests {
         );
         let kernel = c.dataplane().table().unwrap();
         assert_eq!(kernel.services[&k].destinations.len(), 2, "still draining");
+    }
+
+    #[test]
+    fn a_draining_destination_goes_as_soon_as_the_kernel_counts_no_connection_to_it() {
+        let c = Converger::new(Memory::default(), Duration::from_secs(30));
+        let k = key("10.240.0.210", 80);
+        let t0 = Instant::now();
+        let both = table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]);
+        let one_left = table(&[(k, &[("10.0.0.1", 1)])]);
+        let leaving = ipvslb_ipvs::DestKey {
+            address: ip("10.0.0.2"),
+            port: 80,
+        };
+        converge(&c, "web", &both, t0);
+        c.dataplane().set_connections(k, leaving, 1, 2).unwrap();
+        let draining = converge(&c, "web", &one_left, t0 + Duration::from_secs(1));
+        assert_eq!(
+            draining.next_drain_deadline,
+            Some(t0 + Duration::from_secs(2)),
+            "with connections left, it looks again within a second, not at the end of the grace"
+        );
+        let kernel = c.dataplane().table().unwrap();
+        assert_eq!(kernel.services[&k].destinations[&leaving].weight, 0);
+        c.dataplane().set_connections(k, leaving, 0, 0).unwrap();
+        let gone = converge(&c, "web", &one_left, t0 + Duration::from_secs(2));
+        assert_eq!(gone.ops.get("del_dest"), Some(&1));
+        assert_eq!(gone.next_drain_deadline, None);
+        let kernel = c.dataplane().table().unwrap();
+        assert!(!kernel.services[&k].destinations.contains_key(&leaving));
     }
 
     #[test]

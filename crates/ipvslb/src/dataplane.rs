@@ -91,6 +91,23 @@ impl Memory {
         Ok(())
     }
 
+    /// Sets the connection counts of a destination, as the kernel would report them.
+    pub fn set_connections(
+        &self,
+        key: ServiceKey,
+        destination: ipvslb_ipvs::DestKey,
+        active: u32,
+        inactive: u32,
+    ) -> Result<(), Error> {
+        let mut table = self.table.lock().map_err(|_| Error::Poisoned)?;
+        if let Some(entry) = table.services.get_mut(&key) {
+            let stats = entry.destination_stats.entry(destination).or_default();
+            stats.active_connections = active;
+            stats.inactive_connections = inactive;
+        }
+        Ok(())
+    }
+
     /// A snapshot of the table.
     pub fn table(&self) -> Result<Table, Error> {
         self.table

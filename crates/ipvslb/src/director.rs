@@ -6,12 +6,13 @@
 //! pass at start and every `resync` collects owned entries no Service claims (deleted while the
 //! director was down) and repairs drift (someone ran `ipvsadm -C`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_core::health::Target;
 use ipvslb_core::plan::{PlanError, PlanProblem};
 use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
@@ -28,6 +29,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::cached::CachedService;
 use crate::converge::{Converger, Failure, Generation, Owned, Report};
 use crate::dataplane::{self, Dataplane};
+use crate::health::Checks;
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
@@ -75,6 +77,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// How many Services are reconciled at once.
     pub concurrency: u16,
+    /// The health checks' prober.
+    pub probes: crate::health::Config,
 }
 
 /// What reconciles share.
@@ -92,6 +96,8 @@ pub struct Context<D> {
     /// Services whose part of the plan another Service's converge may have changed.
     requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
     claims: Claims,
+    /// What the plans check, and what is down.
+    checks: Arc<Checks>,
 }
 
 /// Everything the planner needs, translated from the caches.
@@ -122,6 +128,14 @@ pub async fn run<D: Dataplane>(
     let (nodes, nodes_writer) = reflector::store();
     let (slices, slices_writer) = reflector::store();
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
+    let checks = Arc::new(Checks::default());
+    let _prober = crate::AbortOnDrop(tokio::spawn(crate::health::run(
+        checks.clone(),
+        config.probes,
+        requeue_tx.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )));
     let ctx = Arc::new(Context {
         converger: Arc::new(Converger::new(dataplane, config.drain_grace)),
         config,
@@ -134,6 +148,7 @@ pub async fn run<D: Dataplane>(
         warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         requeue: requeue_tx,
         claims: Claims::default(),
+        checks,
     });
 
     let on_delete = ctx.clone();
@@ -200,17 +215,29 @@ pub async fn run<D: Dataplane>(
     crate::drive("director", results, &health).await;
 }
 
-/// The part of the plan of `services` that is `name`'s, and its problems: the table a
-/// per-Service converge of `name` applies. `services` holds `name` and the Services sharing its
-/// VIPs, so that of two claiming one virtual service the same one wins here as in the full pass.
+/// `name`'s part of a plan.
+#[derive(Debug, Default)]
+pub struct Part {
+    /// The table a per-Service converge of it applies.
+    pub table: Table,
+    /// Why some of it could not be planned.
+    pub problems: Vec<PlanProblem>,
+    /// What its destinations are checked by.
+    pub targets: BTreeSet<Target>,
+}
+
+/// The part of the plan of `services` that is `name`'s, leaving out destinations whose check
+/// is `down`. `services` holds `name` and the Services sharing its VIPs, so that of two
+/// claiming one virtual service the same one wins here as in the full pass.
 pub fn part_of(
     name: &ServiceName,
     services: &[PlannedService],
     pools: &[PoolSpec],
     node_sets: &[NodeSetSpec],
     nodes: &[NodeInfo],
-) -> (Table, Vec<PlanProblem>) {
-    let plan = ipvslb_core::plan::plan(services, pools, node_sets, nodes);
+    down: &BTreeSet<Target>,
+) -> Part {
+    let mut plan = ipvslb_core::plan::plan_checked(services, pools, node_sets, nodes, down);
     let mut table = plan.table;
     table
         .services
@@ -220,7 +247,11 @@ pub fn part_of(
         .into_iter()
         .filter(|p| &p.service == name)
         .collect();
-    (table, problems)
+    Part {
+        table,
+        problems,
+        targets: plan.targets.remove(name).unwrap_or_default(),
+    }
 }
 
 fn names(services: &[Service]) -> Vec<ServiceName> {
@@ -314,7 +345,12 @@ async fn reconcile<D: Dataplane>(
         let service = cached.to_service();
         let mut claim = ctx.planned(&service, &view, BTreeMap::new());
         let peers = ctx.sharing_peers(&service, &view);
-        let (desired, problems) = ctx.desired_for(&service, &peers, &view);
+        let Part {
+            table: desired,
+            problems,
+            targets,
+        } = ctx.desired_for(&service, &peers, &view);
+        ctx.checks.register(&name, targets);
         for problem in &problems {
             if let PlanError::Collision { .. } = problem.error {
                 ctx.warn(&service, "PortCollision", problem.error.to_string())
@@ -473,12 +509,7 @@ impl<D: Dataplane> Context<D> {
     }
 
     /// This Service's part of the plan ([`part_of`]), and its problems.
-    fn desired_for(
-        &self,
-        service: &Service,
-        peers: &[PlannedService],
-        view: &View,
-    ) -> (Table, Vec<PlanProblem>) {
+    fn desired_for(&self, service: &Service, peers: &[PlannedService], view: &View) -> Part {
         let name = translate::service_name(service);
         let endpoints = translate::ready_endpoints(
             self.slices
@@ -493,11 +524,18 @@ impl<D: Dataplane> Context<D> {
         .remove(&name)
         .unwrap_or_default();
         let Some(planned) = self.planned(service, view, endpoints) else {
-            return (Table::new(), Vec::new());
+            return Part::default();
         };
         let mut services = peers.to_vec();
         services.push(planned);
-        part_of(&name, &services, &view.pools, &view.node_sets, &view.nodes)
+        part_of(
+            &name,
+            &services,
+            &view.pools,
+            &view.node_sets,
+            &view.nodes,
+            &self.checks.down(),
+        )
     }
 
     /// The other Services on `planned`'s VIPs. Only Services that allow sharing can have any,
@@ -546,6 +584,7 @@ impl<D: Dataplane> Context<D> {
             let view = self.view();
             let peers = names(&self.sharing(&deleted.to_service()));
             self.claims.changed(&name, None);
+            self.checks.register(&name, BTreeSet::new());
             // Created again meanwhile: the new Service's reconcile converges from what the old
             // one held, and removing it here would undo that reconcile if it came first.
             if self
@@ -621,7 +660,14 @@ impl<D: Dataplane> Context<D> {
                 )
             })
             .collect();
-        let plan = ipvslb_core::plan::plan(&planned, &view.pools, &view.node_sets, &view.nodes);
+        let plan = ipvslb_core::plan::plan_checked(
+            &planned,
+            &view.pools,
+            &view.node_sets,
+            &view.nodes,
+            &self.checks.down(),
+        );
+        self.checks.register_all(plan.targets.clone());
         for problem in &plan.problems {
             debug!(service = %problem.service, error = %problem.error, "planned in part");
         }

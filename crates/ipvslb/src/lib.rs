@@ -9,6 +9,7 @@ pub mod cached;
 pub mod converge;
 pub mod dataplane;
 pub mod director;
+pub mod health;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;

@@ -36,6 +36,13 @@ pub struct Metrics {
     pub services_pending: Gauge,
     /// Kernel writes the director's full pass made (drift repaired, stale entries collected).
     pub full_pass_repairs: Counter,
+    /// Per health-check target (node address and port): 1 up, 0 down. One series per target
+    /// this director checks: nodes times the distinct ports their checks probe.
+    pub backend_up: Family<Labels, Gauge>,
+    /// Health transitions per target and new state.
+    pub backend_transitions: Family<Labels, Counter>,
+    /// How long probes took (failed ones included, up to their timeout).
+    pub probe_duration: Histogram,
     /// 1 while `/readyz` would answer 200; set as `/metrics` is rendered.
     ready: Gauge,
     /// Liveness and readiness. Here because every loop already holds the metrics.
@@ -102,6 +109,24 @@ impl Metrics {
             "Kernel writes the director's full pass made: drift repaired, stale entries collected",
             full_pass_repairs.clone(),
         );
+        let backend_up = Family::<Labels, Gauge>::default();
+        registry.register(
+            "backend_up",
+            "1 while a health-check target (node address, port) passes its checks, 0 while down",
+            backend_up.clone(),
+        );
+        let backend_transitions = Family::<Labels, Counter>::default();
+        registry.register(
+            "backend_transitions",
+            "Health transitions of check targets, by new state",
+            backend_transitions.clone(),
+        );
+        let probe_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "probe_duration_seconds",
+            "Health probe durations",
+            probe_duration.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -114,6 +139,9 @@ impl Metrics {
             services_pending,
             full_pass_repairs,
             ready,
+            backend_up,
+            backend_transitions,
+            probe_duration,
             pool_addresses,
             assignments,
             reconcile_duration,

@@ -94,6 +94,9 @@ pub struct RunArgs {
     /// without releasing. The leader stops acting at two thirds of it without a renewal.
     #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
+    /// At most this many health probes run at once (the rest wait their turn).
+    #[arg(long, env = "IPVSLB_MAX_PROBES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_probes: u32,
     /// After SIGTERM, how long in-flight work may take before the process exits regardless.
     #[arg(long, env = "IPVSLB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
@@ -178,6 +181,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             resync: args.resync,
             drain_grace: args.drain_grace,
             concurrency: args.concurrency,
+            probes: crate::health::Config {
+                max_in_flight: args.max_probes as usize,
+            },
         };
         let subscription = services.subscribe();
         let director = match args.dataplane {

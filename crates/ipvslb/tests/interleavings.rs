@@ -214,14 +214,15 @@ impl World {
         };
         let mut services = peers.clone();
         services.push(planned);
-        let (table, _) = part_of(
+        let part = part_of(
             &ServiceName::new("default", name),
             &services,
             &self.pools(),
             &self.node_sets(),
             &self.nodes(),
+            &Default::default(),
         );
-        (table, peers)
+        (part.table, peers)
     }
 
     fn plan(&self) -> ipvslb_core::plan::Plan {

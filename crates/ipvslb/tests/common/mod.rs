@@ -223,6 +223,7 @@ impl Controllers {
             resync: Duration::from_secs(2),
             drain_grace: Duration::ZERO,
             concurrency: 8,
+            probes: ipvslb::health::Config { max_in_flight: 64 },
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),
