@@ -26,8 +26,8 @@ const GUEST_API: &str = "10.0.2.100:6443";
 const DIRECTOR_API: &str = "10.240.0.6:6443";
 
 /// Modules the run needs beyond IPVS: the virtual network card, IP-in-IP for the tunnel step
-/// (which loads it as a node's operator would).
-const MODULES: [&str; 3] = ["virtio_net", "virtio_pci", "ipip"];
+/// (which loads it as a node's operator would), netem for the lossy link of the health step.
+const MODULES: [&str; 4] = ["virtio_net", "virtio_pci", "ipip", "sch_netem"];
 
 /// The modules `/init` loads before the run: the network card's.
 const LOADED: [&str; 2] = ["virtio_pci", "virtio_net"];
@@ -200,6 +200,7 @@ fn boot_guest(
                 PathBuf::from("/usr/sbin/xtables-legacy-multi"),
                 "/sbin/xtables-legacy-multi".to_owned(),
             ),
+            (PathBuf::from("/usr/sbin/tc"), "/sbin/tc".to_owned()),
         ],
         files: vec![
             (PathBuf::from(XTABLES_LIBDIR), XTABLES_LIBDIR.to_owned()),

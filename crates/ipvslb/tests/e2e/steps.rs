@@ -30,7 +30,7 @@ struct Run {
 
 type Step = (&'static str, fn(&mut Run) -> Result<(), String>);
 
-const STEPS: [Step; 10] = [
+const STEPS: [Step; 11] = [
     ("apply", apply_the_demo),
     ("round-robin", round_robin),
     ("port-change", port_change),
@@ -41,6 +41,7 @@ const STEPS: [Step; 10] = [
     ("tunnel", tunnel),
     ("ipv6", ipv6),
     ("local-traffic-policy", local_traffic_policy),
+    ("health", health),
 ];
 
 /// `e2e run`: the hosts, then every step; fails when any step failed.
@@ -862,6 +863,143 @@ spec:
                 "wanted node1's pods seeing the client's own address {client}: {answer:?}"
             ));
         }
+    }
+    Ok(())
+}
+
+/// The port of the node agents the health step checks.
+const AGENT_PORT: u16 = 8081;
+
+/// A node agent: an HTTP server on `node`'s own address, which the health checks probe.
+fn agent(node: &hosts::Node) -> Result<Background, String> {
+    let exe = own_exe()?;
+    let addr = format!("{}:{AGENT_PORT}", node.v4);
+    Background::start(
+        &format!("agent-{}", node.name),
+        Some(node.name),
+        &exe,
+        &["whoami", &format!("agent-{}", node.name), &addr],
+    )
+}
+
+/// Sets the health check of NodeSet `default`; `timing` is extra JSON fields.
+fn check_agents(timing: &str) -> Result<(), String> {
+    patch_node_set(
+        "default",
+        &format!(
+            r#"{{"healthCheck":{{"type":"HTTP","port":{AGENT_PORT},"path":"/healthz"{timing}}}}}"#
+        ),
+    )
+}
+
+/// Step 10: the director checks the nodes itself: a dead node agent takes its node out within
+/// the check's timing, a live download to it finishes, it comes back when the agent does, and
+/// 20% packet loss does not make it flap.
+fn health(run: &mut Run) -> Result<(), String> {
+    let target = format!("{VIP}:80");
+    let key = format!("TCP {target}");
+    let mut agents: Vec<Background> = NODES.iter().map(agent).collect::<Result<_, _>>()?;
+    check_agents(r#","interval":"500ms","timeout":"400ms","rise":2,"fall":3"#)?;
+    let both = both_nodes_v4();
+    table_until("both nodes healthy", &key, |s| {
+        serves(s, &both, 80, "Route")
+    })?;
+    // Two long downloads: round robin puts one on each node.
+    let exe = own_exe()?;
+    let downloads: Vec<Background> = (0..2)
+        .map(|i| {
+            Background::start(
+                &format!("download-{i}"),
+                Some(CLIENT),
+                &exe,
+                &["ask", &target, "1", "0", "/slow"],
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let node2 = endpoint(NODES[1].v4, 80);
+    let killed = now_ms();
+    agents.remove(1).stop(Duration::ZERO);
+    wait_for(
+        "node2 out after its agent died",
+        CONVERGE,
+        Duration::from_millis(50),
+        || {
+            let service = witness::service(&key)?;
+            let out = service.is_some_and(|s| {
+                s.destinations
+                    .iter()
+                    .all(|d| d.addr != node2 || d.weight == 0)
+            });
+            Ok(out.then_some(()))
+        },
+    )?;
+    let detection = now_ms().saturating_sub(killed);
+    let answers = ask(CLIENT, &target, 8)?;
+    println!("after node2's agent died: {}", shown(&answers));
+    if answers.iter().any(|a| a.outcome.is_err()) || via(&answers).iter().any(|n| *n != "node1") {
+        return Err(format!(
+            "wanted every new connection through node1: {}",
+            shown(&answers)
+        ));
+    }
+    for download in downloads {
+        let log = wait_for("a long download to end", CONVERGE, POLL, || {
+            let text = std::fs::read_to_string(&download.log).unwrap_or_default();
+            Ok((!web::parse(&text).is_empty()).then_some(text))
+        })?;
+        if let Some(e) = web::parse(&log)
+            .iter()
+            .find_map(|a| a.outcome.clone().err())
+        {
+            return Err(format!(
+                "a download in flight while its node drained failed: {e}"
+            ));
+        }
+    }
+    if witness::transitions(NODES[1].v4, AGENT_PORT, "down")? == 0 {
+        return Err("the director's metrics count no transition of node2's check".to_owned());
+    }
+
+    let revived = now_ms();
+    agents.push(agent(&NODES[1])?);
+    table_until("node2 back with its agent", &key, |s| {
+        serves(s, &both, 80, "Route")
+    })?;
+    let recovery = now_ms().saturating_sub(revived);
+    run.numbers.push(format!(
+        "detection = {:.2} s (interval 500ms, fall 3)",
+        detection as f64 / 1000.0
+    ));
+    run.numbers.push(format!(
+        "recovery = {:.2} s (rise 2)",
+        recovery as f64 / 1000.0
+    ));
+
+    // The default timing under 20% packet loss to and from node2, for a minute.
+    check_agents("")?;
+    let before: u64 = ["down", "up"]
+        .iter()
+        .map(|s| witness::transitions(NODES[1].v4, AGENT_PORT, s))
+        .sum::<Result<_, _>>()?;
+    witness::lossy(NODES[1].name, 20)?;
+    std::thread::sleep(Duration::from_secs(60));
+    witness::lossless(NODES[1].name)?;
+    let after: u64 = ["down", "up"]
+        .iter()
+        .map(|s| witness::transitions(NODES[1].v4, AGENT_PORT, s))
+        .sum::<Result<_, _>>()?;
+    let flaps = after - before;
+    run.numbers.push(format!(
+        "flaps = {flaps} (transitions over a minute at 20% loss, default timing)"
+    ));
+    patch_node_set("default", r#"{"healthCheck":null}"#)?;
+    run.others.extend(agents);
+    if flaps > 0 {
+        return Err(format!(
+            "node2's check flapped {flaps} times under 20% loss"
+        ));
     }
     Ok(())
 }

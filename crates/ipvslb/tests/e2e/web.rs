@@ -46,6 +46,10 @@ fn answer(name: &str, mut stream: TcpStream) {
         }
     }
     let first = request.lines().next().unwrap_or_default();
+    // A long download: the answer comes after a while, over one connection.
+    if first.starts_with("GET /slow ") {
+        std::thread::sleep(SLOW);
+    }
     let body = format!("Hostname: {name}\nRemoteAddr: {remote}\n{first}\n");
     let _ = write!(
         stream,
@@ -53,6 +57,9 @@ fn answer(name: &str, mut stream: TcpStream) {
         body.len()
     );
 }
+
+/// How long `GET /slow` takes to answer.
+pub const SLOW: Duration = Duration::from_secs(4);
 
 /// One answer seen by the client.
 #[derive(Debug, Clone)]
@@ -80,11 +87,14 @@ pub fn now_ms() -> u128 {
         .unwrap_or(0)
 }
 
-/// `ask ADDR:PORT COUNT EVERY_MS`: makes COUNT requests (0: until killed), one every EVERY_MS,
-/// printing a line per answer: `<ms> ok <pod> <remote>` or `<ms> err <what>`.
+/// `ask ADDR:PORT COUNT EVERY_MS [PATH]`: makes COUNT requests (0: until killed) for PATH
+/// (default `/`), one every EVERY_MS, printing a line per answer: `<ms> ok <pod> <remote>` or
+/// `<ms> err <what>`.
 pub fn ask(args: &[String]) -> Result<(), String> {
-    let [addr, count, every] = args else {
-        return Err("ask ADDR:PORT COUNT EVERY_MS".to_owned());
+    let (addr, count, every, path) = match args {
+        [addr, count, every] => (addr, count, every, "/"),
+        [addr, count, every, path] => (addr, count, every, path.as_str()),
+        _ => return Err("ask ADDR:PORT COUNT EVERY_MS [PATH]".to_owned()),
     };
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let count: u64 = count.parse().map_err(|e| format!("{count}: {e}"))?;
@@ -95,9 +105,14 @@ pub fn ask(args: &[String]) -> Result<(), String> {
     } else {
         Duration::from_millis(500)
     };
+    let read = if path == "/" {
+        Duration::from_secs(2)
+    } else {
+        SLOW * 2
+    };
     let mut done = 0;
     while count == 0 || done < count {
-        let answer = get(addr, connect);
+        let answer = get(addr, path, connect, read);
         let at = now_ms();
         match answer {
             Ok((pod, remote)) => println!("{at} ok {pod} {remote}"),
@@ -109,12 +124,16 @@ pub fn ask(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// One `GET /` to `addr`: the pod's name and the address it saw.
-fn get(addr: SocketAddr, connect: Duration) -> Result<(String, IpAddr), String> {
-    let timeout = Duration::from_secs(2);
+/// One `GET path` to `addr`: the pod's name and the address it saw.
+fn get(
+    addr: SocketAddr,
+    path: &str,
+    connect: Duration,
+    read: Duration,
+) -> Result<(String, IpAddr), String> {
     let mut stream = TcpStream::connect_timeout(&addr, connect).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(timeout)).ok();
-    write!(stream, "GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(read)).ok();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)

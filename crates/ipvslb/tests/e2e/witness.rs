@@ -244,3 +244,43 @@ fn rule_hits(text: &str, dest: &str, port: &str) -> u64 {
         })
         .sum()
 }
+
+/// The director's counter of health transitions of `address:port` to `state`, from its
+/// `/metrics`.
+pub fn transitions(address: &str, port: u16, state: &str) -> Result<u64, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect("127.0.0.1:9090")
+        .map_err(|e| format!("connecting to the director's /metrics: {e}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| format!("asking for /metrics: {e}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| format!("reading /metrics: {e}"))?;
+    let series = format!(
+        "ipvslb_backend_transitions_total{{address=\"{address}\",port=\"{port}\",state=\"{state}\"}} "
+    );
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Adds `loss` percent packet loss to everything `node` sends.
+pub fn lossy(node: &str, loss: u32) -> Result<(), String> {
+    let loss = format!("{loss}%");
+    in_ns(
+        node,
+        &[
+            "tc", "qdisc", "add", "dev", "eth0", "root", "netem", "loss", &loss,
+        ],
+    )
+    .map(drop)
+}
+
+/// Takes the loss off again.
+pub fn lossless(node: &str) -> Result<(), String> {
+    in_ns(node, &["tc", "qdisc", "del", "dev", "eth0", "root"]).map(drop)
+}
