@@ -239,15 +239,36 @@ pub enum AllDown {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSetStatus {
-    /// Nodes selected and able to take traffic.
+    /// Nodes selected and able to take traffic, as the director that wrote last sees them
+    /// (the `Ready` column; `directors` has each director's view).
     #[serde(default)]
     pub ready_backends: u32,
-    /// Nodes selected.
+    /// Nodes selected (the `Total` column).
     #[serde(default)]
     pub total_backends: u32,
-    /// `Ready` and friends.
+    /// Each director's view: which selected nodes it sends traffic to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub directors: Vec<DirectorBackends>,
+    /// `Ready`: some selected node takes traffic (reasons `AllReady`, `SomeDown`, `NoneReady`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One director's view of a NodeSet's nodes.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectorBackends {
+    /// The director (its host name, or `--director-name`).
+    pub name: String,
+    /// Selected nodes it sends new connections to.
+    pub ready_backends: u32,
+    /// Selected nodes.
+    pub total_backends: u32,
+    /// Selected nodes it does not send new connections to, each with why (`NotReady`,
+    /// `Cordoned`, `Excluded`, `HealthCheckFailed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub down: Vec<String>,
 }
 
 fn default_interval() -> String {

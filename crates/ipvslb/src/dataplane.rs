@@ -39,6 +39,40 @@ pub enum Error {
     /// The in-memory state was poisoned by a panic elsewhere.
     #[error("data plane state is unusable after an earlier failure")]
     Poisoned,
+    /// Writing an IPVS setting under `/proc/sys/net/ipv4/vs` failed.
+    #[error("setting net.ipv4.vs.{name}: {message}")]
+    Sysctl {
+        /// The setting.
+        name: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The IPVS settings draining needs, and why each is 1:
+///
+/// - `expire_nodest_conn`: a connection whose destination was deleted is dropped at its next
+///   packet instead of black-holing until it times out, so the client retries elsewhere;
+/// - `expire_quiescent_template`: a persistence template pointing at a destination at weight 0
+///   (draining, failed its check) expires, so persistent clients move on;
+/// - `conn_reuse_mode`: a new connection that reuses the ports of an old one is scheduled
+///   afresh rather than sent to the old (perhaps draining) destination.
+pub const IPVS_SYSCTLS: [(&str, &str); 3] = [
+    ("expire_nodest_conn", "1"),
+    ("expire_quiescent_template", "1"),
+    ("conn_reuse_mode", "1"),
+];
+
+/// Writes [`IPVS_SYSCTLS`] (the `ip_vs` module must be loaded, as opening the data plane does).
+pub fn set_ipvs_sysctls() -> Result<(), Error> {
+    for (name, value) in IPVS_SYSCTLS {
+        let path = format!("/proc/sys/net/ipv4/vs/{name}");
+        std::fs::write(&path, value).map_err(|e| Error::Sysctl {
+            name,
+            message: format!("writing {value} to {path}: {e}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// One operation the data plane refused.

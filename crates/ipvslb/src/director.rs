@@ -79,6 +79,8 @@ pub struct Config {
     pub concurrency: u16,
     /// The health checks' prober.
     pub probes: crate::health::Config,
+    /// This director's name in NodeSet statuses.
+    pub name: String,
 }
 
 /// What reconciles share.
@@ -134,6 +136,17 @@ pub async fn run<D: Dataplane>(
         config.probes,
         requeue_tx.clone(),
         metrics.clone(),
+        shutdown.clone(),
+    )));
+    let _status = crate::AbortOnDrop(tokio::spawn(crate::node_set_status::run(
+        crate::node_set_status::Writer {
+            director: config.name.clone(),
+            client: client.clone(),
+            node_sets: node_sets.clone(),
+            nodes: nodes.clone(),
+            checks: checks.clone(),
+            recorder: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        },
         shutdown.clone(),
     )));
     let ctx = Arc::new(Context {
@@ -254,6 +267,17 @@ pub fn part_of(
     }
 }
 
+/// The Event reason for a plan problem.
+fn problem_reason(error: &PlanError) -> &'static str {
+    match error {
+        PlanError::UnknownPool { .. } => "UnknownPool",
+        PlanError::UnknownNodeSet { .. } => "UnknownNodeSet",
+        PlanError::NoNodePort { .. } => "NoNodePort",
+        PlanError::Collision { .. } => "PortCollision",
+        PlanError::NoBackends { .. } => "NoBackends",
+    }
+}
+
 fn names(services: &[Service]) -> Vec<ServiceName> {
     services.iter().map(translate::service_name).collect()
 }
@@ -351,11 +375,14 @@ async fn reconcile<D: Dataplane>(
             targets,
         } = ctx.desired_for(&service, &peers, &view);
         ctx.checks.register(&name, targets);
+        // What keeps part of the Service unserved is said on the Service, not only logged.
         for problem in &problems {
-            if let PlanError::Collision { .. } = problem.error {
-                ctx.warn(&service, "PortCollision", problem.error.to_string())
-                    .await;
-            }
+            ctx.warn(
+                &service,
+                problem_reason(&problem.error),
+                problem.error.to_string(),
+            )
+            .await;
         }
         let mut report = ctx
             .converge(&name, desired, view.owned.clone(), seen)

@@ -13,6 +13,7 @@ pub mod health;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;
+pub mod node_set_status;
 pub mod plan;
 pub mod retire;
 pub mod run;

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controllers against a cluster: the allocator, the director, or both.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Decide VIPs and the IPVS table from manifests, offline: no cluster, no kernel.
     Plan(PlanArgs),
     /// Print ipvslb's CustomResourceDefinitions as YAML.
@@ -62,7 +62,7 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(*args),
         Command::Plan(args) => plan_command(args),
         Command::Crds => ipvslb_api::crds_yaml()
             .map(|yaml| print(&yaml))

@@ -94,6 +94,13 @@ pub struct RunArgs {
     /// without releasing. The leader stops acting at two thirds of it without a renewal.
     #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
+    /// This director's name in NodeSet statuses (default: the host name).
+    #[arg(long, env = "IPVSLB_DIRECTOR_NAME")]
+    director_name: Option<String>,
+    /// Set the IPVS sysctls that draining relies on (`expire_nodest_conn`,
+    /// `expire_quiescent_template`, `conn_reuse_mode`, all to 1) when the kernel data plane opens.
+    #[arg(long, env = "IPVSLB_SET_IPVS_SYSCTLS")]
+    set_ipvs_sysctls: bool,
     /// At most this many health probes run at once (the rest wait their turn).
     #[arg(long, env = "IPVSLB_MAX_PROBES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_probes: u32,
@@ -184,6 +191,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             probes: crate::health::Config {
                 max_in_flight: args.max_probes as usize,
             },
+            name: args.director_name.clone().unwrap_or_else(host_name),
         };
         let subscription = services.subscribe();
         let director = match args.dataplane {
@@ -192,6 +200,10 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                     format!("opening the kernel data plane: {e} (or run with --dataplane=memory)")
                 })?;
                 info!(interface = %args.interface, "kernel data plane: IPVS over netlink");
+                if args.set_ipvs_sysctls {
+                    crate::dataplane::set_ipvs_sysctls().map_err(|e| e.to_string())?;
+                    info!(settings = ?crate::dataplane::IPVS_SYSCTLS, "IPVS sysctls set");
+                }
                 spawn_director(&client, config, subscription, kernel, &metrics, &shutdown)
             }
             DataplaneKind::Memory => {
@@ -286,10 +298,13 @@ pub(crate) async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, Strin
 }
 
 fn default_identity() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}-{}", host_name(), std::process::id())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "ipvslb".into());
-    format!("{host}-{}", std::process::id())
+        .unwrap_or_else(|_| "ipvslb".into())
 }
 
 async fn termination() {

@@ -828,3 +828,96 @@ async fn after_sigterm_the_process_exits_by_its_deadline_naming_what_it_left_unf
         .unwrap_or_else(|| panic!("no line says what was left ({exit}):\n{logs}"));
     assert!(line.contains("the lease (release)"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_director_says_on_the_service_what_keeps_it_unserved() {
+    let cluster = cluster();
+    let (_turn, client) = turn(&["unserved"]).await;
+    let class = "test.ipvslb.io/unserved";
+    // A pool whose NodeSet does not exist: the VIP is assigned, and nothing can serve it.
+    let pool = pool_yaml("unserved", class, &["10.250.2.10"], &["unserved"]);
+    cluster.apply(&format!("{pool}  nodeSet: nowhere\n"));
+    let controllers = Controllers::start(&client, classes(class));
+    cluster.apply(&service_yaml("unserved", "lost", class, &[80], &[]));
+    wait_ingress(&client, "unserved", "lost", &["10.250.2.10"], 10 * SECOND).await;
+    let warnings = eventually("a warning on lost", 10 * SECOND, || async {
+        let w = warning_events(&client, "unserved", "lost").await;
+        w.iter()
+            .any(|w| w.starts_with("UnknownNodeSet"))
+            .then_some(w)
+    })
+    .await;
+    assert!(
+        warnings.iter().any(|w| w.contains("\"nowhere\"")),
+        "the Event names the missing NodeSet: {warnings:?}"
+    );
+    controllers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_director_writes_which_nodes_of_a_node_set_take_traffic() {
+    let cluster = cluster();
+    let (_turn, client) = turn(&["statuses"]).await;
+    make_nodes_ready(cluster);
+    cluster.apply(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata:\n  name: statuses\nspec:\n  nodeSelector:\n    matchLabels: {ipvslb.io/backend: \"true\"}\n",
+    );
+    let controllers = Controllers::start(&client, classes("test.ipvslb.io/statuses"));
+    let sets: Api<ipvslb_api::NodeSet> = Api::all(client.clone());
+    let status = || async {
+        sets.get("statuses")
+            .await
+            .ok()
+            .and_then(|s| s.status)
+            .unwrap_or_default()
+    };
+    let all = eventually("both nodes counted ready", 10 * SECOND, || async {
+        let s = status().await;
+        (s.ready_backends == 2 && s.total_backends == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(all.directors.len(), 1, "{all:?}");
+    assert_eq!(all.directors[0].name, "test-director");
+    assert_eq!(all.conditions[0].reason, "AllReady");
+    let out = cluster.kubectl(&[
+        "patch",
+        "node",
+        "node2",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"KubeletNotReady","message":"down","lastHeartbeatTime":"2026-01-01T00:00:00Z","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let some = eventually("node2 counted down", 10 * SECOND, || async {
+        let s = status().await;
+        (s.ready_backends == 1).then_some(s)
+    })
+    .await;
+    assert_eq!(some.total_backends, 2);
+    assert_eq!(some.directors[0].down, ["node2: NotReady"]);
+    assert_eq!(some.conditions[0].reason, "SomeDown");
+    assert!(
+        some.conditions[0].message.contains("node2: NotReady"),
+        "{some:?}"
+    );
+    let columns = cluster.kubectl(&["get", "nodesets", "statuses"]);
+    let text = String::from_utf8_lossy(&columns.stdout);
+    let row: Vec<&str> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row.get(3..5),
+        Some(&["1", "2"][..]),
+        "READY and TOTAL: {text}"
+    );
+    controllers.stop().await;
+    make_nodes_ready(cluster);
+}

@@ -224,6 +224,7 @@ impl Controllers {
             drain_grace: Duration::ZERO,
             concurrency: 8,
             probes: ipvslb::health::Config { max_in_flight: 64 },
+            name: "test-director".to_owned(),
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),

@@ -217,6 +217,7 @@ fn apply_the_demo(run: &mut Run) -> Result<(), String> {
             "127.0.0.1:9090",
             "--identity",
             "director1",
+            "--set-ipvs-sysctls",
         ],
     )?);
     apply(&cluster::slice_yaml("whoami", "web", Family::V4, &PODS))?;
@@ -898,6 +899,13 @@ fn check_agents(timing: &str) -> Result<(), String> {
 fn health(run: &mut Run) -> Result<(), String> {
     let target = format!("{VIP}:80");
     let key = format!("TCP {target}");
+    for (name, value) in ipvslb::dataplane::IPVS_SYSCTLS {
+        let path = format!("/proc/sys/net/ipv4/vs/{name}");
+        let set = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+        if set.trim() != value {
+            return Err(format!("--set-ipvs-sysctls left {path} at {}", set.trim()));
+        }
+    }
     let mut agents: Vec<Background> = NODES.iter().map(agent).collect::<Result<_, _>>()?;
     check_agents(r#","interval":"500ms","timeout":"400ms","rise":2,"fall":3"#)?;
     let both = both_nodes_v4();
@@ -961,6 +969,19 @@ fn health(run: &mut Run) -> Result<(), String> {
     if witness::transitions(NODES[1].v4, AGENT_PORT, "down")? == 0 {
         return Err("the director's metrics count no transition of node2's check".to_owned());
     }
+    let columns = wait_for(
+        "kubectl get nodesets counting node2 out",
+        CONVERGE,
+        POLL,
+        || {
+            let text = kubectl(&["get", "nodesets", "default"])?;
+            let ready = column(&text, "default", "READY");
+            let total = column(&text, "default", "TOTAL");
+            Ok((ready.as_deref() == Some("1") && total.as_deref() == Some("2")).then_some(text))
+        },
+    )?;
+    println!("{columns}");
+    backend_event("BackendDown")?;
 
     let revived = now_ms();
     agents.push(agent(&NODES[1])?);
@@ -968,6 +989,7 @@ fn health(run: &mut Run) -> Result<(), String> {
         serves(s, &both, 80, "Route")
     })?;
     let recovery = now_ms().saturating_sub(revived);
+    backend_event("BackendUp")?;
     run.numbers.push(format!(
         "detection = {:.2} s (interval 500ms, fall 3)",
         detection as f64 / 1000.0
@@ -1001,5 +1023,22 @@ fn health(run: &mut Run) -> Result<(), String> {
             "node2's check flapped {flaps} times under 20% loss"
         ));
     }
+    Ok(())
+}
+
+/// Waits for an Event of `reason` on NodeSet `default`, and prints it.
+fn backend_event(reason: &str) -> Result<(), String> {
+    let selector =
+        format!("involvedObject.kind=NodeSet,involvedObject.name=default,reason={reason}");
+    let events = wait_for(
+        &format!("a {reason} Event on NodeSet default"),
+        CONVERGE,
+        POLL,
+        || {
+            let text = kubectl(&["get", "events", "-A", "--field-selector", &selector])?;
+            Ok((text.lines().count() > 1).then_some(text))
+        },
+    )?;
+    println!("{events}");
     Ok(())
 }
