@@ -58,8 +58,8 @@ async fn backends(arrivals: Arc<Mutex<Vec<Instant>>>) -> Vec<SocketAddr> {
 fn burstiness(arrivals: &[Instant], start: Instant, span: Duration) -> (usize, f64) {
     let buckets = (span.as_millis() / 10) as usize;
     let mut counts = vec![0usize; buckets.max(1)];
-    for at in arrivals {
-        let i = (at.saturating_duration_since(start).as_millis() / 10) as usize;
+    for at in arrivals.iter().filter(|at| **at >= start) {
+        let i = (at.duration_since(start).as_millis() / 10) as usize;
         if let Some(c) = counts.get_mut(i) {
             *c += 1;
         }
@@ -80,13 +80,12 @@ async fn main() {
     let cpu0 = cpu();
     let start = Instant::now();
     let mut next = start;
-    for round in 0..SECONDS {
+    for _ in 0..SECONDS {
         for addr in &addrs {
             next += gap;
             tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
             let _ = TcpStream::connect(addr).await;
         }
-        let _ = round;
     }
     let baseline = cpu() - cpu0;
     let baseline_wall = start.elapsed();

@@ -46,6 +46,8 @@ pub struct Report {
     /// Services once refused a key that has come free (or may have changed hands in a full
     /// pass): each should converge again.
     pub unblocked: BTreeSet<ServiceName>,
+    /// Full pass: the kernel's counters of each owned destination, as its dump read them.
+    pub counters: BTreeMap<(ServiceKey, ipvslb_ipvs::DestKey), ipvslb_ipvs::Stats>,
 }
 
 /// What [`Converger::retire`] removed.
@@ -381,6 +383,17 @@ impl<D: Dataplane> Converger<D> {
             &|k: &ServiceKey| owned.owns(k) && !fresh.contains(k),
             now,
         )?;
+        report.counters = actual
+            .services
+            .iter()
+            .filter(|(k, _)| owned.owns(k))
+            .flat_map(|(k, entry)| {
+                entry
+                    .destination_stats
+                    .iter()
+                    .map(move |(d, stats)| ((*k, *d), *stats))
+            })
+            .collect();
         report.draining = by_service
             .iter()
             .filter(|(_, keys)| keys.iter().any(|k| draining.contains(k)))

@@ -81,6 +81,8 @@ pub struct Config {
     pub probes: crate::health::Config,
     /// This director's name in NodeSet statuses.
     pub name: String,
+    /// At most this many destinations get their kernel counters exported as metrics.
+    pub max_destination_metrics: usize,
 }
 
 /// What reconciles share.
@@ -100,6 +102,8 @@ pub struct Context<D> {
     claims: Claims,
     /// What the plans check, and what is down.
     checks: Arc<Checks>,
+    /// The label sets of the kernel counters last exported.
+    exported: std::sync::Mutex<BTreeSet<Vec<(&'static str, String)>>>,
 }
 
 /// Everything the planner needs, translated from the caches.
@@ -162,6 +166,7 @@ pub async fn run<D: Dataplane>(
         requeue: requeue_tx,
         claims: Claims::default(),
         checks,
+        exported: Default::default(),
     });
 
     let on_delete = ctx.clone();
@@ -717,6 +722,13 @@ impl<D: Dataplane> Context<D> {
         let repairs =
             report.ops.values().sum::<usize>() + report.addresses_added + report.addresses_removed;
         self.metrics.full_pass_repairs.inc_by(repairs as u64);
+        if let Ok(mut exported) = self.exported.lock() {
+            self.metrics.export_counters(
+                &report.counters,
+                self.config.max_destination_metrics,
+                &mut exported,
+            );
+        }
         Ok(report)
     }
 

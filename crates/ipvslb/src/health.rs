@@ -125,6 +125,7 @@ pub async fn run(
         if wanted != known {
             for gone in known.difference(&wanted) {
                 metrics.backend_up.remove(&labels(gone));
+                metrics.backend_last_transition.remove(&labels(gone));
             }
             for new in wanted.difference(&known) {
                 metrics.backend_up.get_or_create(&labels(new)).set(1);
@@ -156,6 +157,11 @@ pub async fn run(
                         Health::Up => info!(%address, port, "health check passes again"),
                     }
                     metrics.backend_up.get_or_create(&labels(&target)).set(i64::from(health == Health::Up));
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs_f64())
+                        .unwrap_or_default();
+                    metrics.backend_last_transition.get_or_create(&labels(&target)).set(now);
                     let mut by_state = labels(&target);
                     by_state.push(("state", state.to_owned()));
                     metrics.backend_transitions.get_or_create(&by_state).inc();

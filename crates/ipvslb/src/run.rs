@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// without releasing. The leader stops acting at two thirds of it without a renewal.
     #[arg(long, env = "IPVSLB_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     lease_duration: Duration,
+    /// At most this many of ipvslb's own destinations get the kernel's counters exported as
+    /// `ipvslb_destination_total` series (five each; refreshed by each full pass).
+    #[arg(long, env = "IPVSLB_MAX_DESTINATION_METRICS", default_value_t = 1000)]
+    max_destination_metrics: usize,
     /// This director's name in NodeSet statuses (default: the host name).
     #[arg(long, env = "IPVSLB_DIRECTOR_NAME")]
     director_name: Option<String>,
@@ -192,6 +196,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                 max_in_flight: args.max_probes as usize,
             },
             name: args.director_name.clone().unwrap_or_else(host_name),
+            max_destination_metrics: args.max_destination_metrics,
         };
         let subscription = services.subscribe();
         let director = match args.dataplane {

@@ -225,6 +225,7 @@ impl Controllers {
             concurrency: 8,
             probes: ipvslb::health::Config { max_in_flight: 64 },
             name: "test-director".to_owned(),
+            max_destination_metrics: 100,
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),
