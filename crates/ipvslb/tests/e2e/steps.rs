@@ -999,8 +999,20 @@ fn health(run: &mut Run) -> Result<(), String> {
         recovery as f64 / 1000.0
     ));
 
-    // The default timing under 20% packet loss to and from node2, for a minute.
+    // The default timing under 20% packet loss from node2, for a minute. A merge patch keeps
+    // the fields it does not name, so the check is written afresh.
+    patch_node_set("default", r#"{"healthCheck":null}"#)?;
     check_agents("")?;
+    let set = kubectl(&[
+        "get",
+        "nodeset",
+        "default",
+        "-o",
+        "jsonpath={.spec.healthCheck}",
+    ])?;
+    if !set.contains(r#""interval":"5s""#) {
+        return Err(format!("the check is not at its default timing: {set}"));
+    }
     let before: u64 = ["down", "up"]
         .iter()
         .map(|s| witness::transitions(NODES[1].v4, AGENT_PORT, s))
