@@ -102,9 +102,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .lines
         .iter()
         .filter(|l| {
-            ["ok ", "FAILED ", "e2e: ", "round robin: "]
-                .iter()
-                .any(|p| l.starts_with(p))
+            [
+                "ok ",
+                "FAILED ",
+                "e2e: ",
+                "round robin: ",
+                "detection = ",
+                "recovery = ",
+                "flaps = ",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
                 || l.contains(" passed, ")
         })
         .collect();

@@ -26,6 +26,8 @@ struct Run {
     others: Vec<Background>,
     /// Lines of numbers printed at the end.
     numbers: Vec<String>,
+    /// The health step's `detection = X s`, `recovery = Y s`, `flaps = N`, printed last.
+    health: Vec<String>,
 }
 
 type Step = (&'static str, fn(&mut Run) -> Result<(), String>);
@@ -87,6 +89,9 @@ pub fn run() -> Result<(), String> {
     }
     for line in &run.numbers {
         println!("e2e: {line}");
+    }
+    for line in &run.health {
+        println!("{line}");
     }
     if let Some(director) = run.director.take() {
         // Whatever the director found worth a warning during the run, for the reader.
@@ -186,6 +191,7 @@ fn setup() -> Result<Run, String> {
         director: None,
         others,
         numbers: Vec::new(),
+        health: Vec::new(),
     })
 }
 
@@ -990,14 +996,11 @@ fn health(run: &mut Run) -> Result<(), String> {
     })?;
     let recovery = now_ms().saturating_sub(revived);
     backend_event("BackendUp")?;
-    run.numbers.push(format!(
-        "detection = {:.2} s (interval 500ms, fall 3)",
-        detection as f64 / 1000.0
-    ));
-    run.numbers.push(format!(
-        "recovery = {:.2} s (rise 2)",
-        recovery as f64 / 1000.0
-    ));
+    println!("health: detection at interval 500ms, fall 3; recovery at rise 2");
+    run.health
+        .push(format!("detection = {:.2} s", detection as f64 / 1000.0));
+    run.health
+        .push(format!("recovery = {:.2} s", recovery as f64 / 1000.0));
 
     // The default timing under 20% packet loss from node2, for a minute. A merge patch keeps
     // the fields it does not name, so the check is written afresh.
@@ -1025,9 +1028,8 @@ fn health(run: &mut Run) -> Result<(), String> {
         .map(|s| witness::transitions(NODES[1].v4, AGENT_PORT, s))
         .sum::<Result<_, _>>()?;
     let flaps = after - before;
-    run.numbers.push(format!(
-        "flaps = {flaps} (transitions over a minute at 20% loss, default timing)"
-    ));
+    println!("health: flaps are transitions over a minute at 20% loss, default timing");
+    run.health.push(format!("flaps = {flaps}"));
     patch_node_set("default", r#"{"healthCheck":null}"#)?;
     run.others.extend(agents);
     if flaps > 0 {
