@@ -58,7 +58,7 @@ pub struct NodeSetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
 
-    /// How directors check that a node can take traffic (used by directors that probe).
+    /// How every director checks that a node can take traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
 }
@@ -151,6 +151,14 @@ pub struct Persistence {
     {
         "rule": "self.type == 'HTTP' || (!has(self.path) && !has(self.host))",
         "message": "path and host are for HTTP checks"
+    },
+    {
+        "rule": "duration(self.interval) >= duration('10ms') && duration(self.interval) <= duration('1h')",
+        "message": "interval must be 10ms to 1h"
+    },
+    {
+        "rule": "duration(self.timeout) > duration('0s')",
+        "message": "timeout must be above zero"
     }
 ]))]
 pub struct HealthCheck {
@@ -177,8 +185,8 @@ pub struct HealthCheck {
     #[serde(default = "default_interval")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub interval: String,
-    /// How long one probe may take before it counts as failed, such as `1s`; at most the
-    /// interval.
+    /// How long one probe may take before it counts as failed, such as `1s`; a timeout longer
+    /// than the interval is cut to it.
     #[serde(default = "default_timeout")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
     pub timeout: String,
@@ -215,13 +223,10 @@ pub enum HealthCheckTarget {
     /// the destination receives.
     #[default]
     Auto,
-    /// The port's NodePort.
+    /// The port's NodePort (else the port the destination receives).
     NodePort,
     /// The Service port (for nodes that serve the VIP themselves).
     ServicePort,
-    /// The Service's `healthCheckNodePort` (only Services with `externalTrafficPolicy: Local`
-    /// have one; the others fall back to `Auto`).
-    HealthCheckNodePort,
 }
 
 /// What a virtual service does when all its destinations fail their checks.

@@ -4,7 +4,10 @@
 //!
 //! One probe per [`Target`] (node address, port, check), shared by every Service whose
 //! destinations need it. New targets start healthy (a director that restarts must not withdraw
-//! everything while it probes again) and are spread over their interval; each next probe is
+//! everything while it probes again), except one whose address and port were down when they
+//! left the set not long ago (a node that was NotReady for a while, a check whose timing was
+//! edited): a dead node must not get traffic back only because it was forgotten. Targets are
+//! spread over their interval; each next probe is
 //! due an interval after the last was due, moved by up to a tenth of the interval, so that a
 //! thousand targets added at once are never probed in the same millisecond.
 
@@ -82,10 +85,15 @@ struct State {
     in_flight: bool,
 }
 
+/// How long the failure of a target that left the set is remembered.
+const REMEMBER_DOWN: Duration = Duration::from_secs(600);
+
 /// The schedule and the states of every target.
 #[derive(Debug, Clone)]
 pub struct Monitor {
     targets: BTreeMap<Target, State>,
+    /// When each (address, port) that was down left the set.
+    left_down: BTreeMap<(IpAddr, u16), Instant>,
     /// At most this many probes run at once; due ones beyond it wait their turn.
     max_in_flight: usize,
     in_flight: usize,
@@ -99,6 +107,7 @@ impl Monitor {
     pub fn new(max_in_flight: usize, seed: u64) -> Self {
         Self {
             targets: BTreeMap::new(),
+            left_down: BTreeMap::new(),
             max_in_flight: max_in_flight.max(1),
             in_flight: 0,
             rng: seed | 1,
@@ -110,13 +119,25 @@ impl Monitor {
     /// ignored when it reports).
     pub fn set_targets(&mut self, wanted: BTreeSet<Target>, now: Instant) {
         let before = std::mem::take(&mut self.targets);
+        for (target, state) in &before {
+            if state.health == Health::Down && !wanted.contains(target) {
+                self.left_down.insert((target.address, target.port), now);
+            }
+        }
+        self.left_down
+            .retain(|_, left| now.saturating_duration_since(*left) < REMEMBER_DOWN);
         for target in wanted {
             let state = match before.get(&target) {
                 Some(state) => state.clone(),
                 None => {
                     let offset = self.fraction_of(target.check.interval);
+                    let remembered = self.left_down.remove(&(target.address, target.port));
                     State {
-                        health: Health::Up,
+                        health: if remembered.is_some() {
+                            Health::Down
+                        } else {
+                            Health::Up
+                        },
                         streak: 0,
                         due: now + offset,
                         in_flight: false,
@@ -408,10 +429,35 @@ mod tests {
         assert_eq!(m.health(&t), Some(Health::Down));
         assert_eq!(m.health(&other), Some(Health::Up));
         assert_eq!(m.down(), [t.clone()].into());
-        // A target that left and came back starts afresh.
-        m.set_targets([other.clone()].into(), now);
-        m.set_targets([t.clone(), other].into(), now);
-        assert_eq!(m.health(&t), Some(Health::Up));
+    }
+
+    #[test]
+    fn a_target_that_left_while_down_comes_back_down_even_with_another_check() {
+        let c = check(100, 2, 1);
+        let t = target(102, 8081, &c);
+        let start = Instant::now();
+        let mut m = Monitor::new(10, 13);
+        m.set_targets([t.clone()].into(), start);
+        let now = start + Duration::from_millis(200);
+        assert_eq!(m.due(now).len(), 1);
+        let _ = m.finished(&t, false, now);
+        assert_eq!(m.health(&t), Some(Health::Down));
+        // The node went NotReady (no plan needs it), or the check's timing was edited.
+        m.set_targets(BTreeSet::new(), now);
+        let edited = target(102, 8081, &check(500, 2, 3));
+        m.set_targets([edited.clone()].into(), now + Duration::from_secs(30));
+        assert_eq!(
+            m.health(&edited),
+            Some(Health::Down),
+            "it must pass rise checks first"
+        );
+        // Long forgotten, it starts healthy like any new target.
+        m.set_targets(BTreeSet::new(), now + Duration::from_secs(31));
+        m.set_targets(
+            [edited.clone()].into(),
+            now + Duration::from_secs(31) + REMEMBER_DOWN,
+        );
+        assert_eq!(m.health(&edited), Some(Health::Up));
     }
 
     #[test]

@@ -301,8 +301,6 @@ pub enum CheckTarget {
     NodePort,
     /// The Service port.
     ServicePort,
-    /// `healthCheckNodePort` (else as `Auto`).
-    HealthCheckNodePort,
 }
 
 /// What a virtual service does when all its destinations fail their checks.

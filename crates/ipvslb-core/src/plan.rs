@@ -196,7 +196,10 @@ pub fn plan_checked(
                         .filter(|d| !down.contains(&target(d.address)))
                         .cloned()
                         .collect();
-                    if !healthy.is_empty() || policy.all_down == AllDown::Withdraw {
+                    // Failing open keeps the destinations when none that takes new connections
+                    // (a cordoned one is at weight 0) passes.
+                    if healthy.iter().any(|d| d.weight > 0) || policy.all_down == AllDown::Withdraw
+                    {
                         kept = healthy;
                     }
                 }
@@ -290,7 +293,7 @@ fn check_port(
             .unwrap_or(dest_port)
     };
     match policy.target {
-        CheckTarget::Auto | CheckTarget::HealthCheckNodePort => auto(),
+        CheckTarget::Auto => auto(),
         CheckTarget::NodePort => port.node_port.unwrap_or(dest_port),
         CheckTarget::ServicePort => port.port,
     }

@@ -18,8 +18,10 @@ use tracing::debug;
 
 use crate::dataplane::{self, Dataplane};
 
-/// How often a draining destination's connection counts are looked at again.
-const DRAIN_CHECK: Duration = Duration::from_secs(1);
+/// How often a draining destination's connection counts are looked at again: often enough
+/// that an idle one goes soon, rarely enough that a node's drain is not a reconcile per
+/// Service every second.
+const DRAIN_CHECK: Duration = Duration::from_secs(5);
 
 /// What one convergence did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -543,16 +545,19 @@ impl<D: Dataplane> Converger<D> {
                 }
                 let started = *state.draining.entry((*key, *dest_key)).or_insert(now);
                 let mut deadline = started + self.grace;
-                // The kernel counts the destination's connections: once none is left, active
-                // or not, there is nothing to wait for. Until then, look again soon.
+                // The kernel counts the destination's connections: once it is at weight 0 (no
+                // new connection can have been scheduled to it since the counts were read)
+                // and none is left, active or not, there is nothing to wait for. Until then,
+                // look again soon.
                 if let Some(stats) = entry.destination_stats.get(dest_key) {
-                    if stats.active_connections == 0 && stats.inactive_connections == 0 {
+                    let idle = stats.active_connections == 0 && stats.inactive_connections == 0;
+                    if idle && dest.weight == 0 {
                         deadline = now;
                     } else {
                         deadline = deadline.min(now + DRAIN_CHECK);
                     }
                 }
-                if now < deadline && started + self.grace > now {
+                if now < deadline {
                     let mut kept = dest.clone();
                     kept.weight = 0;
                     wanted.destinations.insert(*dest_key, kept);
@@ -771,21 +776,55 @@ mod tests {
             port: 80,
         };
         converge(&c, "web", &both, t0);
+        // No connection yet, but at weight 1 one may be scheduled any moment: weight 0 first.
+        c.dataplane().set_connections(k, leaving, 0, 0).unwrap();
+        let first = converge(&c, "web", &one_left, t0 + Duration::from_secs(1));
+        assert_eq!(first.ops.get("edit_dest"), Some(&1));
+        assert_eq!(first.ops.get("del_dest"), None);
         c.dataplane().set_connections(k, leaving, 1, 2).unwrap();
-        let draining = converge(&c, "web", &one_left, t0 + Duration::from_secs(1));
+        let draining = converge(&c, "web", &one_left, t0 + Duration::from_secs(2));
         assert_eq!(
             draining.next_drain_deadline,
-            Some(t0 + Duration::from_secs(2)),
-            "with connections left, it looks again within a second, not at the end of the grace"
+            Some(t0 + Duration::from_secs(2) + DRAIN_CHECK),
+            "with connections left, it looks again soon, not at the end of the grace"
         );
         let kernel = c.dataplane().table().unwrap();
         assert_eq!(kernel.services[&k].destinations[&leaving].weight, 0);
         c.dataplane().set_connections(k, leaving, 0, 0).unwrap();
-        let gone = converge(&c, "web", &one_left, t0 + Duration::from_secs(2));
+        let gone = converge(&c, "web", &one_left, t0 + Duration::from_secs(7));
         assert_eq!(gone.ops.get("del_dest"), Some(&1));
         assert_eq!(gone.next_drain_deadline, None);
         let kernel = c.dataplane().table().unwrap();
         assert!(!kernel.services[&k].destinations.contains_key(&leaving));
+    }
+
+    #[test]
+    fn a_draining_destination_whose_connections_never_end_goes_at_the_end_of_its_grace() {
+        let c = Converger::new(Memory::default(), Duration::from_secs(30));
+        let k = key("10.240.0.210", 80);
+        let t0 = Instant::now();
+        let leaving = ipvslb_ipvs::DestKey {
+            address: ip("10.0.0.2"),
+            port: 80,
+        };
+        converge(
+            &c,
+            "web",
+            &table(&[(k, &[("10.0.0.1", 1), ("10.0.0.2", 1)])]),
+            t0,
+        );
+        c.dataplane().set_connections(k, leaving, 3, 0).unwrap();
+        let one_left = table(&[(k, &[("10.0.0.1", 1)])]);
+        let _ = converge(&c, "web", &one_left, t0);
+        let before_end = converge(&c, "web", &one_left, t0 + Duration::from_secs(29));
+        assert_eq!(before_end.ops.get("del_dest"), None);
+        assert_eq!(
+            before_end.next_drain_deadline,
+            Some(t0 + Duration::from_secs(30)),
+            "the next look is the end of the grace, not past it"
+        );
+        let end = converge(&c, "web", &one_left, t0 + Duration::from_secs(30));
+        assert_eq!(end.ops.get("del_dest"), Some(&1));
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub struct Context<D> {
     checks: Arc<Checks>,
     /// The label sets of the kernel counters last exported.
     exported: std::sync::Mutex<BTreeSet<Vec<(&'static str, String)>>>,
+    /// The plan problems last published on each Service.
+    told: std::sync::Mutex<BTreeMap<ServiceName, Vec<String>>>,
 }
 
 /// Everything the planner needs, translated from the caches.
@@ -167,6 +169,7 @@ pub async fn run<D: Dataplane>(
         claims: Claims::default(),
         checks,
         exported: Default::default(),
+        told: Default::default(),
     });
 
     let on_delete = ctx.clone();
@@ -374,21 +377,19 @@ async fn reconcile<D: Dataplane>(
         let service = cached.to_service();
         let mut claim = ctx.planned(&service, &view, BTreeMap::new());
         let peers = ctx.sharing_peers(&service, &view);
+        let down = ctx.checks.down();
         let Part {
             table: desired,
             problems,
             targets,
-        } = ctx.desired_for(&service, &peers, &view);
+        } = ctx.desired_for(&service, &peers, &view, &down);
         ctx.checks.register(&name, targets);
-        // What keeps part of the Service unserved is said on the Service, not only logged.
-        for problem in &problems {
-            ctx.warn(
-                &service,
-                problem_reason(&problem.error),
-                problem.error.to_string(),
-            )
-            .await;
+        // A transition of a target this plan needs, between reading what is down and
+        // registering, requeued only the Services registered then.
+        if ctx.checks.down() != down {
+            let _ = ctx.requeue.unbounded_send(CachedService::reference(&name));
         }
+        ctx.tell_problems(&service, &name, &problems).await;
         let mut report = ctx
             .converge(&name, desired, view.owned.clone(), seen)
             .await?;
@@ -397,6 +398,7 @@ async fn reconcile<D: Dataplane>(
         if ctx.services.get(&CachedService::reference(&name)).is_none() {
             let seen = ctx.generation()?;
             report.merge(ctx.converge(&name, Table::new(), view.owned, seen).await?);
+            ctx.checks.register(&name, BTreeSet::new());
             claim = None;
         }
         let claim_changed = ctx.claims.changed(&name, claim.as_ref());
@@ -499,7 +501,7 @@ impl<D: Dataplane> Context<D> {
             .iter()
             .filter_map(|s| {
                 translate::node_set(s)
-                    .map_err(|e| debug!(error = %e, "skipping an invalid NodeSet"))
+                    .map_err(|e| warn!(error = %e, "skipping an invalid NodeSet"))
                     .ok()
             })
             .collect();
@@ -541,7 +543,13 @@ impl<D: Dataplane> Context<D> {
     }
 
     /// This Service's part of the plan ([`part_of`]), and its problems.
-    fn desired_for(&self, service: &Service, peers: &[PlannedService], view: &View) -> Part {
+    fn desired_for(
+        &self,
+        service: &Service,
+        peers: &[PlannedService],
+        view: &View,
+        down: &BTreeSet<Target>,
+    ) -> Part {
         let name = translate::service_name(service);
         let endpoints = translate::ready_endpoints(
             self.slices
@@ -566,7 +574,7 @@ impl<D: Dataplane> Context<D> {
             &view.pools,
             &view.node_sets,
             &view.nodes,
-            &self.checks.down(),
+            down,
         )
     }
 
@@ -617,6 +625,9 @@ impl<D: Dataplane> Context<D> {
             let peers = names(&self.sharing(&deleted.to_service()));
             self.claims.changed(&name, None);
             self.checks.register(&name, BTreeSet::new());
+            if let Ok(mut told) = self.told.lock() {
+                told.remove(&name);
+            }
             // Created again meanwhile: the new Service's reconcile converges from what the old
             // one held, and removing it here would undo that reconcile if it came first.
             if self
@@ -699,7 +710,14 @@ impl<D: Dataplane> Context<D> {
             &view.nodes,
             &self.checks.down(),
         );
-        self.checks.register_all(plan.targets.clone());
+        let existing: BTreeSet<ServiceName> = self
+            .services
+            .state()
+            .iter()
+            .map(|s| s.service_name())
+            .collect();
+        self.checks
+            .register_missing(plan.targets.clone(), &existing);
         for problem in &plan.problems {
             debug!(service = %problem.service, error = %problem.error, "planned in part");
         }
@@ -754,6 +772,36 @@ impl<D: Dataplane> Context<D> {
                 let _ = requeue.unbounded_send(CachedService::reference(&name));
             }
         });
+    }
+
+    /// Says on the Service what keeps part of it unserved, when that changed since last said
+    /// (every reconcile would otherwise repeat it).
+    async fn tell_problems(&self, service: &Service, name: &ServiceName, problems: &[PlanProblem]) {
+        let now: Vec<String> = problems.iter().map(|p| p.error.to_string()).collect();
+        let changed = self
+            .told
+            .lock()
+            .map(|mut told| {
+                let changed = told.get(name) != Some(&now);
+                if now.is_empty() {
+                    told.remove(name);
+                } else {
+                    told.insert(name.clone(), now.clone());
+                }
+                changed
+            })
+            .unwrap_or(true);
+        if !changed {
+            return;
+        }
+        for problem in problems {
+            self.warn(
+                service,
+                problem_reason(&problem.error),
+                problem.error.to_string(),
+            )
+            .await;
+        }
     }
 
     /// Publishes a Warning Event on `service`.

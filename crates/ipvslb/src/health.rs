@@ -33,6 +33,8 @@ pub struct Checks {
 struct Registry {
     by_service: BTreeMap<ServiceName, BTreeSet<Target>>,
     down: BTreeSet<Target>,
+    /// Bumped whenever `by_service` changes, so the prober recomputes the union only then.
+    generation: u64,
 }
 
 impl Checks {
@@ -55,46 +57,61 @@ impl Checks {
             state.by_service.insert(service.clone(), targets.clone())
         };
         if before.unwrap_or_default() != targets {
+            state.generation += 1;
             drop(state);
             self.changed.notify_one();
         }
     }
 
-    /// Records what a full plan checks, for every Service at once.
-    pub fn register_all(&self, all: BTreeMap<ServiceName, BTreeSet<Target>>) {
+    /// What a full plan (from a view that may be older than the latest per-Service plans)
+    /// checks: it fills in the Services not registered yet and forgets those not in
+    /// `existing` any more, and leaves every other registration as its own plan made it.
+    pub fn register_missing(
+        &self,
+        all: BTreeMap<ServiceName, BTreeSet<Target>>,
+        existing: &BTreeSet<ServiceName>,
+    ) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if state.by_service != all {
-            state.by_service = all;
+        let before = state.by_service.len();
+        state.by_service.retain(|name, _| existing.contains(name));
+        let mut changed = state.by_service.len() != before;
+        for (name, targets) in all {
+            if !targets.is_empty() && !state.by_service.contains_key(&name) {
+                state.by_service.insert(name, targets);
+                changed = true;
+            }
+        }
+        if changed {
+            state.generation += 1;
             drop(state);
             self.changed.notify_one();
         }
     }
 
-    /// Every target some Service needs; forgets the state of those none needs any more.
-    fn wanted(&self) -> BTreeSet<Target> {
+    /// Every target some Service needs, if the registrations changed since `generation`.
+    fn wanted_since(&self, generation: u64) -> Option<(u64, BTreeSet<Target>)> {
+        let state = self.state.lock().ok()?;
+        (state.generation != generation).then(|| {
+            (
+                state.generation,
+                state.by_service.values().flatten().cloned().collect(),
+            )
+        })
+    }
+
+    /// Makes `down` what is down; returns the Services checking a target whose state changed.
+    fn set_down(&self, down: BTreeSet<Target>) -> BTreeSet<ServiceName> {
         let Ok(mut state) = self.state.lock() else {
             return BTreeSet::new();
         };
-        let wanted: BTreeSet<Target> = state.by_service.values().flatten().cloned().collect();
-        state.down.retain(|t| wanted.contains(t));
-        wanted
-    }
-
-    /// Records `target`'s new state; returns the Services that check it.
-    fn set(&self, target: &Target, health: Health) -> Vec<ServiceName> {
-        let Ok(mut state) = self.state.lock() else {
-            return Vec::new();
-        };
-        match health {
-            Health::Down => state.down.insert(target.clone()),
-            Health::Up => state.down.remove(target),
-        };
+        let changed: BTreeSet<Target> = state.down.symmetric_difference(&down).cloned().collect();
+        state.down = down;
         state
             .by_service
             .iter()
-            .filter(|(_, targets)| targets.contains(target))
+            .filter(|(_, targets)| targets.iter().any(|t| changed.contains(t)))
             .map(|(name, _)| name.clone())
             .collect()
     }
@@ -116,22 +133,35 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    // Directors must not all probe a node at the same instant: each spreads its own way.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id());
     let mut monitor = Monitor::new(config.max_in_flight, seed);
     let (done_tx, mut done) = mpsc::unbounded_channel::<(Target, bool, Duration)>();
     let mut known: BTreeSet<Target> = BTreeSet::new();
+    let mut generation = 0;
     loop {
-        let wanted = checks.wanted();
-        if wanted != known {
-            for gone in known.difference(&wanted) {
-                metrics.backend_up.remove(&labels(gone));
-                metrics.backend_last_transition.remove(&labels(gone));
-            }
-            for new in wanted.difference(&known) {
-                metrics.backend_up.get_or_create(&labels(new)).set(1);
-            }
+        if let Some((seen, wanted)) = checks.wanted_since(generation) {
+            generation = seen;
             monitor.set_targets(wanted.clone(), Instant::now());
+            for gone in known.difference(&wanted) {
+                forget_series(&metrics, gone);
+            }
+            for target in &wanted {
+                let up = monitor.health(target) != Some(Health::Down);
+                metrics
+                    .backend_up
+                    .get_or_create(&labels(target))
+                    .set(i64::from(up));
+            }
             known = wanted;
+            // A target that came back remembered as down is down for the plans too.
+            for name in checks.set_down(monitor.down()) {
+                let _ = requeue.unbounded_send(CachedService::reference(&name));
+            }
         }
         for target in monitor.due(Instant::now()) {
             let done = done_tx.clone();
@@ -165,7 +195,7 @@ pub async fn run(
                     let mut by_state = labels(&target);
                     by_state.push(("state", state.to_owned()));
                     metrics.backend_transitions.get_or_create(&by_state).inc();
-                    for name in checks.set(&target, health) {
+                    for name in checks.set_down(monitor.down()) {
                         let _ = requeue.unbounded_send(CachedService::reference(&name));
                     }
                 }
@@ -174,6 +204,18 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Removes every series of a target no plan needs any more.
+fn forget_series(metrics: &Metrics, target: &Target) {
+    let base = labels(target);
+    metrics.backend_up.remove(&base);
+    metrics.backend_last_transition.remove(&base);
+    for state in ["up", "down"] {
+        let mut by_state = base.clone();
+        by_state.push(("state", state.to_owned()));
+        metrics.backend_transitions.remove(&by_state);
     }
 }
 

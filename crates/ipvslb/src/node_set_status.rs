@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipvslb_api::{DirectorBackends, NodeSet};
+use ipvslb_api::{DirectorBackends, LABEL_EXCLUDE_FROM_EXTERNAL_LB, NodeSet};
 use ipvslb_core::health::Target;
-use ipvslb_core::{NodeInfo, NodeSetSpec};
+use ipvslb_core::{AllDown, NodeInfo, NodeSetSpec};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -22,16 +22,21 @@ use tracing::{debug, warn};
 use crate::health::Checks;
 use crate::translate;
 
-/// The well-known label that keeps a node out of every external load balancer.
-const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-
 /// What one NodeSet's status says, as last written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Summary {
+    /// The NodeSet's `metadata.generation`, for `observedGeneration`.
+    generation: Option<i64>,
     ready: u32,
     total: u32,
     /// `node: reason` for each selected node that takes no new connection.
     down: Vec<String>,
+    /// The nodes among them whose health check fails.
+    failing: BTreeSet<String>,
+    /// Every node fails its check and the NodeSet keeps them all (`allDown: KeepAll`).
+    failing_open: bool,
+    /// Why the NodeSet cannot be used, if it cannot.
+    invalid: Option<String>,
 }
 
 /// What the writer needs.
@@ -60,9 +65,9 @@ pub async fn run(writer: Writer, mut shutdown: watch::Receiver<bool>) {
         return;
     }
     let manager = format!("ipvslb-director-{}", writer.director);
+    // By uid: a NodeSet deleted and made again under its name is a new one.
     let mut written: BTreeMap<String, Summary> = BTreeMap::new();
     let mut since: BTreeMap<String, (bool, Time)> = BTreeMap::new();
-    let mut was_down: BTreeSet<Target> = BTreeSet::new();
     loop {
         let down = writer.checks.down();
         let nodes: Vec<NodeInfo> = writer
@@ -71,36 +76,51 @@ pub async fn run(writer: Writer, mut shutdown: watch::Receiver<bool>) {
             .iter()
             .map(|n| translate::node(n))
             .collect();
-        let sets: Vec<(Arc<NodeSet>, NodeSetSpec)> = writer
-            .node_sets
-            .state()
-            .into_iter()
-            .filter_map(|set| translate::node_set(&set).ok().map(|spec| (set, spec)))
-            .collect();
-        writer.announce(&sets, &nodes, &was_down, &down).await;
-        was_down = down.clone();
-        let failing: BTreeSet<IpAddr> = down.iter().map(|t| t.address).collect();
-        for (set, spec) in &sets {
-            let summary = summarize(spec, &nodes, &failing);
-            if written.get(&spec.name) == Some(&summary) {
+        let sets = writer.node_sets.state();
+        for set in &sets {
+            let uid = set.uid().unwrap_or_else(|| set.name_any());
+            let summary = match translate::node_set(set) {
+                Ok(spec) => summarize(&spec, &nodes, &down),
+                Err(e) => Summary {
+                    generation: None,
+                    ready: 0,
+                    total: 0,
+                    down: Vec::new(),
+                    failing: BTreeSet::new(),
+                    failing_open: false,
+                    invalid: Some(e.to_string()),
+                },
+            };
+            let summary = Summary {
+                generation: set.metadata.generation,
+                ..summary
+            };
+            let before = written.get(&uid);
+            if before == Some(&summary) {
                 continue;
             }
-            let ready = summary.ready > 0;
-            let transition = match since.get(&spec.name) {
+            writer.announce(set, before, &summary).await;
+            let ready = summary.ready > 0 || summary.failing_open;
+            let transition = match since.get(&uid) {
                 Some((was, at)) if *was == ready => at.clone(),
                 _ => Time(k8s_openapi::jiff::Timestamp::now()),
             };
-            since.insert(spec.name.clone(), (ready, transition.clone()));
+            since.insert(uid.clone(), (ready, transition.clone()));
             match writer.write(&manager, set, &summary, transition).await {
                 Ok(()) => {
-                    written.insert(spec.name.clone(), summary);
+                    written.insert(uid, summary);
                 }
                 Err(e) => {
-                    warn!(node_set = %spec.name, error = %e, "writing the NodeSet's status failed; retrying")
+                    warn!(node_set = %set.name_any(), error = %e, "writing the NodeSet's status failed; retrying")
                 }
             }
         }
-        written.retain(|name, _| sets.iter().any(|(_, s)| &s.name == name));
+        let live: BTreeSet<String> = sets
+            .iter()
+            .map(|s| s.uid().unwrap_or_else(|| s.name_any()))
+            .collect();
+        written.retain(|uid, _| live.contains(uid));
+        since.retain(|uid, _| live.contains(uid));
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
@@ -108,22 +128,37 @@ pub async fn run(writer: Writer, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// This director's view of `spec`'s nodes.
-fn summarize(spec: &NodeSetSpec, nodes: &[NodeInfo], failing: &BTreeSet<IpAddr>) -> Summary {
+/// This director's view of `spec`'s nodes; a node fails its health check when a target of
+/// this NodeSet's own check on one of its addresses is `down`.
+fn summarize(spec: &NodeSetSpec, nodes: &[NodeInfo], down: &BTreeSet<Target>) -> Summary {
+    let failing_addresses: BTreeSet<IpAddr> = match &spec.health {
+        Some(policy) => down
+            .iter()
+            .filter(|t| t.check == policy.check)
+            .map(|t| t.address)
+            .collect(),
+        None => BTreeSet::new(),
+    };
     let selected: Vec<&NodeInfo> = nodes
         .iter()
         .filter(|n| spec.selector.matches(&n.labels))
         .collect();
+    let mut failing = BTreeSet::new();
     let down: Vec<String> = selected
         .iter()
         .filter_map(|node| {
             let reason = if !node.ready {
                 "NotReady"
-            } else if node.labels.contains_key(EXCLUDE_LABEL) {
+            } else if node.labels.contains_key(LABEL_EXCLUDE_FROM_EXTERNAL_LB) {
                 "Excluded"
             } else if node.unschedulable {
                 "Cordoned"
-            } else if node.addresses.iter().any(|(_, a)| failing.contains(a)) {
+            } else if node
+                .addresses
+                .iter()
+                .any(|(_, a)| failing_addresses.contains(a))
+            {
+                failing.insert(node.name.clone());
                 "HealthCheckFailed"
             } else {
                 return None;
@@ -132,10 +167,19 @@ fn summarize(spec: &NodeSetSpec, nodes: &[NodeInfo], failing: &BTreeSet<IpAddr>)
         })
         .collect();
     let total = selected.len() as u32;
+    let ready = total - down.len() as u32;
+    let keeps_all = spec
+        .health
+        .as_ref()
+        .is_some_and(|p| p.all_down == AllDown::KeepAll);
     Summary {
-        ready: total - down.len() as u32,
+        generation: None,
+        ready,
         total,
+        failing_open: keeps_all && ready == 0 && !failing.is_empty(),
         down,
+        failing,
+        invalid: None,
     }
 }
 
@@ -147,18 +191,7 @@ impl Writer {
         summary: &Summary,
         transition: Time,
     ) -> Result<(), kube::Error> {
-        let (status, reason) = match (summary.ready, summary.total) {
-            (0, _) => ("False", "NoneReady"),
-            (r, t) if r == t => ("True", "AllReady"),
-            _ => ("True", "SomeDown"),
-        };
-        let mut message = format!(
-            "{} of {} nodes take new connections",
-            summary.ready, summary.total
-        );
-        if !summary.down.is_empty() {
-            message.push_str(&format!(" (not: {})", summary.down.join(", ")));
-        }
+        let (status, reason, message) = condition(summary);
         let entry = DirectorBackends {
             name: self.director.clone(),
             ready_backends: summary.ready,
@@ -178,7 +211,7 @@ impl Writer {
                     "reason": reason,
                     "message": message,
                     "lastTransitionTime": transition,
-                    "observedGeneration": set.metadata.generation,
+                    "observedGeneration": summary.generation,
                 }],
             }
         });
@@ -193,43 +226,33 @@ impl Writer {
         Ok(())
     }
 
-    /// Events on the NodeSets of each node whose check failed or passed again since the last
-    /// look (the recorder counts repeats into a series).
-    async fn announce(
-        &self,
-        sets: &[(Arc<NodeSet>, NodeSetSpec)],
-        nodes: &[NodeInfo],
-        before: &BTreeSet<Target>,
-        now: &BTreeSet<Target>,
-    ) {
-        let changes = now
-            .difference(before)
-            .map(|t| (t, true))
-            .chain(before.difference(now).map(|t| (t, false)));
-        for (target, failed) in changes {
-            let Some(node) = nodes
-                .iter()
-                .find(|n| n.addresses.iter().any(|(_, a)| *a == target.address))
-            else {
-                continue;
-            };
+    /// An Event on the NodeSet for each node whose health check started or stopped failing
+    /// (the recorder counts repeats into a series). A node that only left the NodeSet, or went
+    /// NotReady, gets none.
+    async fn announce(&self, set: &NodeSet, before: Option<&Summary>, now: &Summary) {
+        let was = before.map(|b| b.failing.clone()).unwrap_or_default();
+        let still_down: BTreeSet<&str> = now
+            .down
+            .iter()
+            .filter_map(|d| d.split(':').next())
+            .collect();
+        let changes = now.failing.difference(&was).map(|n| (n, true)).chain(
+            was.difference(&now.failing)
+                .filter(|n| !still_down.contains(n.as_str()))
+                .map(|n| (n, false)),
+        );
+        for (node, failed) in changes {
             let (type_, reason, note) = if failed {
                 (
                     EventType::Warning,
                     "BackendDown",
-                    format!(
-                        "node {} failed {} health checks of {}:{} in a row; new connections go elsewhere",
-                        node.name, target.check.fall, target.address, target.port
-                    ),
+                    format!("node {node} fails its health check; new connections go elsewhere"),
                 )
             } else {
                 (
                     EventType::Normal,
                     "BackendUp",
-                    format!(
-                        "node {} passed {} health checks of {}:{} in a row and takes traffic again",
-                        node.name, target.check.rise, target.address, target.port
-                    ),
+                    format!("node {node} passes its health check again and takes traffic"),
                 )
             };
             let event = Event {
@@ -239,16 +262,35 @@ impl Writer {
                 action: "HealthCheck".to_owned(),
                 secondary: None,
             };
-            for (set, _) in sets
-                .iter()
-                .filter(|(_, spec)| spec.selector.matches(&node.labels))
-            {
-                if let Err(e) = self.recorder.publish(&event, &set.object_ref(&())).await {
-                    warn!(node_set = %set.name_any(), error = %e, reason, "could not publish an event");
-                }
+            if let Err(e) = self.recorder.publish(&event, &set.object_ref(&())).await {
+                warn!(node_set = %set.name_any(), error = %e, reason, "could not publish an event");
             }
         }
     }
+}
+
+/// The `Ready` condition's status, reason and message.
+fn condition(summary: &Summary) -> (&'static str, &'static str, String) {
+    if let Some(why) = &summary.invalid {
+        return ("False", "Invalid", why.clone());
+    }
+    let mut message = format!(
+        "{} of {} nodes take new connections",
+        summary.ready, summary.total
+    );
+    if !summary.down.is_empty() {
+        message.push_str(&format!(" (not: {})", summary.down.join(", ")));
+    }
+    if summary.failing_open {
+        message.push_str("; every node fails its check, and allDown: KeepAll keeps them all");
+        return ("True", "FailingOpen", message);
+    }
+    let (status, reason) = match (summary.ready, summary.total) {
+        (0, _) => ("False", "NoneReady"),
+        (r, t) if r == t => ("True", "AllReady"),
+        _ => ("True", "SomeDown"),
+    };
+    (status, reason, message)
 }
 
 #[cfg(test)]
@@ -269,9 +311,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_selected_node_that_takes_no_new_connection_is_counted_with_its_reason() {
-        let spec = NodeSetSpec {
+    fn check() -> ipvslb_core::health::Check {
+        ipvslb_core::health::Check {
+            probe: ipvslb_core::health::Probe::Tcp,
+            interval: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+        }
+    }
+
+    fn spec(all_down: AllDown) -> NodeSetSpec {
+        NodeSetSpec {
             name: "default".into(),
             selector: Selector::default(),
             address_type: NodeAddressType::InternalIp,
@@ -279,8 +330,28 @@ mod tests {
             scheduler: ipvslb_ipvs::Scheduler::Rr,
             flags: ipvslb_ipvs::ServiceFlags::empty(),
             persistence: None,
-            health: None,
-        };
+            health: Some(ipvslb_core::HealthPolicy {
+                check: check(),
+                target: ipvslb_core::CheckTarget::Auto,
+                port: Some(8081),
+                all_down,
+            }),
+        }
+    }
+
+    fn down_at(addrs: &[&str], check: ipvslb_core::health::Check) -> BTreeSet<Target> {
+        addrs
+            .iter()
+            .map(|a| Target {
+                address: a.parse().unwrap(),
+                port: 8081,
+                check: check.clone(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_selected_node_that_takes_no_new_connection_is_counted_with_its_reason() {
         let mut unready = node("n2", "10.0.0.2");
         unready.ready = false;
         let mut cordoned = node("n3", "10.0.0.3");
@@ -291,18 +362,37 @@ mod tests {
             cordoned,
             node("n4", "10.0.0.4"),
         ];
-        let failing: BTreeSet<IpAddr> = ["10.0.0.4".parse().unwrap()].into();
-        assert_eq!(
-            summarize(&spec, &nodes, &failing),
-            Summary {
-                ready: 1,
-                total: 4,
-                down: vec![
-                    "n2: NotReady".into(),
-                    "n3: Cordoned".into(),
-                    "n4: HealthCheckFailed".into()
-                ],
-            }
+        let summary = summarize(
+            &spec(AllDown::KeepAll),
+            &nodes,
+            &down_at(&["10.0.0.4"], check()),
         );
+        assert_eq!((summary.ready, summary.total), (1, 4));
+        assert_eq!(
+            summary.down,
+            ["n2: NotReady", "n3: Cordoned", "n4: HealthCheckFailed"]
+        );
+        assert_eq!(summary.failing, ["n4".to_owned()].into());
+        assert!(!summary.failing_open);
+    }
+
+    #[test]
+    fn only_this_node_sets_own_check_fails_its_nodes_and_all_failing_with_keep_all_is_open() {
+        let nodes = [node("n1", "10.0.0.1"), node("n2", "10.0.0.2")];
+        // Another NodeSet's check (other timing) on these addresses is not this one's.
+        let mut other = check();
+        other.interval = std::time::Duration::from_secs(7);
+        let summary = summarize(
+            &spec(AllDown::KeepAll),
+            &nodes,
+            &down_at(&["10.0.0.1"], other),
+        );
+        assert_eq!((summary.ready, summary.total), (2, 2));
+        let all = down_at(&["10.0.0.1", "10.0.0.2"], check());
+        let open = summarize(&spec(AllDown::KeepAll), &nodes, &all);
+        assert!(open.failing_open);
+        assert_eq!(condition(&open).1, "FailingOpen");
+        let withdrawn = summarize(&spec(AllDown::Withdraw), &nodes, &all);
+        assert_eq!(condition(&withdrawn).1, "NoneReady");
     }
 }

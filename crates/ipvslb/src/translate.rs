@@ -525,15 +525,14 @@ fn health_policy(
             format!("{} is outside 10ms to 1h", check.interval),
         ));
     }
-    if timeout.is_zero() || timeout > interval {
+    if timeout.is_zero() {
         return Err(invalid(
             "timeout",
-            format!(
-                "{} must be above zero and at most the interval ({})",
-                check.timeout, check.interval
-            ),
+            format!("{} must be above zero", check.timeout),
         ));
     }
+    // A probe still running when the next is due would only delay it: cut to the interval.
+    let timeout = timeout.min(interval);
     let probe = match check.kind {
         ipvslb_api::HealthCheckType::None => return Ok(None),
         ipvslb_api::HealthCheckType::TCP => Probe::Tcp,
@@ -554,7 +553,6 @@ fn health_policy(
             ipvslb_api::HealthCheckTarget::Auto => CheckTarget::Auto,
             ipvslb_api::HealthCheckTarget::NodePort => CheckTarget::NodePort,
             ipvslb_api::HealthCheckTarget::ServicePort => CheckTarget::ServicePort,
-            ipvslb_api::HealthCheckTarget::HealthCheckNodePort => CheckTarget::HealthCheckNodePort,
         },
         port: check.port,
         all_down: match check.all_down {
