@@ -527,7 +527,19 @@ fn round_robin(_: &mut Run) -> Result<(), String> {
             ));
         }
     }
-    answered_directly(&paths)
+    answered_directly(&paths)?;
+    // The kernel's own counters reach the director's metrics (refreshed by each full pass).
+    for node in NODES {
+        let series = format!(
+            "ipvslb_destination_total{{counter=\"connections\",service=\"{key}\",destination=\"{}:80\"}}",
+            node.v4
+        );
+        let exported = wait_for("the kernel's counters in /metrics", CONVERGE, POLL, || {
+            Ok(witness::metric(&series)?.filter(|n| *n >= half))
+        })?;
+        println!("{series} {exported}");
+    }
+    Ok(())
 }
 
 /// The destinations of `key`, once the director's table has it as `check` wants.

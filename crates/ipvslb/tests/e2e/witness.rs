@@ -245,9 +245,9 @@ fn rule_hits(text: &str, dest: &str, port: &str) -> u64 {
         .sum()
 }
 
-/// The director's counter of health transitions of `address:port` to `state`, from its
-/// `/metrics`.
-pub fn transitions(address: &str, port: u16, state: &str) -> Result<u64, String> {
+/// The value of one series (`name{labels}`) of the director's `/metrics`; `None` when it has
+/// no such series.
+pub fn metric(series: &str) -> Result<Option<u64>, String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect("127.0.0.1:9090")
         .map_err(|e| format!("connecting to the director's /metrics: {e}"))?;
@@ -258,14 +258,20 @@ pub fn transitions(address: &str, port: u16, state: &str) -> Result<u64, String>
     stream
         .read_to_string(&mut text)
         .map_err(|e| format!("reading /metrics: {e}"))?;
-    let series = format!(
-        "ipvslb_backend_transitions_total{{address=\"{address}\",port=\"{port}\",state=\"{state}\"}} "
-    );
+    let prefix = format!("{series} ");
     Ok(text
         .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0))
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok()))
+}
+
+/// The director's counter of health transitions of `address:port` to `state` (0 before the
+/// first).
+pub fn transitions(address: &str, port: u16, state: &str) -> Result<u64, String> {
+    Ok(metric(&format!(
+        "ipvslb_backend_transitions_total{{address=\"{address}\",port=\"{port}\",state=\"{state}\"}}"
+    ))?
+    .unwrap_or(0))
 }
 
 /// Adds `loss` percent packet loss to everything `node` sends.
