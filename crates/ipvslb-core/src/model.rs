@@ -312,6 +312,37 @@ pub enum AllDown {
     Withdraw,
 }
 
+/// The well-known label that keeps a node out of every external load balancer.
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Whether a node of a NodeSet takes traffic, before any health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Takes new connections.
+    Serving,
+    /// Its `Ready` condition is not `True`: no destination.
+    NotReady,
+    /// Labelled out of external load balancers: no destination.
+    Excluded,
+    /// Cordoned: a destination at weight 0, so live connections finish.
+    Cordoned,
+}
+
+impl NodeInfo {
+    /// Where the node stands, by the rules every director applies.
+    pub fn standing(&self) -> Standing {
+        if !self.ready {
+            Standing::NotReady
+        } else if self.labels.contains_key(EXCLUDE_LABEL) {
+            Standing::Excluded
+        } else if self.unschedulable {
+            Standing::Cordoned
+        } else {
+            Standing::Serving
+        }
+    }
+}
+
 /// A Node as the core sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {

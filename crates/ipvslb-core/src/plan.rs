@@ -12,11 +12,8 @@ use ipvslb_ipvs::{
 use crate::health::Target;
 use crate::model::{
     AllDown, CheckTarget, Forwarding, HealthPolicy, IpFamily, NodeInfo, NodeSetSpec,
-    PlannedService, PoolSpec, ServiceName, ServicePort, TrafficPolicy,
+    PlannedService, PoolSpec, ServiceName, ServicePort, Standing, TrafficPolicy,
 };
-
-/// The well-known label that keeps a node out of every external load balancer.
-const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
 /// The desired table and what kept parts of it from being planned.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -215,10 +212,16 @@ fn backends_of<'a>(set: &NodeSetSpec, nodes: &'a [NodeInfo]) -> Vec<Backend<'a>>
     nodes
         .iter()
         .filter(|n| set.selector.matches(&n.labels))
-        .filter(|n| n.ready && !n.labels.contains_key(EXCLUDE_LABEL))
-        .map(|node| Backend {
-            node,
-            draining: node.unschedulable,
+        .filter_map(|node| match node.standing() {
+            Standing::Serving => Some(Backend {
+                node,
+                draining: false,
+            }),
+            Standing::Cordoned => Some(Backend {
+                node,
+                draining: true,
+            }),
+            Standing::NotReady | Standing::Excluded => None,
         })
         .collect()
 }
@@ -323,7 +326,7 @@ mod tests {
     use ipvslb_ipvs::{Protocol, Scheduler};
 
     use super::*;
-    use crate::model::NodeAddressType;
+    use crate::model::{EXCLUDE_LABEL, NodeAddressType};
     use crate::selector::Selector;
 
     fn ip(s: &str) -> IpAddr {

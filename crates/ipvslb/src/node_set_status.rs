@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipvslb_api::{DirectorBackends, LABEL_EXCLUDE_FROM_EXTERNAL_LB, NodeSet};
+use ipvslb_api::{DirectorBackends, NodeSet};
 use ipvslb_core::health::Target;
-use ipvslb_core::{AllDown, NodeInfo, NodeSetSpec};
+use ipvslb_core::{AllDown, NodeInfo, NodeSetSpec, Standing};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
@@ -147,21 +147,20 @@ fn summarize(spec: &NodeSetSpec, nodes: &[NodeInfo], down: &BTreeSet<Target>) ->
     let down: Vec<String> = selected
         .iter()
         .filter_map(|node| {
-            let reason = if !node.ready {
-                "NotReady"
-            } else if node.labels.contains_key(LABEL_EXCLUDE_FROM_EXTERNAL_LB) {
-                "Excluded"
-            } else if node.unschedulable {
-                "Cordoned"
-            } else if node
-                .addresses
-                .iter()
-                .any(|(_, a)| failing_addresses.contains(a))
-            {
-                failing.insert(node.name.clone());
-                "HealthCheckFailed"
-            } else {
-                return None;
+            let reason = match node.standing() {
+                Standing::NotReady => "NotReady",
+                Standing::Excluded => "Excluded",
+                Standing::Cordoned => "Cordoned",
+                Standing::Serving
+                    if node
+                        .addresses
+                        .iter()
+                        .any(|(_, a)| failing_addresses.contains(a)) =>
+                {
+                    failing.insert(node.name.clone());
+                    "HealthCheckFailed"
+                }
+                Standing::Serving => return None,
             };
             Some(format!("{}: {reason}", node.name))
         })
