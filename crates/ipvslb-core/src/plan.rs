@@ -88,66 +88,129 @@ pub enum PlanError {
 }
 
 /// A node that may receive a NodeSet's traffic.
-struct Backend<'a> {
-    node: &'a NodeInfo,
+#[derive(Debug, Clone, Copy)]
+struct Backend {
+    /// Its index in [`Topology::nodes`].
+    node: usize,
     /// Cordoned nodes keep their destination at weight 0: live connections finish, new ones go
     /// elsewhere.
     draining: bool,
 }
 
-/// Plans the desired table. Deterministic: Services are taken oldest first (then by name), so
-/// when two claim the same virtual service the older keeps it, whatever the newer one is named
-/// or when it arrives, and the newer gets a [`PlanError::Collision`].
-pub fn plan(
-    services: &[PlannedService],
-    pools: &[PoolSpec],
-    node_sets: &[NodeSetSpec],
-    nodes: &[NodeInfo],
-) -> Plan {
-    plan_checked(services, pools, node_sets, nodes, &BTreeSet::new())
+/// What plans are made over: the pools, the NodeSets and the nodes, with the nodes each
+/// NodeSet sends traffic to found once. A director keeps one for as long as none of them
+/// changes, so planning one Service costs that Service's own destinations, not a scan of every
+/// NodeSet and node.
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    pools: Vec<PoolSpec>,
+    pool_index: BTreeMap<String, usize>,
+    node_sets: BTreeMap<String, (NodeSetSpec, Vec<Backend>)>,
+    nodes: Vec<NodeInfo>,
+    node_index: BTreeMap<String, usize>,
 }
 
-/// [`plan`], leaving out the destinations whose health-check target is in `down` (all of a
-/// virtual service's are kept when all are down and the NodeSet says
-/// [`AllDown::KeepAll`]).
-pub fn plan_checked(
-    services: &[PlannedService],
-    pools: &[PoolSpec],
-    node_sets: &[NodeSetSpec],
-    nodes: &[NodeInfo],
-    down: &BTreeSet<Target>,
-) -> Plan {
-    let pools: BTreeMap<&str, &PoolSpec> = pools.iter().map(|p| (p.name.as_str(), p)).collect();
-    let backends: BTreeMap<&str, (&NodeSetSpec, Vec<Backend>)> = node_sets
-        .iter()
-        .map(|set| (set.name.as_str(), (set, backends_of(set, nodes))))
-        .collect();
-    let mut ordered: Vec<&PlannedService> = services.iter().collect();
-    ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+impl Topology {
+    /// The topology of these objects. Of two pools (or NodeSets, or nodes) with one name, the
+    /// later one counts.
+    pub fn new(pools: Vec<PoolSpec>, node_sets: Vec<NodeSetSpec>, nodes: Vec<NodeInfo>) -> Self {
+        let pool_index = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        let node_index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let node_sets = node_sets
+            .into_iter()
+            .map(|set| {
+                let backends = backends_of(&set, &nodes);
+                (set.name.clone(), (set, backends))
+            })
+            .collect();
+        Self {
+            pools,
+            pool_index,
+            node_sets,
+            nodes,
+            node_index,
+        }
+    }
 
-    let mut plan = Plan::default();
-    for service in ordered {
+    /// The pools, in the order given.
+    pub fn pools(&self) -> &[PoolSpec] {
+        &self.pools
+    }
+
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolSpec> {
+        self.pool_index.get(name).map(|&i| &self.pools[i])
+    }
+
+    /// The NodeSets, by name.
+    pub fn node_sets(&self) -> impl Iterator<Item = &NodeSetSpec> {
+        self.node_sets.values().map(|(set, _)| set)
+    }
+
+    /// The nodes, in the order given.
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.nodes
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.node_index.get(name).map(|&i| &self.nodes[i])
+    }
+
+    /// The names of the NodeSets whose selector matches `labels`: those a node with these
+    /// labels belongs to, whatever its standing.
+    pub fn node_sets_selecting<'a>(
+        &'a self,
+        labels: &'a BTreeMap<String, String>,
+    ) -> impl Iterator<Item = &'a str> {
+        self.node_sets
+            .values()
+            .filter(|(set, _)| set.selector.matches(labels))
+            .map(|(set, _)| set.name.as_str())
+    }
+
+    /// [`plan_checked`] over this topology.
+    pub fn plan(&self, services: &[PlannedService], down: &BTreeSet<Target>) -> Plan {
+        let mut ordered: Vec<&PlannedService> = services.iter().collect();
+        ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        let mut plan = Plan::default();
+        for service in ordered {
+            self.plan_service(service, down, &mut plan);
+        }
+        plan
+    }
+
+    /// Adds `service`'s entries to `plan`: the Services planned before it keep what they hold.
+    fn plan_service(&self, service: &PlannedService, down: &BTreeSet<Target>, plan: &mut Plan) {
         let mut problem = |error| {
             plan.problems.push(PlanProblem {
                 service: service.name.clone(),
                 error,
             })
         };
-        let Some(pool) = pools.get(service.pool.as_str()) else {
+        let Some(pool) = self.pool(&service.pool) else {
             problem(PlanError::UnknownPool {
                 pool: service.pool.clone(),
             });
-            continue;
+            return;
         };
-        let Some((set, set_backends)) = backends.get(pool.node_set.as_str()) else {
+        let Some((set, set_backends)) = self.node_sets.get(&pool.node_set) else {
             problem(PlanError::UnknownNodeSet {
                 pool: pool.name.clone(),
                 node_set: pool.node_set.clone(),
             });
-            continue;
+            return;
         };
         for address in &service.addresses {
-            let dests = destinations_for(service, set, set_backends, address);
+            let dests = destinations_for(service, set, set_backends, &self.nodes, address);
             if dests.is_empty() {
                 problem(PlanError::NoBackends {
                     node_set: set.name.clone(),
@@ -204,15 +267,40 @@ pub fn plan_checked(
             }
         }
     }
-    plan
+}
+
+/// Plans the desired table. Deterministic: Services are taken oldest first (then by name), so
+/// when two claim the same virtual service the older keeps it, whatever the newer one is named
+/// or when it arrives, and the newer gets a [`PlanError::Collision`].
+pub fn plan(
+    services: &[PlannedService],
+    pools: &[PoolSpec],
+    node_sets: &[NodeSetSpec],
+    nodes: &[NodeInfo],
+) -> Plan {
+    plan_checked(services, pools, node_sets, nodes, &BTreeSet::new())
+}
+
+/// [`plan`], leaving out the destinations whose health-check target is in `down` (all of a
+/// virtual service's are kept when all are down and the NodeSet says
+/// [`AllDown::KeepAll`]).
+pub fn plan_checked(
+    services: &[PlannedService],
+    pools: &[PoolSpec],
+    node_sets: &[NodeSetSpec],
+    nodes: &[NodeInfo],
+    down: &BTreeSet<Target>,
+) -> Plan {
+    Topology::new(pools.to_vec(), node_sets.to_vec(), nodes.to_vec()).plan(services, down)
 }
 
 /// The nodes of `set` that can take traffic at all: selected, Ready, not excluded.
-fn backends_of<'a>(set: &NodeSetSpec, nodes: &'a [NodeInfo]) -> Vec<Backend<'a>> {
+fn backends_of(set: &NodeSetSpec, nodes: &[NodeInfo]) -> Vec<Backend> {
     nodes
         .iter()
-        .filter(|n| set.selector.matches(&n.labels))
-        .filter_map(|node| match node.standing() {
+        .enumerate()
+        .filter(|(_, n)| set.selector.matches(&n.labels))
+        .filter_map(|(node, info)| match info.standing() {
             Standing::Serving => Some(Backend {
                 node,
                 draining: false,
@@ -231,6 +319,7 @@ fn destinations_for(
     service: &PlannedService,
     set: &NodeSetSpec,
     backends: &[Backend],
+    nodes: &[NodeInfo],
     vip: &IpAddr,
 ) -> Vec<(IpAddr, ForwardingMethod, u32)> {
     let family = IpFamily::of(vip);
@@ -238,8 +327,8 @@ fn destinations_for(
     let mut dests: Vec<_> = backends
         .iter()
         .filter_map(|b| {
-            let address = b
-                .node
+            let node = &nodes[b.node];
+            let address = node
                 .addresses
                 .iter()
                 .find(|(kind, addr)| *kind == set.address_type && IpFamily::of(addr) == family)
@@ -248,7 +337,7 @@ fn destinations_for(
                 TrafficPolicy::Cluster => 1,
                 // kube-proxy drops Local traffic on a node without a ready endpoint, so such a
                 // node is no destination at all; the others get a share of their endpoints.
-                TrafficPolicy::Local => match service.ready_endpoints.get(&b.node.name) {
+                TrafficPolicy::Local => match service.ready_endpoints.get(&node.name) {
                     Some(&n) if n > 0 => n,
                     _ => return None,
                 },

@@ -102,6 +102,17 @@ impl CachedService {
         ObjectRef::new(&name.name).within(&name.namespace)
     }
 
+    /// The recorded ingress addresses that are IP addresses, read without a copy of the
+    /// Service ([`crate::translate::ingress_addresses`] of [`Self::to_service`]).
+    pub fn ingress_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.status
+            .iter()
+            .filter_map(|s| s.load_balancer.as_ref()?.ingress.as_ref())
+            .flatten()
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect()
+    }
+
     /// The Service as the translation code reads it.
     pub fn to_service(&self) -> Service {
         let map = |entries: &[(String, String)]| {

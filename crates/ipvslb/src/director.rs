@@ -11,10 +11,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
+use futures::TryStreamExt;
+use ipvslb_api::{LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::health::Target;
 use ipvslb_core::plan::{PlanError, PlanProblem};
-use ipvslb_core::{NodeInfo, NodeSetSpec, PlannedService, PoolSpec, ServiceName};
+use ipvslb_core::plan::Topology;
+use ipvslb_core::{PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -22,7 +24,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -33,6 +35,7 @@ use crate::health::Checks;
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
+use crate::view::{Cluster, Stores};
 
 /// Why a director reconcile failed; retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -90,10 +93,8 @@ pub struct Context<D> {
     config: Config,
     converger: Arc<Converger<D>>,
     services: Store<CachedService>,
-    pools: Store<IPPool>,
-    node_sets: Store<NodeSet>,
-    nodes: Store<Node>,
-    slices: Store<EndpointSlice>,
+    /// The pools, NodeSets, Nodes and EndpointSlices, as plans are made over them.
+    cluster: Arc<Cluster>,
     metrics: Arc<Metrics>,
     /// Publishes Warning Events, counting repeats into a series.
     warnings: Recorder,
@@ -106,14 +107,6 @@ pub struct Context<D> {
     exported: std::sync::Mutex<BTreeSet<Vec<(&'static str, String)>>>,
     /// The plan problems last published on each Service.
     told: std::sync::Mutex<BTreeMap<ServiceName, Vec<String>>>,
-}
-
-/// Everything the planner needs, translated from the caches.
-struct View {
-    pools: Vec<PoolSpec>,
-    node_sets: Vec<NodeSetSpec>,
-    nodes: Vec<NodeInfo>,
-    owned: Owned,
 }
 
 /// Runs the director over `dataplane` until `shutdown` fires. The kernel table is left in
@@ -155,14 +148,21 @@ pub async fn run<D: Dataplane>(
         },
         shutdown.clone(),
     )));
+    let cluster = Arc::new(Cluster::new(
+        config.classes.clone(),
+        Stores {
+            services: services.clone(),
+            pools: pools.clone(),
+            node_sets: node_sets.clone(),
+            nodes: nodes.clone(),
+            slices: slices.clone(),
+        },
+    ));
     let ctx = Arc::new(Context {
         converger: Arc::new(Converger::new(dataplane, config.drain_grace)),
         config,
         services: services.clone(),
-        pools: pools.clone(),
-        node_sets: node_sets.clone(),
-        nodes: nodes.clone(),
-        slices: slices.clone(),
+        cluster: cluster.clone(),
         metrics,
         warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
         requeue: requeue_tx,
@@ -180,11 +180,16 @@ pub async fn run<D: Dataplane>(
             }
         }
     }));
-    let on_node = services.clone();
-    let pool_stream =
-        crate::watch_all(&client, pools_writer, &ctx.metrics.health, "director").touched_objects();
+    // Each stream tells the cluster view of a change once its store holds it, before the
+    // Services the change affects are requeued.
+    let on_pool = cluster.clone();
+    let pool_stream = crate::watch_all(&client, pools_writer, &ctx.metrics.health, "director")
+        .touched_objects()
+        .inspect_ok(move |_| on_pool.changed());
+    let on_set = cluster.clone();
     let set_stream = crate::watch_all(&client, node_sets_writer, &ctx.metrics.health, "director")
-        .touched_objects();
+        .touched_objects()
+        .inspect_ok(move |_| on_set.changed());
     let node_stream = crate::watch_stream(
         &client,
         watcher::Config::default(),
@@ -222,13 +227,12 @@ pub async fn run<D: Dataplane>(
             s.spec.clone()
         }),
     )
-    .watches_stream(node_stream, move |_: Node| crate::all_services(&on_node))
-    .watches_stream(slice_stream, |slice: EndpointSlice| {
-        let namespace = slice.namespace().unwrap_or_default();
-        slice
-            .labels()
-            .get(LABEL_SERVICE_NAME)
-            .map(|name| ObjectRef::new(name).within(&namespace))
+    .watches_stream(node_stream, {
+        let cluster = cluster.clone();
+        move |node: Node| cluster.node_changed(&node)
+    })
+    .watches_stream(slice_stream, move |slice: EndpointSlice| {
+        cluster.slice_changed(&slice)
     })
     .reconcile_on(requeue_rx)
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
@@ -253,12 +257,10 @@ pub struct Part {
 pub fn part_of(
     name: &ServiceName,
     services: &[PlannedService],
-    pools: &[PoolSpec],
-    node_sets: &[NodeSetSpec],
-    nodes: &[NodeInfo],
+    topology: &Topology,
     down: &BTreeSet<Target>,
 ) -> Part {
-    let mut plan = ipvslb_core::plan::plan_checked(services, pools, node_sets, nodes, down);
+    let mut plan = topology.plan(services, down);
     let mut table = plan.table;
     table
         .services
@@ -373,16 +375,16 @@ async fn reconcile<D: Dataplane>(
     let span = info_span!("direct", service = %name);
     async {
         let seen = ctx.generation()?;
-        let view = ctx.view();
+        let view = ctx.cluster.view();
         let service = cached.to_service();
-        let mut claim = ctx.planned(&service, &view, BTreeMap::new());
-        let peers = ctx.sharing_peers(&service, &view);
+        let mut claim = ctx.cluster.planned(&service, &view, BTreeMap::new());
+        let peers = ctx.cluster.sharing_peers(&service, &view);
         let down = ctx.checks.down();
         let Part {
             table: desired,
             problems,
             targets,
-        } = ctx.desired_for(&service, &peers, &view, &down);
+        } = ctx.cluster.part(&service, &peers, &view, &down);
         ctx.checks.register(&name, targets);
         // A transition of a target this plan needs, between reading what is down and
         // registering, requeued only the Services registered then.
@@ -397,14 +399,17 @@ async fn reconcile<D: Dataplane>(
         // run first, and nothing else would remove what this one just wrote.
         if ctx.services.get(&CachedService::reference(&name)).is_none() {
             let seen = ctx.generation()?;
-            report.merge(ctx.converge(&name, Table::new(), view.owned, seen).await?);
+            report.merge(
+                ctx.converge(&name, Table::new(), view.owned.clone(), seen)
+                    .await?,
+            );
             ctx.checks.register(&name, BTreeSet::new());
             claim = None;
         }
         let claim_changed = ctx.claims.changed(&name, claim.as_ref());
         // The peers of now: a Service that came to share the VIP meanwhile is as affected as
         // the ones planned with.
-        let peers = names(&ctx.sharing(&service));
+        let peers = names(&ctx.cluster.sharing(&service));
         ctx.requeue_affected(&report, claim_changed, &peers);
         if let Some(first) = report.failures.first() {
             ctx.warn_refused(&report.failures).await;
@@ -448,14 +453,7 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
     // Until the table has been made whole once, traffic may meet a stale one.
     let health = &ctx.metrics.health;
     health.require("director first pass", "the director's first full pass");
-    let caches = async {
-        crate::filled(&ctx.pools).await?;
-        crate::filled(&ctx.node_sets).await?;
-        crate::filled(&ctx.nodes).await?;
-        crate::filled(&ctx.slices).await?;
-        crate::filled(&ctx.services).await
-    };
-    if caches.await.is_err() {
+    if ctx.cluster.filled().await.is_err() {
         return;
     }
     // A pass that takes longer than a resync and a minute more is stuck, not slow.
@@ -485,135 +483,6 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
 }
 
 impl<D: Dataplane> Context<D> {
-    fn view(&self) -> View {
-        // This installation's pools only: another class's addresses are never ours to touch.
-        // An invalid pool still explains its holders' VIPs, which keep being served.
-        let pools: Vec<PoolSpec> = self
-            .pools
-            .state()
-            .iter()
-            .map(|p| translate::pool_for(p, &self.config.classes).0)
-            .filter(|p| !matches!(p.role, ipvslb_core::PoolRole::Foreign(_)))
-            .collect();
-        let node_sets = self
-            .node_sets
-            .state()
-            .iter()
-            .filter_map(|s| {
-                translate::node_set(s)
-                    .map_err(|e| warn!(error = %e, "skipping an invalid NodeSet"))
-                    .ok()
-            })
-            .collect();
-        let nodes = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| translate::node(n))
-            .collect();
-        let owned = Owned::new(
-            pools
-                .iter()
-                .flat_map(|p| p.ranges.iter().copied())
-                .collect(),
-        );
-        View {
-            pools,
-            node_sets,
-            nodes,
-            owned,
-        }
-    }
-
-    /// The Service as the planner sees it, if it is ours and has VIPs inside a pool.
-    fn planned(
-        &self,
-        service: &Service,
-        view: &View,
-        endpoints: BTreeMap<String, u32>,
-    ) -> Option<PlannedService> {
-        if !self.config.classes.serves(service) || service.metadata.deletion_timestamp.is_some() {
-            return None;
-        }
-        let addresses = translate::ingress_addresses(service);
-        let pool = pool_of(&addresses, &view.pools)?;
-        translate::planned_service(service, addresses, pool.name.clone(), endpoints)
-            .map_err(|e| warn!(error = %e, "not planned"))
-            .ok()
-    }
-
-    /// This Service's part of the plan ([`part_of`]), and its problems.
-    fn desired_for(
-        &self,
-        service: &Service,
-        peers: &[PlannedService],
-        view: &View,
-        down: &BTreeSet<Target>,
-    ) -> Part {
-        let name = translate::service_name(service);
-        let endpoints = translate::ready_endpoints(
-            self.slices
-                .state()
-                .iter()
-                .filter(|s| {
-                    s.namespace().as_deref() == Some(name.namespace.as_str())
-                        && s.labels().get(LABEL_SERVICE_NAME) == Some(&name.name)
-                })
-                .map(|s| &**s),
-        )
-        .remove(&name)
-        .unwrap_or_default();
-        let Some(planned) = self.planned(service, view, endpoints) else {
-            return Part::default();
-        };
-        let mut services = peers.to_vec();
-        services.push(planned);
-        part_of(
-            &name,
-            &services,
-            &view.pools,
-            &view.node_sets,
-            &view.nodes,
-            down,
-        )
-    }
-
-    /// The other Services on `planned`'s VIPs. Only Services that allow sharing can have any,
-    /// so the others do not pay for a look at every Service.
-    fn sharing_peers(&self, service: &Service, view: &View) -> Vec<PlannedService> {
-        self.sharing(service)
-            .iter()
-            .filter_map(|s| self.planned(s, view, BTreeMap::new()))
-            .collect()
-    }
-
-    /// The other Services on `service`'s VIPs, planned or not.
-    fn sharing(&self, service: &Service) -> Vec<Service> {
-        let shares = |s: &Service| {
-            s.metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(ANNOTATION_ALLOW_SHARED_IP))
-        };
-        if !shares(service) {
-            return Vec::new();
-        }
-        let name = translate::service_name(service);
-        let addresses = translate::ingress_addresses(service);
-        self.services
-            .state()
-            .iter()
-            .filter(|c| c.service_name() != name)
-            .map(|c| c.to_service())
-            .filter(|s| {
-                shares(s)
-                    && translate::ingress_addresses(s)
-                        .iter()
-                        .any(|a| addresses.contains(a))
-            })
-            .collect()
-    }
-
     /// Removes a deleted Service's entries and requeues the Services sharing its VIPs, whose
     /// parts were planned with it.
     async fn converge_deleted(&self, deleted: &CachedService) -> Result<(), Error> {
@@ -621,8 +490,8 @@ impl<D: Dataplane> Context<D> {
         let span = info_span!("forget", service = %name);
         async {
             let seen = self.generation()?;
-            let view = self.view();
-            let peers = names(&self.sharing(&deleted.to_service()));
+            let view = self.cluster.view();
+            let peers = names(&self.cluster.sharing(&deleted.to_service()));
             self.claims.changed(&name, None);
             self.checks.register(&name, BTreeSet::new());
             if let Ok(mut told) = self.told.lock() {
@@ -635,7 +504,9 @@ impl<D: Dataplane> Context<D> {
                 .get(&CachedService::reference(&name))
                 .is_none()
             {
-                let report = self.converge(&name, Table::new(), view.owned, seen).await?;
+                let report = self
+                    .converge(&name, Table::new(), view.owned.clone(), seen)
+                    .await?;
                 self.requeue_affected(&report, false, &[]);
             }
             for peer in &peers {
@@ -689,27 +560,21 @@ impl<D: Dataplane> Context<D> {
         // Before the caches are read: a Service converged from a later view than this one
         // keeps its entries as that converge left them.
         let since = self.generation()?;
-        let view = self.view();
-        let mut endpoints = translate::ready_endpoints(self.slices.state().iter().map(|s| &**s));
+        let mut endpoints = self.cluster.refresh();
+        let view = self.cluster.view();
         let planned: Vec<PlannedService> = self
             .services
             .state()
             .iter()
             .filter_map(|s| {
-                self.planned(
+                self.cluster.planned(
                     &s.to_service(),
                     &view,
                     endpoints.remove(&s.service_name()).unwrap_or_default(),
                 )
             })
             .collect();
-        let plan = ipvslb_core::plan::plan_checked(
-            &planned,
-            &view.pools,
-            &view.node_sets,
-            &view.nodes,
-            &self.checks.down(),
-        );
+        let plan = view.topology.plan(&planned, &self.checks.down());
         let existing: BTreeSet<ServiceName> = self
             .services
             .state()
@@ -723,7 +588,7 @@ impl<D: Dataplane> Context<D> {
         }
         let by_service = keys_by_service(&plan);
         let converger = self.converger.clone();
-        let owned = view.owned;
+        let owned = view.owned.clone();
         let table = plan.table;
         let report = tokio::task::spawn_blocking(move || {
             converger.converge_all(&table, by_service, &owned, since, Instant::now())

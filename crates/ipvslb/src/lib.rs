@@ -20,6 +20,7 @@ pub mod run;
 pub mod server;
 pub mod shared;
 pub mod translate;
+pub mod view;
 
 use translate::Unclassed;
 

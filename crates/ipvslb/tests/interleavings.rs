@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use ipvslb::converge::{Converger, Generation, Owned, Report};
 use ipvslb::dataplane::{Dataplane, Memory};
 use ipvslb::director::{Claims, affected, keys_by_service, part_of, pool_of};
-use ipvslb_core::plan::plan;
+use ipvslb_core::plan::{Topology, plan};
 use ipvslb_core::{
     Forwarding, NodeAddressType, NodeInfo, NodeSetSpec, PlannedService, PoolSpec, Selector,
     ServiceName, ServicePort, TrafficPolicy,
@@ -217,9 +217,7 @@ impl World {
         let part = part_of(
             &ServiceName::new("default", name),
             &services,
-            &self.pools(),
-            &self.node_sets(),
-            &self.nodes(),
+            &Topology::new(self.pools(), self.node_sets(), self.nodes()),
             &Default::default(),
         );
         (part.table, peers)
