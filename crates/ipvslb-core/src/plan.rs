@@ -107,22 +107,16 @@ pub struct Topology {
     pool_index: BTreeMap<String, usize>,
     node_sets: BTreeMap<String, (NodeSetSpec, Vec<Backend>)>,
     nodes: Vec<NodeInfo>,
-    node_index: BTreeMap<String, usize>,
 }
 
 impl Topology {
-    /// The topology of these objects. Of two pools (or NodeSets, or nodes) with one name, the
-    /// later one counts.
+    /// The topology of these objects. Of two pools (or NodeSets) with one name, the later one
+    /// counts.
     pub fn new(pools: Vec<PoolSpec>, node_sets: Vec<NodeSetSpec>, nodes: Vec<NodeInfo>) -> Self {
         let pool_index = pools
             .iter()
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i))
-            .collect();
-        let node_index = nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.name.clone(), i))
             .collect();
         let node_sets = node_sets
             .into_iter()
@@ -136,7 +130,6 @@ impl Topology {
             pool_index,
             node_sets,
             nodes,
-            node_index,
         }
     }
 
@@ -158,11 +151,6 @@ impl Topology {
     /// The nodes, in the order given.
     pub fn nodes(&self) -> &[NodeInfo] {
         &self.nodes
-    }
-
-    /// The node named `name`.
-    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
-        self.node_index.get(name).map(|&i| &self.nodes[i])
     }
 
     /// The names of the NodeSets whose selector matches `labels`: those a node with these

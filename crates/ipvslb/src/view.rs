@@ -354,3 +354,212 @@ fn service_of(slice: &EndpointSlice) -> Option<ServiceName> {
         name.as_str(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::reflector::{self, store::Writer};
+    use kube::runtime::watcher;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    use super::*;
+    use crate::translate::Unclassed;
+
+    fn object<K: DeserializeOwned>(value: serde_json::Value) -> K {
+        serde_json::from_value(value).expect("a valid object")
+    }
+
+    fn pool(name: &str, range: &str, node_set: &str) -> IPPool {
+        object(json!({
+            "apiVersion": "ipvslb.io/v1alpha1", "kind": "IPPool",
+            "metadata": {"name": name},
+            "spec": {"addresses": [range], "nodeSet": node_set}
+        }))
+    }
+
+    fn node_set(name: &str, zone: &str) -> NodeSet {
+        object(json!({
+            "apiVersion": "ipvslb.io/v1alpha1", "kind": "NodeSet",
+            "metadata": {"name": name},
+            "spec": {"nodeSelector": {"matchLabels": {"zone": zone}}, "forwarding": "DirectRouting"}
+        }))
+    }
+
+    fn node(name: &str, zone: &str, address: &str, ready: bool) -> Node {
+        object(json!({
+            "metadata": {"name": name, "labels": {"zone": zone}},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": address}],
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]
+            }
+        }))
+    }
+
+    fn service(name: &str, vip: &str) -> CachedService {
+        let mut cached: CachedService = object(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "ports": [{"port": 80, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": vip}]}}
+        }));
+        cached.trim();
+        cached
+    }
+
+    fn slice(name: &str, service: &str, nodes: &[&str]) -> EndpointSlice {
+        let endpoints: Vec<_> = nodes
+            .iter()
+            .map(|n| json!({"addresses": ["10.32.0.1"], "nodeName": n}))
+            .collect();
+        object(json!({
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {LABEL_SERVICE_NAME: service}},
+            "addressType": "IPv4",
+            "endpoints": endpoints
+        }))
+    }
+
+    fn apply<K>(writer: &mut Writer<K>, object: K)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        writer.apply_watcher_event(&watcher::Event::Apply(object));
+    }
+
+    fn delete<K>(writer: &mut Writer<K>, object: K)
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        writer.apply_watcher_event(&watcher::Event::Delete(object));
+    }
+
+    /// Zone `a` has pool `pa` with Service `sa`, zone `b` pool `pb` with `sb`; nodes `n1` (a)
+    /// and `n2` (b).
+    struct Fixture {
+        cluster: Cluster,
+        nodes: Writer<Node>,
+        slices: Writer<EndpointSlice>,
+        pools: Writer<IPPool>,
+    }
+
+    fn fixture() -> Fixture {
+        let (services, mut services_writer) = reflector::store();
+        let (pools, mut pools_writer) = reflector::store();
+        let (node_sets, mut node_sets_writer) = reflector::store();
+        let (nodes, mut nodes_writer) = reflector::store();
+        let (slices, slices_writer) = reflector::store();
+        apply(&mut services_writer, service("sa", "10.240.0.1"));
+        apply(&mut services_writer, service("sb", "10.240.1.1"));
+        apply(&mut pools_writer, pool("pa", "10.240.0.0/24", "a"));
+        apply(&mut pools_writer, pool("pb", "10.240.1.0/24", "b"));
+        apply(&mut node_sets_writer, node_set("a", "a"));
+        apply(&mut node_sets_writer, node_set("b", "b"));
+        apply(&mut nodes_writer, node("n1", "a", "192.0.2.1", true));
+        apply(&mut nodes_writer, node("n2", "b", "192.0.2.2", true));
+        let classes = ClassPolicy {
+            class: "ipvslb.io/ipvs".into(),
+            unclassed: Unclassed::Serve,
+        };
+        let cluster = Cluster::new(
+            classes,
+            Stores {
+                services,
+                pools,
+                node_sets,
+                nodes,
+                slices,
+            },
+        );
+        cluster.refresh();
+        Fixture {
+            cluster,
+            nodes: nodes_writer,
+            slices: slices_writer,
+            pools: pools_writer,
+        }
+    }
+
+    fn names(refs: Vec<ObjectRef<CachedService>>) -> Vec<String> {
+        let mut names: Vec<String> = refs.into_iter().map(|r| r.name).collect();
+        names.sort();
+        names
+    }
+
+    fn destinations(cluster: &Cluster, name: &str) -> usize {
+        let cached = cluster
+            .services()
+            .get(&ObjectRef::new(name).within("default"))
+            .expect("the Service is in the store");
+        let view = cluster.view();
+        let part = cluster.part(&cached.to_service(), &[], &view, &BTreeSet::new());
+        part.table.destination_count()
+    }
+
+    #[test]
+    fn a_node_change_requeues_only_the_services_whose_node_set_selects_it_before_or_after() {
+        let mut f = fixture();
+        apply(&mut f.nodes, node("n1", "a", "192.0.2.1", false));
+        let n1 = f.nodes_state("n1");
+        assert_eq!(names(f.cluster.node_changed(&n1)), ["sa"]);
+        assert_eq!(destinations(&f.cluster, "sa"), 0);
+
+        // Moved to zone b: it leaves a's Services and joins b's.
+        apply(&mut f.nodes, node("n1", "b", "192.0.2.1", true));
+        let n1 = f.nodes_state("n1");
+        assert_eq!(names(f.cluster.node_changed(&n1)), ["sa", "sb"]);
+        assert_eq!(destinations(&f.cluster, "sb"), 2);
+
+        // Gone: what it belonged to last is what it leaves.
+        delete(&mut f.nodes, n1.clone());
+        assert_eq!(names(f.cluster.node_changed(&n1)), ["sb"]);
+        assert_eq!(destinations(&f.cluster, "sb"), 1);
+    }
+
+    #[test]
+    fn the_view_is_made_once_per_change_and_follows_the_store() {
+        let mut f = fixture();
+        let first = f.cluster.view();
+        assert!(Arc::ptr_eq(&first, &f.cluster.view()), "made again without a change");
+        assert_eq!(destinations(&f.cluster, "sa"), 1);
+
+        // The pool of `sa` now sends its traffic to NodeSet b.
+        apply(&mut f.pools, pool("pa", "10.240.0.0/24", "b"));
+        f.cluster.changed();
+        assert!(!Arc::ptr_eq(&first, &f.cluster.view()));
+        let node_set = f.cluster.view().topology.pool("pa").map(|p| p.node_set.clone());
+        assert_eq!(node_set.as_deref(), Some("b"));
+        assert_eq!(destinations(&f.cluster, "sa"), 1);
+    }
+
+    #[test]
+    fn endpoints_come_from_the_services_own_slices_and_a_removed_slice_counts_no_more() {
+        let mut f = fixture();
+        let name = ServiceName::new("default", "sa");
+        let mine = slice("sa-x", "sa", &["n1", "n1"]);
+        apply(&mut f.slices, mine.clone());
+        apply(&mut f.slices, slice("sb-x", "sb", &["n2"]));
+        assert_eq!(names(f.cluster.slice_changed(&mine).into_iter().collect()), ["sa"]);
+        assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::from([("n1".into(), 2)]));
+
+        // Dropped by a relist, which tells no stream: the store is the truth.
+        delete(&mut f.slices, mine.clone());
+        assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::new());
+        // Seen by the stream: the index forgets it too, and a full pass rebuilds the index.
+        f.cluster.slice_changed(&mine);
+        assert!(f.cluster.lock().slices.get(&name).is_none());
+        apply(&mut f.slices, mine);
+        let all = f.cluster.refresh();
+        assert_eq!(all.get(&name), Some(&BTreeMap::from([("n1".into(), 2)])));
+        assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::from([("n1".into(), 2)]));
+    }
+
+    impl Fixture {
+        fn nodes_state(&self, name: &str) -> Node {
+            (*self
+                .cluster
+                .nodes
+                .get(&ObjectRef::new(name))
+                .expect("the node is in the store"))
+            .clone()
+        }
+    }
+}
