@@ -1,7 +1,9 @@
 //! The controller against a real kube-apiserver: time from Service creation to EXTERNAL-IP in its
 //! status (p50, p99 over 1,000 Services), against the API server's own write-to-watch latency
-//! measured in the same run as the baseline; and the resident memory of `ipvslb run` holding
-//! 10,000 Services.
+//! measured in the same run as the baseline; the resident memory of `ipvslb run` holding
+//! 10,000 Services; and, with those 10,000 Services on 100 nodes (10 of them the NodeSet's),
+//! a node flap: the time from the Node status write to the director's last data-plane write,
+//! against the Node write seen through a watch of this process.
 //!
 //! `cargo bench -p ipvslb --bench controller` (needs `cargo xtask apiserver build` first).
 
@@ -11,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -20,6 +22,9 @@ use tokio::sync::mpsc;
 const CLASS: &str = "bench.ipvslb.io/latency";
 const LATENCY_SERVICES: usize = 1000;
 const MEMORY_SERVICES: usize = 10_000;
+/// Nodes of the flap phase, and how many of them the NodeSet selects.
+const FLAP_NODES: usize = 100;
+const FLAP_BACKENDS: usize = 10;
 
 fn service(namespace: &str, name: &str) -> Service {
     serde_json::from_value(serde_json::json!({
@@ -198,6 +203,136 @@ fn stop(mut child: std::process::Child) {
     let _ = child.wait();
 }
 
+/// Node `i` of the flap phase; the first [`FLAP_BACKENDS`] carry the NodeSet's label.
+fn bench_node(i: usize) -> Node {
+    let labels = if i < FLAP_BACKENDS {
+        serde_json::json!({"bench.ipvslb.io/backend": "true"})
+    } else {
+        serde_json::json!({})
+    };
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": format!("bench-n{i}"), "labels": labels},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": format!("192.168.{}.{}", i / 250, i % 250 + 1)}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
+        }
+    }))
+    .expect("a valid Node")
+}
+
+/// The child's count of data-plane operations of `kinds`.
+fn ops(port: u16, kinds: &[&str]) -> f64 {
+    kinds
+        .iter()
+        .filter_map(|kind| {
+            metric(
+                port,
+                &format!("ipvslb_dataplane_ops_total{{kind=\"{kind}\",result=\"ok\"}}"),
+            )
+        })
+        .sum()
+}
+
+/// Waits until the child has made `count` operations of `kinds`; when it had.
+async fn wait_for_ops(port: u16, kinds: &[&str], count: f64) -> Instant {
+    common::eventually(
+        &format!("{count} {kinds:?} operations"),
+        Duration::from_secs(600),
+        || async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            (ops(port, kinds) >= count).then(Instant::now)
+        },
+    )
+    .await
+}
+
+/// Writes node `name`'s Ready condition; when the write returned.
+async fn write_ready(client: &Client, name: &str, ready: bool) -> Instant {
+    let api: Api<Node> = Api::all(client.clone());
+    let status = if ready { "True" } else { "False" };
+    let patch = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": status, "reason": "Bench"}]}});
+    let started = Instant::now();
+    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .expect("the Node status write");
+    started
+}
+
+/// The flap phase, on a child holding the [`MEMORY_SERVICES`] Services: the time from each of
+/// the two Node writes (NotReady, Ready) to the child's last write for it, and the same writes
+/// seen through a Node watch of this process.
+async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
+    cluster.apply(
+        "apiVersion: ipvslb.io/v1alpha1\nkind: NodeSet\nmetadata: {name: default}\nspec:\n  nodeSelector: {matchLabels: {bench.ipvslb.io/backend: \"true\"}}\n  forwarding: DirectRouting\n",
+    );
+    let api: Api<Node> = Api::all(client.clone());
+    for i in 0..FLAP_NODES {
+        api.create(&PostParams::default(), &bench_node(i))
+            .await
+            .expect("a Node");
+    }
+    let destinations = (MEMORY_SERVICES * FLAP_BACKENDS) as f64;
+    let started = Instant::now();
+    wait_for_ops(port, &["add_dest"], destinations).await;
+    println!(
+        "{FLAP_NODES} nodes ({FLAP_BACKENDS} in the NodeSet) added: {destinations} destinations programmed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The baseline: the same writes, to a node no NodeSet selects, seen through a watch.
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let watch = tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default().fields("metadata.name=bench-n99"))
+            .applied_objects()
+            .boxed();
+        while let Ok(Some(node)) = stream.try_next().await {
+            let _ = tx.send((node, Instant::now()));
+        }
+    });
+    let mut baseline = Vec::new();
+    for ready in [false, true] {
+        while seen.try_recv().is_ok() {}
+        let written = write_ready(client, "bench-n99", ready).await;
+        loop {
+            let (node, at) = tokio::time::timeout(Duration::from_secs(30), seen.recv())
+                .await
+                .expect("the Node write seen within 30 s")
+                .expect("the watch runs");
+            let condition = node.status.and_then(|s| s.conditions).unwrap_or_default();
+            if condition.iter().any(|c| c.type_ == "Ready" && c.status == if ready { "True" } else { "False" }) {
+                baseline.push(at - written);
+                break;
+            }
+        }
+    }
+    watch.abort();
+
+    // NotReady drains the node's destinations to weight 0; Ready again gives them their
+    // weight back, or adds them again if the drain already ended.
+    let mut flap = Vec::new();
+    for ready in [false, true] {
+        let kinds: &[&str] = if ready { &["edit_dest", "add_dest"] } else { &["edit_dest"] };
+        let before = ops(port, kinds);
+        let written = write_ready(client, "bench-n0", ready).await;
+        let done = wait_for_ops(port, kinds, before + MEMORY_SERVICES as f64).await;
+        flap.push(done - written);
+    }
+    for (i, what) in ["NotReady", "Ready again"].iter().enumerate() {
+        println!(
+            "  node flap, {what}: {MEMORY_SERVICES} destinations edited {:.0} ms after the Node write; the write seen through a watch (baseline) {:.1} ms",
+            flap[i].as_secs_f64() * 1e3,
+            baseline[i].as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "flap to last write at {MEMORY_SERVICES} Services x {FLAP_NODES} nodes: {:.0} us per Service requeued",
+        flap.iter().sum::<Duration>().as_secs_f64() * 1e6 / (2 * MEMORY_SERVICES) as f64
+    );
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -281,6 +416,7 @@ async fn main() {
     let restored = restarted.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let steady = rss_kib(child.id());
+    flap(cluster, &client, port).await;
     let _ = child.kill();
     let _ = child.wait();
 

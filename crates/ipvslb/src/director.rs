@@ -35,7 +35,7 @@ use crate::health::Checks;
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
 use crate::translate::{self, ClassPolicy};
-use crate::view::{Cluster, Stores};
+use crate::view::{Cluster, ServicePlan, Stores};
 
 /// Why a director reconcile failed; retried with backoff.
 #[derive(Debug, thiserror::Error)]
@@ -375,16 +375,18 @@ async fn reconcile<D: Dataplane>(
     let span = info_span!("direct", service = %name);
     async {
         let seen = ctx.generation()?;
-        let view = ctx.cluster.view();
         let service = cached.to_service();
-        let mut claim = ctx.cluster.planned(&service, &view, BTreeMap::new());
-        let peers = ctx.cluster.sharing_peers(&service, &view);
         let down = ctx.checks.down();
-        let Part {
-            table: desired,
-            problems,
-            targets,
-        } = ctx.cluster.part(&service, &peers, &view, &down);
+        let ServicePlan {
+            view,
+            mut claim,
+            part:
+                Part {
+                    table: desired,
+                    problems,
+                    targets,
+                },
+        } = ctx.cluster.plan_service(&service, &down);
         ctx.checks.register(&name, targets);
         // A transition of a target this plan needs, between reading what is down and
         // registering, requeued only the Services registered then.
@@ -560,21 +562,7 @@ impl<D: Dataplane> Context<D> {
         // Before the caches are read: a Service converged from a later view than this one
         // keeps its entries as that converge left them.
         let since = self.generation()?;
-        let mut endpoints = self.cluster.refresh();
-        let view = self.cluster.view();
-        let planned: Vec<PlannedService> = self
-            .services
-            .state()
-            .iter()
-            .filter_map(|s| {
-                self.cluster.planned(
-                    &s.to_service(),
-                    &view,
-                    endpoints.remove(&s.service_name()).unwrap_or_default(),
-                )
-            })
-            .collect();
-        let plan = view.topology.plan(&planned, &self.checks.down());
+        let (view, plan) = self.cluster.plan_all(&self.checks.down());
         let existing: BTreeSet<ServiceName> = self
             .services
             .state()

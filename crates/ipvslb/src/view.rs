@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::health::Target;
-use ipvslb_core::plan::Topology;
+use ipvslb_core::plan::{Plan, Topology};
 use ipvslb_core::{NodeInfo, PlannedService, PoolRole, ServiceName};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -62,6 +62,17 @@ struct State {
     nodes: BTreeMap<String, NodeInfo>,
     /// The names of each Service's EndpointSlices.
     slices: BTreeMap<ServiceName, BTreeSet<String>>,
+}
+
+/// What a reconcile of one Service plans.
+#[derive(Debug)]
+pub struct ServicePlan {
+    /// The view it was planned from.
+    pub view: Arc<View>,
+    /// The Service as planned (`None`: not ours, or in no pool).
+    pub claim: Option<PlannedService>,
+    /// Its part of the plan.
+    pub part: Part,
 }
 
 /// Everything the planner needs besides the Services, as of one version of the stores.
@@ -225,6 +236,43 @@ impl Cluster {
         translate::ready_endpoints(slices.iter().map(|s| &**s))
     }
 
+    /// What a reconcile of `service` plans: its part of the plan ([`part_of`], with the
+    /// Services on its VIPs), leaving out the destinations whose check is `down`.
+    pub fn plan_service(&self, service: &Service, down: &BTreeSet<Target>) -> ServicePlan {
+        let view = self.view();
+        let name = translate::service_name(service);
+        let claim = self.planned(service, &view, self.endpoints_of(&name));
+        let part = match &claim {
+            Some(planned) => {
+                let mut services = self.sharing_peers(service, &view);
+                services.push(planned.clone());
+                part_of(&name, &services, &view.topology, down)
+            }
+            None => Part::default(),
+        };
+        ServicePlan { view, claim, part }
+    }
+
+    /// What a full pass plans: every Service, over indexes made again from the stores.
+    pub fn plan_all(&self, down: &BTreeSet<Target>) -> (Arc<View>, Plan) {
+        let mut endpoints = self.refresh();
+        let view = self.view();
+        let planned: Vec<PlannedService> = self
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| {
+                self.planned(
+                    &s.to_service(),
+                    &view,
+                    endpoints.remove(&s.service_name()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        let plan = view.topology.plan(&planned, down);
+        (view, plan)
+    }
+
     /// The Service as the planner sees it, if it is ours and has VIPs inside a pool.
     pub fn planned(
         &self,
@@ -240,24 +288,6 @@ impl Cluster {
         translate::planned_service(service, addresses, pool.name.clone(), endpoints)
             .map_err(|e| warn!(error = %e, "not planned"))
             .ok()
-    }
-
-    /// This Service's part of the plan ([`part_of`]), planned with `peers`, the Services on
-    /// its VIPs.
-    pub fn part(
-        &self,
-        service: &Service,
-        peers: &[PlannedService],
-        view: &View,
-        down: &BTreeSet<Target>,
-    ) -> Part {
-        let name = translate::service_name(service);
-        let Some(planned) = self.planned(service, view, self.endpoints_of(&name)) else {
-            return Part::default();
-        };
-        let mut services = peers.to_vec();
-        services.push(planned);
-        part_of(&name, &services, &view.topology, down)
     }
 
     /// The other Services on `service`'s VIPs, as planned. Only Services that allow sharing
@@ -489,9 +519,8 @@ mod tests {
             .services()
             .get(&ObjectRef::new(name).within("default"))
             .expect("the Service is in the store");
-        let view = cluster.view();
-        let part = cluster.part(&cached.to_service(), &[], &view, &BTreeSet::new());
-        part.table.destination_count()
+        let plan = cluster.plan_service(&cached.to_service(), &BTreeSet::new());
+        plan.part.table.destination_count()
     }
 
     #[test]
