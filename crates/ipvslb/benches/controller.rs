@@ -285,9 +285,12 @@ async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
     // The baseline: the same writes, to a node no NodeSet selects, seen through a watch.
     let (tx, mut seen) = mpsc::unbounded_channel();
     let watch = tokio::spawn(async move {
-        let mut stream = watcher(api, watcher::Config::default().fields("metadata.name=bench-n99"))
-            .applied_objects()
-            .boxed();
+        let mut stream = watcher(
+            api,
+            watcher::Config::default().fields("metadata.name=bench-n99"),
+        )
+        .applied_objects()
+        .boxed();
         while let Ok(Some(node)) = stream.try_next().await {
             let _ = tx.send((node, Instant::now()));
         }
@@ -302,7 +305,10 @@ async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
                 .expect("the Node write seen within 30 s")
                 .expect("the watch runs");
             let condition = node.status.and_then(|s| s.conditions).unwrap_or_default();
-            if condition.iter().any(|c| c.type_ == "Ready" && c.status == if ready { "True" } else { "False" }) {
+            if condition
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == if ready { "True" } else { "False" })
+            {
                 baseline.push(at - written);
                 break;
             }
@@ -314,7 +320,11 @@ async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
     // weight back, or adds them again if the drain already ended.
     let mut flap = Vec::new();
     for ready in [false, true] {
-        let kinds: &[&str] = if ready { &["edit_dest", "add_dest"] } else { &["edit_dest"] };
+        let kinds: &[&str] = if ready {
+            &["edit_dest", "add_dest"]
+        } else {
+            &["edit_dest"]
+        };
         let before = ops(port, kinds);
         let written = write_ready(client, "bench-n0", ready).await;
         let done = wait_for_ops(port, kinds, before + MEMORY_SERVICES as f64).await;

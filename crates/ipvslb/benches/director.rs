@@ -312,7 +312,11 @@ fn measure(services: usize, nodes: usize, zones: usize) -> Figures {
     let first = bench.full_pass();
     let destinations = bench.converger.dataplane().inner.dump(&Owned::default());
     let table = destinations.expect("the table");
-    assert_eq!(table.service_count(), services, "one virtual service per Service");
+    assert_eq!(
+        table.service_count(),
+        services,
+        "one virtual service per Service"
+    );
     assert_eq!(
         table.destination_count(),
         services * (nodes / zones),
@@ -320,7 +324,10 @@ fn measure(services: usize, nodes: usize, zones: usize) -> Figures {
     );
     eprintln!("  programmed: {first}");
     let (full_pass, full_requests) = timed(|| bench.full_pass());
-    assert_eq!(full_requests.writes, 0, "a full pass at rest writes nothing");
+    assert_eq!(
+        full_requests.writes, 0,
+        "a full pass at rest writes nothing"
+    );
 
     // (a) a Service's port changes, and back: 2 x CHANGES reconciles.
     let before = bench.converger.dataplane().requests();
@@ -342,9 +349,8 @@ fn measure(services: usize, nodes: usize, zones: usize) -> Figures {
     let flapping = nodes / 2;
     let zone_services = (flapping % zones..services).step_by(zones).count() as u64;
     let before = bench.converger.dataplane().requests();
-    let (flap, flap_requeued) = timed(|| {
-        bench.node_change(flapping, false) + bench.node_change(flapping, true)
-    });
+    let (flap, flap_requeued) =
+        timed(|| bench.node_change(flapping, false) + bench.node_change(flapping, true));
     let flap_requests = bench.converger.dataplane().requests() - before;
     Figures {
         change,

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cpu_time::ProcessTime;
 use ipvslb::health::{self, Checks};
 use ipvslb::metrics::Metrics;
 use ipvslb_core::ServiceName;
@@ -18,20 +19,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const BACKENDS: usize = 1000;
 const SECONDS: u64 = 10;
-
-/// CPU time of this process so far (user + system), from `/proc/self/stat`.
-fn cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // After the command name in parentheses: fields 14 and 15 are utime and stime in ticks.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // `rest` starts at field 3 (state, not a number, is skipped by the parse).
-    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
-}
 
 /// Listeners that accept and close, recording when each connection came.
 async fn backends(arrivals: Arc<Mutex<Vec<Instant>>>) -> Vec<SocketAddr> {
@@ -77,7 +64,7 @@ async fn main() {
 
     // Baseline: a loop connecting to each backend once a second, evenly paced.
     let gap = Duration::from_secs(1) / BACKENDS as u32;
-    let cpu0 = cpu();
+    let cpu0 = ProcessTime::now();
     let start = Instant::now();
     let mut next = start;
     for _ in 0..SECONDS {
@@ -87,7 +74,7 @@ async fn main() {
             let _ = TcpStream::connect(addr).await;
         }
     }
-    let baseline = cpu() - cpu0;
+    let baseline = cpu0.elapsed();
     let baseline_wall = start.elapsed();
 
     // The prober over the same backends.
@@ -114,7 +101,7 @@ async fn main() {
     let (requeue, _requeued) = futures::channel::mpsc::unbounded();
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let metrics = Arc::new(Metrics::new());
-    let cpu0 = cpu();
+    let cpu0 = ProcessTime::now();
     let start = Instant::now();
     let prober = tokio::spawn(health::run(
         checks.clone(),
@@ -124,7 +111,7 @@ async fn main() {
         shutdown,
     ));
     tokio::time::sleep(span).await;
-    let probed = cpu() - cpu0;
+    let probed = cpu0.elapsed();
     let _ = stop.send(true);
     let _ = prober.await;
     let seen = arrivals.lock().map(|a| a.clone()).unwrap_or_default();

@@ -547,14 +547,22 @@ mod tests {
     fn the_view_is_made_once_per_change_and_follows_the_store() {
         let mut f = fixture();
         let first = f.cluster.view();
-        assert!(Arc::ptr_eq(&first, &f.cluster.view()), "made again without a change");
+        assert!(
+            Arc::ptr_eq(&first, &f.cluster.view()),
+            "made again without a change"
+        );
         assert_eq!(destinations(&f.cluster, "sa"), 1);
 
         // The pool of `sa` now sends its traffic to NodeSet b.
         apply(&mut f.pools, pool("pa", "10.240.0.0/24", "b"));
         f.cluster.changed();
         assert!(!Arc::ptr_eq(&first, &f.cluster.view()));
-        let node_set = f.cluster.view().topology.pool("pa").map(|p| p.node_set.clone());
+        let node_set = f
+            .cluster
+            .view()
+            .topology
+            .pool("pa")
+            .map(|p| p.node_set.clone());
         assert_eq!(node_set.as_deref(), Some("b"));
         assert_eq!(destinations(&f.cluster, "sa"), 1);
     }
@@ -566,19 +574,28 @@ mod tests {
         let mine = slice("sa-x", "sa", &["n1", "n1"]);
         apply(&mut f.slices, mine.clone());
         apply(&mut f.slices, slice("sb-x", "sb", &["n2"]));
-        assert_eq!(names(f.cluster.slice_changed(&mine).into_iter().collect()), ["sa"]);
-        assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::from([("n1".into(), 2)]));
+        assert_eq!(
+            names(f.cluster.slice_changed(&mine).into_iter().collect()),
+            ["sa"]
+        );
+        assert_eq!(
+            f.cluster.endpoints_of(&name),
+            BTreeMap::from([("n1".into(), 2)])
+        );
 
         // Dropped by a relist, which tells no stream: the store is the truth.
         delete(&mut f.slices, mine.clone());
         assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::new());
         // Seen by the stream: the index forgets it too, and a full pass rebuilds the index.
         f.cluster.slice_changed(&mine);
-        assert!(f.cluster.lock().slices.get(&name).is_none());
+        assert!(!f.cluster.lock().slices.contains_key(&name));
         apply(&mut f.slices, mine);
         let all = f.cluster.refresh();
         assert_eq!(all.get(&name), Some(&BTreeMap::from([("n1".into(), 2)])));
-        assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::from([("n1".into(), 2)]));
+        assert_eq!(
+            f.cluster.endpoints_of(&name),
+            BTreeMap::from([("n1".into(), 2)])
+        );
     }
 
     impl Fixture {
