@@ -401,8 +401,7 @@ fn a_batch_of_thousands_of_operations_is_applied_and_acknowledged() {
 
 #[test]
 fn services_whose_destinations_fill_several_datagrams_are_dumped_whole_among_small_ones() {
-    // Destination dumps go several per `sendmsg`; one that needs more than its first datagram
-    // makes the kernel refuse those behind it (one dump at a time per socket) until it ends.
+    // A dump longer than one datagram goes on as it is read; the next starts after its end.
     let mut ipvs = clear();
     let mut desired = big_table(40, 3);
     for entry in desired.services.values_mut().step_by(7) {

@@ -20,16 +20,8 @@ use crate::consts::{GENL_HDRLEN, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN};
 
 /// The largest datagram the kernel sends us (it caps dump messages at 32 KiB).
 const RECV_BUFFER: usize = 64 * 1024;
-/// The receive buffer asked for: room for the acknowledgements of a whole batch, and for the
-/// replies of several dumps in flight.
+/// The receive buffer asked for: room for the acknowledgements of a whole batch.
 const RECV_SOCKET_BUFFER: usize = 4 << 20;
-/// What one dump's reply may take of the receive buffer: the kernel allocates each dump
-/// datagram at the size of our largest read (32 KiB at most) and counts all of it, however
-/// little it fills; twice that leaves a margin. A dump started when the buffer is full is
-/// refused with an acknowledgement that is itself dropped, so this bound is kept, not hoped for.
-const DUMP_RECV_BUDGET: usize = 64 * 1024;
-/// At most this many dumps are sent in one `sendmsg`.
-const MAX_DUMPS_IN_FLIGHT: usize = 64;
 
 /// What went wrong on the socket.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +135,6 @@ pub struct Conn {
     seq: u32,
     buf: Vec<u8>,
     timeout: Duration,
-    dumps_in_flight: usize,
 }
 
 impl Debug for Conn {
@@ -160,16 +151,13 @@ impl Conn {
     pub fn open(protocol: NlFamily, timeout: Duration) -> Result<Self, SocketError> {
         let socket = NlSocket::connect(protocol, None, Groups::empty())?;
         socket.nonblock()?;
-        // The kernel may grant less (see `granted_recv_buffer`).
+        // The kernel may grant less (`net.core.rmem_max`).
         let _ = socket.set_recv_buffer_size(RECV_SOCKET_BUFFER);
-        let dumps_in_flight =
-            (granted_recv_buffer() / DUMP_RECV_BUDGET).clamp(1, MAX_DUMPS_IN_FLIGHT);
         Ok(Self {
             socket,
             seq: 0,
             buf: vec![0; RECV_BUFFER],
             timeout,
-            dumps_in_flight,
         })
     }
 
@@ -187,12 +175,6 @@ impl Conn {
         };
         self.seq = first + count.max(1) - 1;
         first
-    }
-
-    /// How many dump requests may go in one `sendmsg`: their replies must all fit the receive
-    /// buffer the kernel granted.
-    pub fn dumps_in_flight(&self) -> usize {
-        self.dumps_in_flight
     }
 
     /// Sends requests already written as bytes, in one `sendmsg`. The kernel handles a netlink
@@ -376,16 +358,4 @@ impl Conn {
         };
         Ok(&self.buf[..read])
     }
-}
-
-/// The receive buffer the kernel grants for [`RECV_SOCKET_BUFFER`]: `SO_RCVBUF` is capped at
-/// `net.core.rmem_max`, then doubled for bookkeeping.
-fn granted_recv_buffer() -> usize {
-    // The kernel's default `rmem_max`, if the sysctl cannot be read.
-    const DEFAULT_RMEM_MAX: usize = 212_992;
-    let rmem_max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(DEFAULT_RMEM_MAX);
-    2 * RECV_SOCKET_BUFFER.min(rmem_max)
 }
