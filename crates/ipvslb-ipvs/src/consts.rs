@@ -142,6 +142,8 @@ pub const IPVS_INFO_ATTR_CONN_TAB_SIZE: u16 = 2;
 pub const NLMSG_ERROR: u16 = 2;
 /// `NLMSG_DONE`
 pub const NLMSG_DONE: u16 = 3;
+/// `NLMSG_MIN_TYPE`: types below are netlink's own control messages.
+pub const NLMSG_MIN_TYPE: u16 = 0x10;
 /// `NLM_F_REQUEST`
 pub const NLM_F_REQUEST: u16 = 0x1;
 /// `NLM_F_ACK`

@@ -16,7 +16,7 @@ use neli::utils::Groups;
 use neli::{FromBytesWithInput, Size, ToBytes};
 
 use super::codec::{self, DecodeError};
-use crate::consts::{GENL_HDRLEN, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN};
+use crate::consts::{GENL_HDRLEN, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, NLMSG_MIN_TYPE};
 
 /// The largest datagram the kernel sends us (it caps dump messages at 32 KiB).
 const RECV_BUFFER: usize = 64 * 1024;
@@ -97,6 +97,11 @@ impl<'a> Received<'a> {
         Some(-error)
     }
 
+    /// Whether this is a control message other than `NLMSG_ERROR` and `NLMSG_DONE`.
+    fn is_other_control(&self) -> bool {
+        self.nl_type < NLMSG_MIN_TYPE && self.status().is_none()
+    }
+
     /// The attributes of a generic netlink message, after its `genlmsghdr`.
     pub fn genl_attrs(&self) -> codec::Attrs<'a> {
         codec::attrs(self.payload.get(GENL_HDRLEN..).unwrap_or_default())
@@ -169,11 +174,12 @@ impl Conn {
     /// Reserves `count` consecutive sequence numbers and returns the first: the replies to a
     /// batch are then told apart by subtraction. The range never holds 0.
     pub fn reserve_seqs(&mut self, count: u32) -> u32 {
+        let rest = count.saturating_sub(1);
         let first = match self.seq.checked_add(1) {
-            Some(first) if first.checked_add(count).is_some() => first,
+            Some(first) if first.checked_add(rest).is_some() => first,
             _ => 1,
         };
-        self.seq = first + count.max(1) - 1;
+        self.seq = first + rest;
         first
     }
 
@@ -228,7 +234,8 @@ impl Conn {
             for message in messages(self.recv_bytes()?) {
                 let message = message?;
                 let i = message.seq.wrapping_sub(first) as usize;
-                if i >= count || answered[i] {
+                // `NLMSG_NOOP` and the other control types below `NLMSG_MIN_TYPE` answer nothing.
+                if i >= count || answered[i] || message.is_other_control() {
                     continue;
                 }
                 if on(i, message)? {
@@ -357,5 +364,77 @@ impl Conn {
             }
         };
         Ok(&self.buf[..read])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A netlink message of `nl_type` answering `seq`, with `payload`.
+    fn message(nl_type: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let len = (NLMSG_HDRLEN + payload.len()) as u32;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&len.to_ne_bytes());
+        bytes.extend_from_slice(&nl_type.to_ne_bytes());
+        bytes.extend_from_slice(&0u16.to_ne_bytes());
+        bytes.extend_from_slice(&seq.to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        bytes.extend_from_slice(payload);
+        bytes.resize((bytes.len() + 3) & !3, 0);
+        bytes
+    }
+
+    #[test]
+    fn acknowledgements_refusals_and_the_end_of_a_dump_are_told_apart() {
+        let mut datagram = message(NLMSG_ERROR, 7, &[0; 20]);
+        datagram.extend(message(NLMSG_ERROR, 8, &(-libc::ENOENT).to_ne_bytes()));
+        datagram.extend(message(0x25, 9, &[1, 1, 0, 0, 5]));
+        datagram.extend(message(NLMSG_DONE, 9, &0i32.to_ne_bytes()));
+        datagram.extend(message(NLMSG_DONE, 10, &[]));
+        let read: Vec<(u16, u32, Option<i32>, usize)> = messages(&datagram)
+            .map(|m| m.unwrap())
+            .map(|m| (m.nl_type, m.seq, m.status(), m.payload.len()))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                (NLMSG_ERROR, 7, Some(0), 20),
+                (NLMSG_ERROR, 8, Some(libc::ENOENT), 4),
+                (0x25, 9, None, 5),
+                (NLMSG_DONE, 9, Some(0), 4),
+                (NLMSG_DONE, 10, Some(0), 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_truncated_datagram_is_an_error_not_a_panic() {
+        let whole = message(NLMSG_ERROR, 7, &[0; 20]);
+        for cut in [3, NLMSG_HDRLEN - 1, whole.len() - 1] {
+            let results: Vec<_> = messages(&whole[..cut]).collect();
+            assert!(results.last().unwrap().is_err(), "cut at {cut}");
+        }
+        let mut claims_too_little = whole.clone();
+        claims_too_little[..4].copy_from_slice(&4u32.to_ne_bytes());
+        assert!(messages(&claims_too_little).next().unwrap().is_err());
+    }
+
+    #[test]
+    fn a_batch_of_sequence_numbers_never_holds_zero() {
+        let socket = NlSocket::new(NlFamily::Generic).unwrap();
+        let mut conn = Conn {
+            socket,
+            seq: u32::MAX - 3,
+            buf: Vec::new(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(conn.reserve_seqs(3), u32::MAX - 2);
+        assert_eq!(
+            conn.reserve_seqs(3),
+            1,
+            "past the largest, a batch starts at 1"
+        );
+        assert_eq!(conn.next_seq(), 4);
     }
 }
