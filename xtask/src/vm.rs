@@ -73,11 +73,11 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
     if outcome.status == 0 {
         if mode == Mode::Bench {
             // The ratios, last, whatever the VM printed after them.
-            for line in outcome
-                .lines
-                .iter()
-                .filter(|l| l.starts_with("naive/ipvslb = ") || l.starts_with("restore/ipvslb = "))
-            {
+            for line in outcome.lines.iter().filter(|l| {
+                BENCH_RATIOS
+                    .iter()
+                    .any(|ratio| l.strip_prefix(ratio).is_some_and(|r| r.starts_with(" = ")))
+            }) {
                 println!("{line}");
             }
         }
@@ -89,6 +89,14 @@ fn run(mode: Mode, args: &[String]) -> Result<(), String> {
         ))
     }
 }
+
+/// The ratios the benchmark prints (`NAME = VALUE`), echoed at the end of `vm-bench`.
+const BENCH_RATIOS: [&str; 4] = [
+    "naive/ipvslb",
+    "restore/ipvslb",
+    "ipvslb/floor",
+    "dump/ipvsadm-list",
+];
 
 /// The host programs the harness needs, each with the Debian package that has it.
 const HOST_TOOLS: [(&str, &str); 8] = [

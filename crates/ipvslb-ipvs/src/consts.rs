@@ -138,11 +138,33 @@ pub const IPVS_INFO_ATTR_VERSION: u16 = 1;
 /// `IPVS_INFO_ATTR_CONN_TAB_SIZE` (u32)
 pub const IPVS_INFO_ATTR_CONN_TAB_SIZE: u16 = 2;
 
+/// `NLMSG_ERROR`: an acknowledgement (error 0) or a refusal (a negative errno).
+pub const NLMSG_ERROR: u16 = 2;
 /// `NLMSG_DONE`
 pub const NLMSG_DONE: u16 = 3;
+/// `NLMSG_MIN_TYPE`: types below are netlink's own control messages.
+pub const NLMSG_MIN_TYPE: u16 = 0x10;
+/// `NLM_F_REQUEST`
+pub const NLM_F_REQUEST: u16 = 0x1;
+/// `NLM_F_ACK`
+pub const NLM_F_ACK: u16 = 0x4;
+/// `NLM_F_DUMP` (`NLM_F_ROOT | NLM_F_MATCH`)
+pub const NLM_F_DUMP: u16 = 0x300;
+/// `NLA_F_NESTED`
+pub const NLA_F_NESTED: u16 = 0x8000;
+/// `NLA_TYPE_MASK`: an attribute's type without the nested and byte-order bits.
+pub const NLA_TYPE_MASK: u16 = 0x3fff;
+/// `sizeof(struct nlmsghdr)`
+pub const NLMSG_HDRLEN: usize = 16;
+/// `GENL_HDRLEN`: `sizeof(struct genlmsghdr)`.
+pub const GENL_HDRLEN: usize = 4;
+/// `NLA_HDRLEN`
+pub const NLA_HDRLEN: usize = 4;
 /// `GENL_ID_CTRL`: the generic netlink controller.
 pub const GENL_ID_CTRL: u16 = 0x10;
 
+/// The version of the generic netlink controller's requests.
+pub const CTRL_VERSION: u8 = 1;
 /// `CTRL_CMD_GETFAMILY`
 pub const CTRL_CMD_GETFAMILY: u8 = 3;
 /// `CTRL_ATTR_FAMILY_ID` (u16)

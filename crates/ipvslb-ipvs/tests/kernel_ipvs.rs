@@ -10,7 +10,7 @@ use std::process::Command;
 use ipvslb_ipvs::netlink::{Error, Ipvs, Request, Vips};
 use ipvslb_ipvs::{
     Destination, Family, ForwardingMethod, Op, OpKind, OwnsAll, Protocol, Removal, Scheduler,
-    ServiceFlags, ServiceKey, Table, VirtualService,
+    ServiceEntry, ServiceFlags, ServiceKey, Table, VirtualService,
 };
 
 fn ip(s: &str) -> IpAddr {
@@ -150,11 +150,14 @@ fn expected_view(table: &Table) -> Witness {
 /// `table` without counters, for comparing settings.
 fn settings_only(table: &Table) -> Table {
     let mut table = table.clone();
-    for entry in table.services.values_mut() {
-        entry.stats = None;
-        entry.destination_stats.clear();
-    }
+    table.services.values_mut().for_each(without_counters);
     table
+}
+
+/// Removes the counters of `entry`, which the kernel keeps and a desired table has not.
+fn without_counters(entry: &mut ServiceEntry) {
+    entry.stats = None;
+    entry.destination_stats.clear();
 }
 
 /// Both witnesses agree that the kernel holds exactly `desired`.
@@ -394,6 +397,35 @@ fn a_batch_of_thousands_of_operations_is_applied_and_acknowledged() {
     let report = ipvs.sync(&OwnsAll, &Table::new(), Removal::Delete).unwrap();
     assert_eq!(report.count(OpKind::DelService), 600);
     assert_kernel_holds(&mut ipvs, &Table::new());
+}
+
+#[test]
+fn services_whose_destinations_fill_several_datagrams_are_dumped_whole_among_small_ones() {
+    // A dump longer than one datagram goes on as it is read; the next starts after its end.
+    let mut ipvs = clear();
+    let mut desired = big_table(40, 3);
+    for entry in desired.services.values_mut().step_by(7) {
+        let port = entry.destinations.values().next().unwrap().port;
+        for d in 0..1500u32 {
+            let dest = Destination::new(
+                IpAddr::V4(std::net::Ipv4Addr::from(0xc0a9_0000 + d)),
+                port,
+                ForwardingMethod::Masquerade,
+                2,
+            );
+            entry.destinations.insert(dest.key(), dest);
+        }
+    }
+    assert_eq!(desired.destination_count(), 40 * 3 + 6 * 1500);
+    ipvs.sync(&OwnsAll, &desired, Removal::Delete).unwrap();
+    assert_kernel_holds(&mut ipvs, &desired);
+    let (key, big) = desired.services.iter().next().unwrap();
+    let mut one = ipvs.service(key).unwrap().expect("the service is there");
+    without_counters(&mut one);
+    assert_eq!(&one, big);
+    let report = ipvs.sync(&OwnsAll, &desired, Removal::Delete).unwrap();
+    assert_eq!(report.writes, 0);
+    ipvs.sync(&OwnsAll, &Table::new(), Removal::Delete).unwrap();
 }
 
 /// Owns the services on 10.240.0.0/16 and fd00:240::/32, as a director owns its pools.

@@ -5,10 +5,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use neli::attr::Attribute;
-use neli::genl::{AttrTypeBuilder, Nlattr, NlattrBuilder};
-use neli::types::{Buffer, GenlBuffer};
-
 use crate::consts::*;
 use crate::model::{
     Destination, Family, ForwardingMethod, Protocol, ServiceFlags, ServiceKey, Stats,
@@ -24,51 +20,164 @@ fn bad(what: impl Into<String>) -> DecodeError {
     DecodeError(what.into())
 }
 
-/// Attributes as the kernel nests them.
-pub type Attrs = GenlBuffer<u16, Buffer>;
-
-/// One attribute with `payload` as its bytes.
-pub fn attr(kind: u16, payload: &[u8]) -> Result<Nlattr<u16, Buffer>, DecodeError> {
-    let nla_type = AttrTypeBuilder::default()
-        .nla_type(kind)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
-    NlattrBuilder::default()
-        .nla_type(nla_type)
-        .nla_payload(Buffer::from(payload))
-        .build()
-        .map_err(|e| bad(e.to_string()))
+/// Netlink attributes and messages are aligned to 4 bytes.
+fn align(len: usize) -> usize {
+    (len + 3) & !3
 }
 
-/// An attribute holding `children`, flagged nested.
-pub fn nested(kind: u16, children: &Attrs) -> Result<Nlattr<u16, Buffer>, DecodeError> {
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    neli::ToBytes::to_bytes(children, &mut bytes).map_err(|e| bad(e.to_string()))?;
-    let nla_type = AttrTypeBuilder::default()
-        .nla_type(kind)
-        .nla_nested(true)
-        .build()
-        .map_err(|e| bad(e.to_string()))?;
-    NlattrBuilder::default()
-        .nla_type(nla_type)
-        .nla_payload(Buffer::from(bytes.into_inner()))
-        .build()
-        .map_err(|e| bad(e.to_string()))
+/// Generic netlink requests written one after the other into one byte buffer, ready for one
+/// `sendmsg`. Writing allocates nothing per message or attribute: a batch of 128 writes costs
+/// one buffer, reused from batch to batch.
+#[derive(Debug, Default, Clone)]
+pub struct Requests {
+    bytes: Vec<u8>,
 }
 
-/// The attributes nested in `attr`.
-pub fn children(attr: &Nlattr<u16, Buffer>) -> Result<Attrs, DecodeError> {
-    let payload = attr.payload().as_ref();
-    neli::FromBytesWithInput::from_bytes_with_input(
-        &mut std::io::Cursor::new(payload),
-        payload.len(),
-    )
-    .map_err(|e| bad(format!("nested attribute {}: {e}", kind(attr))))
+impl Requests {
+    /// An empty buffer with room for `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
+    /// The requests written so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Writes one request: a `nlmsghdr` of type `family` (with `NLM_F_REQUEST` added to
+    /// `flags`), a `genlmsghdr` of `cmd`, then the attributes `body` writes.
+    pub fn push(
+        &mut self,
+        family: u16,
+        flags: u16,
+        seq: u32,
+        cmd: u8,
+        version: u8,
+        body: impl FnOnce(&mut AttrWriter<'_>),
+    ) {
+        let start = self.bytes.len();
+        // `nlmsghdr` (its `nlmsg_len` set below, `nlmsg_pid` 0: the kernel fills it in), then
+        // `genlmsghdr`, in one copy.
+        let mut header = [0u8; NLMSG_HDRLEN + GENL_HDRLEN];
+        header[4..6].copy_from_slice(&family.to_ne_bytes());
+        header[6..8].copy_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        header[8..12].copy_from_slice(&seq.to_ne_bytes());
+        header[16] = cmd;
+        header[17] = version;
+        self.bytes.extend_from_slice(&header);
+        body(&mut AttrWriter {
+            bytes: &mut self.bytes,
+        });
+        let len = (self.bytes.len() - start) as u32;
+        self.bytes[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    }
 }
 
-/// An attribute's type without the nested and byte-order bits.
-pub fn kind(attr: &Nlattr<u16, Buffer>) -> u16 {
-    *attr.nla_type().nla_type()
+/// Writes attributes at the end of a [`Requests`] buffer.
+#[derive(Debug)]
+pub struct AttrWriter<'a> {
+    bytes: &'a mut Vec<u8>,
+}
+
+impl AttrWriter<'_> {
+    /// One attribute of type `kind` with `payload` as its bytes, padded to 4.
+    pub fn put(&mut self, kind: u16, payload: &[u8]) {
+        self.header(NLA_HDRLEN + payload.len(), kind);
+        self.bytes.extend_from_slice(payload);
+        self.pad();
+    }
+
+    /// A string attribute: `text` and a NUL.
+    pub fn put_str(&mut self, kind: u16, text: &str) {
+        self.header(NLA_HDRLEN + text.len() + 1, kind);
+        self.bytes.extend_from_slice(text.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+    }
+
+    /// An `nlattr` header, in one copy.
+    fn header(&mut self, len: usize, kind: u16) {
+        // Every attribute of IPVS is far below the 64 KiB an `nla_len` can say.
+        let [l0, l1] = (len as u16).to_ne_bytes();
+        let [k0, k1] = kind.to_ne_bytes();
+        self.bytes.extend_from_slice(&[l0, l1, k0, k1]);
+    }
+
+    /// Zeros up to the next multiple of 4.
+    fn pad(&mut self) {
+        let len = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; 3][..align(len) - len]);
+    }
+
+    /// An attribute of type `kind`, flagged nested, holding the attributes `children` writes.
+    pub fn nested(&mut self, kind: u16, children: impl FnOnce(&mut AttrWriter<'_>)) {
+        let start = self.bytes.len();
+        self.header(0, kind | NLA_F_NESTED); // nla_len, set below
+        children(&mut AttrWriter { bytes: self.bytes });
+        let len = (self.bytes.len() - start) as u16;
+        self.bytes[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+}
+
+/// One attribute, borrowed from the bytes it was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr<'a> {
+    /// Its type without the nested and byte-order bits.
+    pub kind: u16,
+    /// Its payload, without padding.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Attr<'a> {
+    /// The attributes nested in this one.
+    pub fn children(&self) -> Attrs<'a> {
+        attrs(self.payload)
+    }
+}
+
+/// The attributes in `bytes` (the attributes of a message, or the payload of a nested
+/// attribute), read in place: nothing is copied.
+pub fn attrs(bytes: &[u8]) -> Attrs<'_> {
+    Attrs { rest: bytes }
+}
+
+/// An iterator over attributes read in place; see [`attrs`].
+#[derive(Debug, Clone)]
+pub struct Attrs<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Attrs<'a> {
+    type Item = Result<Attr<'a>, DecodeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let header = self.rest.get(..NLA_HDRLEN);
+        let len = header.map(|h| usize::from(u16::from_ne_bytes([h[0], h[1]])));
+        let Some((header, len)) = header
+            .zip(len)
+            .filter(|(_, len)| (NLA_HDRLEN..=self.rest.len()).contains(len))
+        else {
+            let left = self.rest.len();
+            self.rest = &[];
+            return Some(Err(bad(format!(
+                "a truncated attribute ({left} bytes left)"
+            ))));
+        };
+        let kind = u16::from_ne_bytes([header[2], header[3]]) & NLA_TYPE_MASK;
+        let payload = &self.rest[NLA_HDRLEN..len];
+        self.rest = self.rest.get(align(len)..).unwrap_or_default();
+        Some(Ok(Attr { kind, payload }))
+    }
 }
 
 fn family_number(family: Family) -> u16 {
@@ -127,7 +236,7 @@ fn be16_of(bytes: &[u8], what: &str) -> Result<u16, DecodeError> {
     u16_of(bytes, what).map(u16::from_be)
 }
 
-fn u32_of(bytes: &[u8], what: &str) -> Result<u32, DecodeError> {
+pub fn u32_of(bytes: &[u8], what: &str) -> Result<u32, DecodeError> {
     bytes
         .get(..4)
         .and_then(|b| b.try_into().ok())
@@ -179,79 +288,69 @@ fn family_of_key(key: &ServiceKey) -> Family {
 }
 
 /// The attributes naming a service: family and either protocol, address and port, or the mark.
-pub fn service_key_attrs(key: &ServiceKey) -> Result<Attrs, DecodeError> {
-    let mut attrs = Attrs::new();
-    attrs.push(attr(
+fn put_service_key_attrs(w: &mut AttrWriter<'_>, key: &ServiceKey) {
+    w.put(
         IPVS_SVC_ATTR_AF,
         &family_number(family_of_key(key)).to_ne_bytes(),
-    )?);
+    );
     match key {
         ServiceKey::Addr {
             address,
             protocol,
             port,
         } => {
-            attrs.push(attr(
-                IPVS_SVC_ATTR_PROTOCOL,
-                &protocol.number().to_ne_bytes(),
-            )?);
-            attrs.push(attr(IPVS_SVC_ATTR_ADDR, &addr_bytes(address))?);
-            attrs.push(attr(IPVS_SVC_ATTR_PORT, &port.to_be_bytes())?);
+            w.put(IPVS_SVC_ATTR_PROTOCOL, &protocol.number().to_ne_bytes());
+            w.put(IPVS_SVC_ATTR_ADDR, &addr_bytes(address));
+            w.put(IPVS_SVC_ATTR_PORT, &port.to_be_bytes());
         }
         ServiceKey::FwMark { mark, .. } => {
-            attrs.push(attr(IPVS_SVC_ATTR_FWMARK, &mark.to_ne_bytes())?);
+            w.put(IPVS_SVC_ATTR_FWMARK, &mark.to_ne_bytes());
         }
     }
-    Ok(attrs)
 }
 
 /// `IPVS_CMD_ATTR_SERVICE` naming `key` only.
-pub fn service_key(key: &ServiceKey) -> Result<Nlattr<u16, Buffer>, DecodeError> {
-    nested(IPVS_CMD_ATTR_SERVICE, &service_key_attrs(key)?)
+pub fn put_service_key(w: &mut AttrWriter<'_>, key: &ServiceKey) {
+    w.nested(IPVS_CMD_ATTR_SERVICE, |w| put_service_key_attrs(w, key));
 }
 
 /// `IPVS_CMD_ATTR_SERVICE` with every setting of `service`, as `NEW_SERVICE` and `SET_SERVICE`
 /// need.
-pub fn service(service: &VirtualService) -> Result<Nlattr<u16, Buffer>, DecodeError> {
-    let mut attrs = service_key_attrs(&service.key)?;
-    let mut name = service.scheduler.name().as_bytes().to_vec();
-    name.push(0);
-    attrs.push(attr(IPVS_SVC_ATTR_SCHED_NAME, &name)?);
-    let flags = service.flags.without(ServiceFlags::HASHED).0;
-    let mut flags_bytes = flags.to_ne_bytes().to_vec();
-    flags_bytes.extend_from_slice(&u32::MAX.to_ne_bytes());
-    attrs.push(attr(IPVS_SVC_ATTR_FLAGS, &flags_bytes)?);
-    attrs.push(attr(IPVS_SVC_ATTR_TIMEOUT, &service.timeout.to_ne_bytes())?);
-    attrs.push(attr(
-        IPVS_SVC_ATTR_NETMASK,
-        &netmask_bytes(family_of_key(&service.key), service.netmask),
-    )?);
-    nested(IPVS_CMD_ATTR_SERVICE, &attrs)
+pub fn put_service(w: &mut AttrWriter<'_>, service: &VirtualService) {
+    w.nested(IPVS_CMD_ATTR_SERVICE, |w| {
+        put_service_key_attrs(w, &service.key);
+        w.put_str(IPVS_SVC_ATTR_SCHED_NAME, service.scheduler.name());
+        // `struct ip_vs_flags`: the flags, then the mask of those to set (all of them).
+        let flags = service.flags.without(ServiceFlags::HASHED).0;
+        let mut flags_bytes = [0u8; 8];
+        flags_bytes[..4].copy_from_slice(&flags.to_ne_bytes());
+        flags_bytes[4..].copy_from_slice(&u32::MAX.to_ne_bytes());
+        w.put(IPVS_SVC_ATTR_FLAGS, &flags_bytes);
+        w.put(IPVS_SVC_ATTR_TIMEOUT, &service.timeout.to_ne_bytes());
+        w.put(
+            IPVS_SVC_ATTR_NETMASK,
+            &netmask_bytes(family_of_key(&service.key), service.netmask),
+        );
+    });
 }
 
 /// `IPVS_CMD_ATTR_DEST` with every setting of `dest`.
-pub fn destination(dest: &Destination) -> Result<Nlattr<u16, Buffer>, DecodeError> {
-    let mut attrs = Attrs::new();
-    attrs.push(attr(
-        IPVS_DEST_ATTR_ADDR_FAMILY,
-        &family_number(Family::of(&dest.address)).to_ne_bytes(),
-    )?);
-    attrs.push(attr(IPVS_DEST_ATTR_ADDR, &addr_bytes(&dest.address))?);
-    attrs.push(attr(IPVS_DEST_ATTR_PORT, &dest.port.to_be_bytes())?);
-    attrs.push(attr(
-        IPVS_DEST_ATTR_FWD_METHOD,
-        &dest.forwarding.value().to_ne_bytes(),
-    )?);
-    attrs.push(attr(IPVS_DEST_ATTR_WEIGHT, &dest.weight.to_ne_bytes())?);
-    attrs.push(attr(
-        IPVS_DEST_ATTR_U_THRESH,
-        &dest.upper_threshold.to_ne_bytes(),
-    )?);
-    attrs.push(attr(
-        IPVS_DEST_ATTR_L_THRESH,
-        &dest.lower_threshold.to_ne_bytes(),
-    )?);
-    nested(IPVS_CMD_ATTR_DEST, &attrs)
+pub fn put_destination(w: &mut AttrWriter<'_>, dest: &Destination) {
+    w.nested(IPVS_CMD_ATTR_DEST, |w| {
+        w.put(
+            IPVS_DEST_ATTR_ADDR_FAMILY,
+            &family_number(Family::of(&dest.address)).to_ne_bytes(),
+        );
+        w.put(IPVS_DEST_ATTR_ADDR, &addr_bytes(&dest.address));
+        w.put(IPVS_DEST_ATTR_PORT, &dest.port.to_be_bytes());
+        w.put(
+            IPVS_DEST_ATTR_FWD_METHOD,
+            &dest.forwarding.value().to_ne_bytes(),
+        );
+        w.put(IPVS_DEST_ATTR_WEIGHT, &dest.weight.to_ne_bytes());
+        w.put(IPVS_DEST_ATTR_U_THRESH, &dest.upper_threshold.to_ne_bytes());
+        w.put(IPVS_DEST_ATTR_L_THRESH, &dest.lower_threshold.to_ne_bytes());
+    });
 }
 
 /// A service as the kernel reports it (the payload of `IPVS_CMD_ATTR_SERVICE`).
@@ -268,7 +367,7 @@ pub struct DecodedService {
 /// Reads a service from the attributes nested in `IPVS_CMD_ATTR_SERVICE`.
 ///
 /// `Ok(None)` for a service the model cannot hold (a protocol other than TCP, UDP and SCTP).
-pub fn decode_service(attrs: &Attrs) -> Result<Option<DecodedService>, DecodeError> {
+pub fn decode_service(attrs: Attrs<'_>) -> Result<Option<DecodedService>, DecodeError> {
     let mut af = None;
     let mut protocol = None;
     let mut address = None;
@@ -281,12 +380,13 @@ pub fn decode_service(attrs: &Attrs) -> Result<Option<DecodedService>, DecodeErr
     let mut stats = Stats::default();
     let mut stats64 = None;
     let mut unknown = Vec::new();
-    for a in attrs.iter() {
-        let bytes = a.payload().as_ref();
-        match kind(a) {
+    for a in attrs {
+        let a = a?;
+        let bytes = a.payload;
+        match a.kind {
             IPVS_SVC_ATTR_AF => af = Some(family_of_number(u16_of(bytes, "af")?)?),
             IPVS_SVC_ATTR_PROTOCOL => protocol = Some(u16_of(bytes, "protocol")?),
-            IPVS_SVC_ATTR_ADDR => address = Some(bytes.to_vec()),
+            IPVS_SVC_ATTR_ADDR => address = Some(bytes),
             IPVS_SVC_ATTR_PORT => port = be16_of(bytes, "port")?,
             IPVS_SVC_ATTR_FWMARK => mark = u32_of(bytes, "fwmark")?,
             IPVS_SVC_ATTR_SCHED_NAME => {
@@ -296,9 +396,9 @@ pub fn decode_service(attrs: &Attrs) -> Result<Option<DecodedService>, DecodeErr
             }
             IPVS_SVC_ATTR_FLAGS => flags = u32_of(bytes, "flags")?,
             IPVS_SVC_ATTR_TIMEOUT => timeout = u32_of(bytes, "timeout")?,
-            IPVS_SVC_ATTR_NETMASK => netmask = Some(bytes.to_vec()),
-            IPVS_SVC_ATTR_STATS => stats = decode_stats(&children(a)?, false)?,
-            IPVS_SVC_ATTR_STATS64 => stats64 = Some(decode_stats(&children(a)?, true)?),
+            IPVS_SVC_ATTR_NETMASK => netmask = Some(bytes),
+            IPVS_SVC_ATTR_STATS => stats = decode_stats(a.children(), false)?,
+            IPVS_SVC_ATTR_STATS64 => stats64 = Some(decode_stats(a.children(), true)?),
             IPVS_SVC_ATTR_PE_NAME => {}
             other => unknown.push(other),
         }
@@ -313,13 +413,13 @@ pub fn decode_service(attrs: &Attrs) -> Result<Option<DecodedService>, DecodeErr
         };
         let bytes = address.ok_or_else(|| bad("service without address"))?;
         ServiceKey::Addr {
-            address: addr_of_bytes(family, &bytes)?,
+            address: addr_of_bytes(family, bytes)?,
             protocol,
             port,
         }
     };
     let netmask = match netmask {
-        Some(bytes) => netmask_of_bytes(family, &bytes)?,
+        Some(bytes) => netmask_of_bytes(family, bytes)?,
         None => match family {
             Family::Inet => 32,
             Family::Inet6 => 128,
@@ -341,7 +441,7 @@ pub fn decode_service(attrs: &Attrs) -> Result<Option<DecodedService>, DecodeErr
 /// Reads a destination from the attributes nested in `IPVS_CMD_ATTR_DEST`; `family` is the
 /// service's, used when the kernel does not say the destination's own.
 pub fn decode_destination(
-    attrs: &Attrs,
+    attrs: Attrs<'_>,
     family: Family,
 ) -> Result<(Destination, Stats), DecodeError> {
     let mut af = None;
@@ -355,11 +455,12 @@ pub fn decode_destination(
     let mut stats64 = None;
     let mut active = 0;
     let mut inactive = 0;
-    for a in attrs.iter() {
-        let bytes = a.payload().as_ref();
-        match kind(a) {
+    for a in attrs {
+        let a = a?;
+        let bytes = a.payload;
+        match a.kind {
             IPVS_DEST_ATTR_ADDR_FAMILY => af = Some(family_of_number(u16_of(bytes, "af")?)?),
-            IPVS_DEST_ATTR_ADDR => address = Some(bytes.to_vec()),
+            IPVS_DEST_ATTR_ADDR => address = Some(bytes),
             IPVS_DEST_ATTR_PORT => port = be16_of(bytes, "port")?,
             IPVS_DEST_ATTR_FWD_METHOD => forwarding = u32_of(bytes, "forwarding method")?,
             IPVS_DEST_ATTR_WEIGHT => weight = u32_of(bytes, "weight")?,
@@ -367,15 +468,15 @@ pub fn decode_destination(
             IPVS_DEST_ATTR_L_THRESH => lower = u32_of(bytes, "lower threshold")?,
             IPVS_DEST_ATTR_ACTIVE_CONNS => active = u32_of(bytes, "active connections")?,
             IPVS_DEST_ATTR_INACT_CONNS => inactive = u32_of(bytes, "inactive connections")?,
-            IPVS_DEST_ATTR_STATS => stats = decode_stats(&children(a)?, false)?,
-            IPVS_DEST_ATTR_STATS64 => stats64 = Some(decode_stats(&children(a)?, true)?),
+            IPVS_DEST_ATTR_STATS => stats = decode_stats(a.children(), false)?,
+            IPVS_DEST_ATTR_STATS64 => stats64 = Some(decode_stats(a.children(), true)?),
             _ => {}
         }
     }
     let family = af.unwrap_or(family);
     let bytes = address.ok_or_else(|| bad("destination without address"))?;
     let dest = Destination {
-        address: addr_of_bytes(family, &bytes)?,
+        address: addr_of_bytes(family, bytes)?,
         port,
         forwarding: ForwardingMethod::from_value(forwarding)
             .ok_or_else(|| bad(format!("forwarding method {forwarding}")))?,
@@ -389,10 +490,11 @@ pub fn decode_destination(
     Ok((dest, stats))
 }
 
-fn decode_stats(attrs: &Attrs, wide: bool) -> Result<Stats, DecodeError> {
+fn decode_stats(attrs: Attrs<'_>, wide: bool) -> Result<Stats, DecodeError> {
     let mut stats = Stats::default();
-    for a in attrs.iter() {
-        let bytes = a.payload().as_ref();
+    for a in attrs {
+        let a = a?;
+        let bytes = a.payload;
         let value = |what| {
             if wide {
                 u64_of(bytes, what)
@@ -400,7 +502,7 @@ fn decode_stats(attrs: &Attrs, wide: bool) -> Result<Stats, DecodeError> {
                 u32_of(bytes, what).map(u64::from)
             }
         };
-        match kind(a) {
+        match a.kind {
             IPVS_STATS_ATTR_CONNS => stats.connections = value("connections")?,
             IPVS_STATS_ATTR_INPKTS => stats.in_packets = value("packets in")?,
             IPVS_STATS_ATTR_OUTPKTS => stats.out_packets = value("packets out")?,
@@ -418,20 +520,26 @@ mod tests {
     use super::*;
     use crate::model::Scheduler;
 
-    /// Serializes `attr` and reads its nested attributes back from the bytes alone.
-    fn through_bytes(attr: &Nlattr<u16, Buffer>) -> Attrs {
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        neli::ToBytes::to_bytes(attr, &mut bytes).unwrap();
-        let bytes = bytes.into_inner();
-        let parsed: Nlattr<u16, Buffer> =
-            neli::FromBytes::from_bytes(&mut std::io::Cursor::new(&bytes[..])).unwrap();
-        assert!(parsed.nla_type().nla_nested());
-        children(&parsed).unwrap()
+    /// The bytes of the attributes `write` writes.
+    fn written(write: impl FnOnce(&mut AttrWriter<'_>)) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        write(&mut AttrWriter { bytes: &mut bytes });
+        bytes
+    }
+
+    /// The one attribute of `bytes`, which must be nested, with its children read back.
+    fn nested_children(bytes: &[u8]) -> Attrs<'_> {
+        let flags = u16::from_ne_bytes([bytes[2], bytes[3]]);
+        assert_ne!(flags & NLA_F_NESTED, 0, "not flagged nested");
+        let mut all = attrs(bytes);
+        let only = all.next().unwrap().unwrap();
+        assert!(all.next().is_none());
+        only.children()
     }
 
     fn round_trip_service(service: VirtualService) {
-        let attrs = through_bytes(&super::service(&service).unwrap());
-        let decoded = decode_service(&attrs).unwrap().unwrap();
+        let bytes = written(|w| put_service(w, &service));
+        let decoded = decode_service(nested_children(&bytes)).unwrap().unwrap();
         assert_eq!(decoded.service, service);
         assert!(decoded.unknown.is_empty());
     }
@@ -483,12 +591,12 @@ mod tests {
                 Scheduler::Rr,
             )
         };
-        let attrs = through_bytes(&super::service(&service).unwrap());
+        let bytes = written(|w| put_service(w, &service));
         let payload = |k| {
-            attrs
-                .iter()
-                .find(|a| kind(a) == k)
-                .map(|a| a.payload().as_ref().to_vec())
+            nested_children(&bytes)
+                .map(Result::unwrap)
+                .find(|a| a.kind == k)
+                .map(|a| a.payload.to_vec())
                 .unwrap()
         };
         assert_eq!(payload(IPVS_SVC_ATTR_PORT), vec![0x12, 0x34]);
@@ -522,35 +630,69 @@ mod tests {
             },
             Destination::new("10.0.0.9".parse().unwrap(), 0, ForwardingMethod::Tunnel, 0),
         ] {
-            let attrs = through_bytes(&destination(&dest).unwrap());
-            let (decoded, stats) = decode_destination(&attrs, Family::of(&dest.address)).unwrap();
+            let bytes = written(|w| put_destination(w, &dest));
+            let (decoded, stats) =
+                decode_destination(nested_children(&bytes), Family::of(&dest.address)).unwrap();
             assert_eq!(decoded, dest);
             assert_eq!(stats, Stats::default());
         }
     }
 
     #[test]
+    fn a_request_is_framed_as_neli_reads_a_generic_netlink_message() {
+        use neli::FromBytes;
+        use neli::genl::Genlmsghdr;
+        use neli::nl::{NlPayload, Nlmsghdr};
+
+        let key = ServiceKey::addr("10.0.0.1".parse().unwrap(), Protocol::Udp, 53);
+        let dest = Destination::new("10.0.0.2".parse().unwrap(), 53, ForwardingMethod::Route, 3);
+        let mut requests = Requests::default();
+        requests.push(0x25, NLM_F_ACK, 7, IPVS_CMD_NEW_DEST, 1, |w| {
+            put_service_key(w, &key);
+            put_destination(w, &dest);
+        });
+        requests.push(0x25, NLM_F_DUMP, 8, IPVS_CMD_GET_SERVICE, 1, |_| {});
+        let bytes = requests.bytes();
+        let mut cursor = std::io::Cursor::new(bytes);
+        let first = Nlmsghdr::<u16, Genlmsghdr<u8, u16>>::from_bytes(&mut cursor).unwrap();
+        assert_eq!(*first.nl_type(), 0x25);
+        assert_eq!(*first.nl_seq(), 7);
+        assert_eq!(u16::from(*first.nl_flags()), NLM_F_REQUEST | NLM_F_ACK);
+        let NlPayload::Payload(genl) = first.nl_payload() else {
+            panic!("no payload");
+        };
+        assert_eq!(*genl.cmd(), IPVS_CMD_NEW_DEST);
+        let kinds: Vec<u16> = genl
+            .attrs()
+            .iter()
+            .map(|a| *a.nla_type().nla_type())
+            .collect();
+        assert_eq!(kinds, [IPVS_CMD_ATTR_SERVICE, IPVS_CMD_ATTR_DEST]);
+        assert!(genl.attrs().iter().all(|a| *a.nla_type().nla_nested()));
+        let second = Nlmsghdr::<u16, Genlmsghdr<u8, u16>>::from_bytes(&mut cursor).unwrap();
+        assert_eq!(*second.nl_seq(), 8);
+        assert_eq!(cursor.position() as usize, bytes.len());
+    }
+
+    #[test]
     fn the_hashed_flag_is_not_read_into_the_model() {
-        let mut attrs = service_key_attrs(&ServiceKey::addr(
-            "10.0.0.1".parse().unwrap(),
-            Protocol::Tcp,
-            80,
-        ))
-        .unwrap();
-        attrs.push(attr(IPVS_SVC_ATTR_SCHED_NAME, b"wlc\0").unwrap());
-        attrs.push(
-            attr(
+        let bytes = written(|w| {
+            put_service_key_attrs(
+                w,
+                &ServiceKey::addr("10.0.0.1".parse().unwrap(), Protocol::Tcp, 80),
+            );
+            w.put(IPVS_SVC_ATTR_SCHED_NAME, b"wlc\0");
+            w.put(
                 IPVS_SVC_ATTR_FLAGS,
                 &[
                     (IP_VS_SVC_F_HASHED | IP_VS_SVC_F_ONEPACKET).to_ne_bytes(),
                     u32::MAX.to_ne_bytes(),
                 ]
                 .concat(),
-            )
-            .unwrap(),
-        );
-        attrs.push(attr(99, b"future").unwrap());
-        let decoded = decode_service(&attrs).unwrap().unwrap();
+            );
+            w.put(99, b"future");
+        });
+        let decoded = decode_service(attrs(&bytes)).unwrap().unwrap();
         assert_eq!(decoded.service.flags, ServiceFlags::ONEPACKET);
         assert_eq!(decoded.service.netmask, 32);
         assert_eq!(decoded.unknown, vec![99]);
@@ -558,21 +700,27 @@ mod tests {
 
     #[test]
     fn truncated_attributes_are_errors_not_panics() {
-        let mut attrs = Attrs::new();
-        attrs.push(attr(IPVS_SVC_ATTR_AF, &[2]).unwrap());
-        assert!(decode_service(&attrs).is_err());
-        let mut attrs = Attrs::new();
-        attrs.push(attr(IPVS_DEST_ATTR_ADDR, &[10, 0]).unwrap());
-        assert!(decode_destination(&attrs, Family::Inet).is_err());
+        let bytes = written(|w| w.put(IPVS_SVC_ATTR_AF, &[2]));
+        assert!(decode_service(attrs(&bytes)).is_err());
+        let bytes = written(|w| w.put(IPVS_DEST_ATTR_ADDR, &[10, 0]));
+        assert!(decode_destination(attrs(&bytes), Family::Inet).is_err());
+        // An attribute claiming more bytes than there are, and a stray byte after the last.
+        let mut bytes = written(|w| w.put(IPVS_SVC_ATTR_PORT, &[0, 80]));
+        bytes[0] = 200;
+        assert!(attrs(&bytes).any(|a| a.is_err()));
+        let mut bytes = written(|w| w.put(IPVS_SVC_ATTR_PORT, &[0, 80]));
+        bytes.push(1);
+        assert!(attrs(&bytes).any(|a| a.is_err()));
     }
 
     #[test]
     fn a_service_of_a_protocol_the_model_lacks_is_skipped() {
-        let mut attrs = Attrs::new();
-        attrs.push(attr(IPVS_SVC_ATTR_AF, &AF_INET.to_ne_bytes()).unwrap());
-        attrs.push(attr(IPVS_SVC_ATTR_PROTOCOL, &51u16.to_ne_bytes()).unwrap());
-        attrs.push(attr(IPVS_SVC_ATTR_ADDR, &[10, 0, 0, 1]).unwrap());
-        attrs.push(attr(IPVS_SVC_ATTR_SCHED_NAME, b"rr\0").unwrap());
-        assert_eq!(decode_service(&attrs).unwrap(), None);
+        let bytes = written(|w| {
+            w.put(IPVS_SVC_ATTR_AF, &AF_INET.to_ne_bytes());
+            w.put(IPVS_SVC_ATTR_PROTOCOL, &51u16.to_ne_bytes());
+            w.put(IPVS_SVC_ATTR_ADDR, &[10, 0, 0, 1]);
+            w.put(IPVS_SVC_ATTR_SCHED_NAME, b"rr\0");
+        });
+        assert_eq!(decode_service(attrs(&bytes)).unwrap(), None);
     }
 }

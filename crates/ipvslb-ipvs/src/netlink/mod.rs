@@ -15,7 +15,7 @@ use std::io;
 
 use crate::diff::OpKind;
 
-pub use ipvs::{Info, Ipvs, SyncReport};
+pub use ipvs::{EncodedBatch, Info, Ipvs, SyncReport};
 pub use vip::{DEFAULT_INTERFACE, INTERFACE_ALIAS, Vips};
 
 /// `type Result<T, E = Error>` for the kernel handles.
@@ -143,6 +143,11 @@ impl Error {
         match failure {
             socket::Failure::Socket(source) => Error::Socket { op, key, source },
             socket::Failure::Refused(errno) => Error::Kernel { op, key, errno },
+            socket::Failure::Decode(e) => Error::Decode {
+                op,
+                key,
+                reason: e.0,
+            },
         }
     }
 
