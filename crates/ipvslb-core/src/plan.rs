@@ -90,7 +90,7 @@ pub enum PlanError {
 /// A node that may receive a NodeSet's traffic.
 #[derive(Debug, Clone, Copy)]
 struct Backend {
-    /// Its index in [`Topology::nodes`].
+    /// Its index in the topology's nodes.
     node: usize,
     /// Cordoned nodes keep their destination at weight 0: live connections finish, new ones go
     /// elsewhere.
@@ -143,16 +143,6 @@ impl Topology {
         self.pool_index.get(name).map(|&i| &self.pools[i])
     }
 
-    /// The NodeSets, by name.
-    pub fn node_sets(&self) -> impl Iterator<Item = &NodeSetSpec> {
-        self.node_sets.values().map(|(set, _)| set)
-    }
-
-    /// The nodes, in the order given.
-    pub fn nodes(&self) -> &[NodeInfo] {
-        &self.nodes
-    }
-
     /// The names of the NodeSets whose selector matches `labels`: those a node with these
     /// labels belongs to, whatever its standing.
     pub fn node_sets_selecting<'a>(
@@ -165,7 +155,9 @@ impl Topology {
             .map(|(set, _)| set.name.as_str())
     }
 
-    /// [`plan_checked`] over this topology.
+    /// The plan of `services` over this topology, leaving out the destinations whose check is
+    /// `down` ([`plan_checked`]). Services are taken oldest first (then by name), so when two
+    /// claim one virtual service the older keeps it, whatever order they come in.
     pub fn plan(&self, services: &[PlannedService], down: &BTreeSet<Target>) -> Plan {
         let mut ordered: Vec<&PlannedService> = services.iter().collect();
         ordered.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

@@ -32,7 +32,7 @@ use ipvslb_ipvs::{Op, ServiceEntry, ServiceKey, Table};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, store::Writer};
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, Event};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -230,6 +230,9 @@ fn build(services: usize, nodes: usize, zones: usize) -> Bench {
             slices,
         },
     );
+    // The ends of the first lists, as the watches report them.
+    cluster.node_event(&Event::InitDone);
+    cluster.slice_event(&Event::InitDone);
     Bench {
         zones,
         cluster,
@@ -277,9 +280,9 @@ impl Bench {
 
     /// Node `n{i}` written with `ready`, and the reconciles its change requeues.
     fn node_change(&mut self, i: usize, ready: bool) -> usize {
-        let changed = node(i, self.zones, ready);
-        apply(&mut self.nodes, changed.clone());
-        let requeued = self.cluster.node_changed(&changed);
+        let event = Event::Apply(node(i, self.zones, ready));
+        self.nodes.apply_watcher_event(&event);
+        let requeued = self.cluster.node_event(&event);
         for reference in &requeued {
             let index = reference.name[1..].parse().expect("a bench Service");
             self.reconcile(index);

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use ipvslb_api::{LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::health::Target;
-use ipvslb_core::plan::Topology;
-use ipvslb_core::plan::{PlanError, PlanProblem};
+use ipvslb_core::plan::{PlanError, PlanProblem, Topology};
 use ipvslb_core::{PlannedService, PoolSpec, ServiceName};
 use ipvslb_ipvs::{ServiceKey, Table};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -174,41 +173,56 @@ pub async fn run<D: Dataplane>(
 
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
+        // Until the pools are known, nothing a deleted Service held is known to be ours.
+        if on_delete.cluster.filled().await.is_err() {
+            return;
+        }
         while let Some(service) = deleted.recv().await {
             if let Err(e) = on_delete.converge_deleted(&service).await {
                 warn!(service = %service.service_name(), error = %e, "removing a deleted Service's entries failed; the full pass will retry");
             }
         }
     }));
-    // Each stream tells the cluster view of a change once its store holds it, before the
-    // Services the change affects are requeued.
-    let on_pool = cluster.clone();
-    let pool_stream = crate::watch_all(&client, pools_writer, &ctx.metrics.health, "director")
-        .touched_objects()
-        .inspect_ok(move |_| on_pool.changed());
-    let on_set = cluster.clone();
-    let set_stream = crate::watch_all(&client, node_sets_writer, &ctx.metrics.health, "director")
-        .touched_objects()
-        .inspect_ok(move |_| on_set.changed());
-    let node_stream = crate::watch_stream(
-        &client,
-        watcher::Config::default(),
-        translate::trim_node,
-        &ctx.metrics.health,
-        "director",
-    )
-    .reflect(nodes_writer)
-    .touched_objects()
-    .predicate_filter(node_relevance, Default::default());
-    let slice_stream = crate::watch_stream(
-        &client,
-        watcher::Config::default().labels(LABEL_SERVICE_NAME),
-        |_: &mut EndpointSlice| {},
-        &ctx.metrics.health,
-        "director",
-    )
-    .reflect(slices_writer)
-    .touched_objects();
+    // Each watch tells the cluster view of its events once the reflector applied them (a
+    // relist's objects reach the store only at its end), before the Services they affect are
+    // requeued.
+    let pool_stream = {
+        let (cluster, requeue) = (cluster.clone(), ctx.requeue.clone());
+        crate::watch_all(&client, pools_writer, &ctx.metrics.health, "director")
+            .inspect_ok(move |event| send_all(&requeue, cluster.topology_event(event)))
+            .touched_objects()
+    };
+    let set_stream = {
+        let (cluster, requeue) = (cluster.clone(), ctx.requeue.clone());
+        crate::watch_all(&client, node_sets_writer, &ctx.metrics.health, "director")
+            .inspect_ok(move |event| send_all(&requeue, cluster.topology_event(event)))
+            .touched_objects()
+    };
+    let node_triggers = {
+        let cluster = cluster.clone();
+        triggers(
+            crate::watch_stream(
+                &client,
+                watcher::Config::default(),
+                translate::trim_node,
+                &ctx.metrics.health,
+                "director",
+            )
+            .reflect(nodes_writer),
+            move |event| cluster.node_event(event),
+        )
+    };
+    let slice_triggers = triggers(
+        crate::watch_stream(
+            &client,
+            watcher::Config::default().labels(LABEL_SERVICE_NAME),
+            |_: &mut EndpointSlice| {},
+            &ctx.metrics.health,
+            "director",
+        )
+        .reflect(slices_writer),
+        move |event| cluster.slice_event(event),
+    );
 
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
@@ -227,13 +241,8 @@ pub async fn run<D: Dataplane>(
             s.spec.clone()
         }),
     )
-    .watches_stream(node_stream, {
-        let cluster = cluster.clone();
-        move |node: Node| cluster.node_changed(&node)
-    })
-    .watches_stream(slice_stream, move |slice: EndpointSlice| {
-        cluster.slice_changed(&slice)
-    })
+    .reconcile_on(node_triggers)
+    .reconcile_on(slice_triggers)
     .reconcile_on(requeue_rx)
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
     .run(reconcile, error_policy, ctx);
@@ -356,14 +365,29 @@ pub fn keys_by_service(plan: &ipvslb_core::plan::Plan) -> BTreeMap<ServiceName, 
     by_service
 }
 
-/// Only what the planner reads of a Node: its labels, readiness, addresses, cordon. Kubelets
-/// update their Node every few seconds; the rest must not requeue every Service.
-fn node_relevance(node: &Node) -> Option<u64> {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let info = translate::node(node);
-    let mut h = DefaultHasher::new();
-    (info.labels, info.ready, info.unschedulable, info.addresses).hash(&mut h);
-    Some(h.finish())
+/// Sends each of `services` to be reconciled.
+fn send_all(
+    requeue: &futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
+    services: Vec<ObjectRef<CachedService>>,
+) {
+    for service in services {
+        let _ = requeue.unbounded_send(service);
+    }
+}
+
+/// The Services to reconcile after each event of `events`, as `affected` says. Watch errors
+/// are logged and retried where the watch is made.
+fn triggers<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    affected: impl Fn(&watcher::Event<K>) -> Vec<ObjectRef<CachedService>> + Send + 'static,
+) -> impl futures::Stream<Item = ObjectRef<CachedService>> + Send + 'static
+where
+    K: Send + 'static,
+{
+    use futures::StreamExt;
+    events.flat_map(move |event| {
+        futures::stream::iter(event.map(|e| affected(&e)).unwrap_or_default())
+    })
 }
 
 async fn reconcile<D: Dataplane>(
@@ -374,6 +398,11 @@ async fn reconcile<D: Dataplane>(
     let _timer = ctx.metrics.reconcile_timer("director");
     let span = info_span!("direct", service = %name);
     async {
+        // Planned before every cache is filled, a Service would lose the nodes and endpoints
+        // not listed yet (the Services' cache fills first, and reconciles start with it).
+        if ctx.cluster.filled().await.is_err() {
+            return Ok(Action::await_change());
+        }
         let seen = ctx.generation()?;
         let service = cached.to_service();
         let down = ctx.checks.down();

@@ -4,9 +4,10 @@
 //! reconcile costs that Service, and a node's change reaches only the Services whose NodeSet
 //! selects it (kube-proxy's IPVS mode paid for every Service on each, kubernetes#95881).
 //!
-//! The reflectors' stores stay the truth: the indexes only say where to look, and every full
-//! pass rebuilds them from the stores, since a relist can drop an object without the watch
-//! streams telling.
+//! The reflectors' stores stay the truth. Each watch hands this view its events once the
+//! reflector applied them: a change moves the view's version on, and a relist's end (when its
+//! objects reach the store at once) is compared whole with what was known. The indexes only
+//! say where to look, and each full pass makes the view again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,6 +21,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher::Event;
 use tracing::warn;
 
 use crate::cached::CachedService;
@@ -58,10 +60,34 @@ struct State {
     version: u64,
     /// The view made at a version.
     built: Option<(u64, Arc<View>)>,
-    /// Each Node as last seen by [`Cluster::node_changed`]: what a change takes it from.
+    /// Each Node as last seen by [`Cluster::node_event`]: what a change takes it from.
     nodes: BTreeMap<String, NodeInfo>,
     /// The names of each Service's EndpointSlices.
     slices: BTreeMap<ServiceName, BTreeSet<String>>,
+    /// The Service of each indexed EndpointSlice, by namespace and name.
+    slice_services: BTreeMap<(String, String), ServiceName>,
+}
+
+impl State {
+    fn index(&mut self, id: (String, String), service: ServiceName) {
+        self.slices
+            .entry(service.clone())
+            .or_default()
+            .insert(id.1.clone());
+        self.slice_services.insert(id, service);
+    }
+
+    /// Forgets the slice `id`; the Service it was indexed under.
+    fn unindex(&mut self, id: &(String, String)) -> Option<ServiceName> {
+        let service = self.slice_services.remove(id)?;
+        if let Some(names) = self.slices.get_mut(&service) {
+            names.remove(&id.1);
+            if names.is_empty() {
+                self.slices.remove(&service);
+            }
+        }
+        Some(service)
+    }
 }
 
 /// What a reconcile of one Service plans.
@@ -122,31 +148,71 @@ impl Cluster {
         view
     }
 
-    /// A pool or a NodeSet changed (or may have: a relist). Call it after the store holds the
-    /// change and before the Services it affects are requeued.
-    pub fn changed(&self) {
-        self.lock().version += 1;
+    /// An event of the pools' or the NodeSets' watch, once the reflector applied it: the view
+    /// is made again. After a relist, every Service (what changed meanwhile was not seen one
+    /// object at a time); a single change requeues through the spec filter of the watch.
+    pub fn topology_event<K>(&self, event: &Event<K>) -> Vec<ObjectRef<CachedService>> {
+        match event {
+            Event::Apply(_) | Event::Delete(_) => {
+                self.lock().version += 1;
+                Vec::new()
+            }
+            Event::InitDone => {
+                self.lock().version += 1;
+                crate::all_services(&self.services)
+            }
+            // A relist's objects reach the store only at its end.
+            Event::Init | Event::InitApply(_) => Vec::new(),
+        }
     }
 
-    /// `node` changed in the store (or went from it): the Services whose NodeSet selects it,
-    /// before or after the change, are the ones whose destinations may change.
-    pub fn node_changed(&self, node: &Node) -> Vec<ObjectRef<CachedService>> {
-        let name = node.name_any();
-        let now = self
-            .nodes
-            .get(&ObjectRef::from_obj(node))
-            .map(|n| translate::node(&n));
-        let before = {
-            let mut state = self.lock();
-            state.version += 1;
-            match &now {
-                Some(info) => state.nodes.insert(name, info.clone()),
-                None => state.nodes.remove(&name),
+    /// An event of the Nodes' watch, once the reflector applied it: the Services whose NodeSet
+    /// selects a node that changed, before or after the change, are the ones whose
+    /// destinations may change. A change of nothing the planner reads (a kubelet's heartbeat)
+    /// requeues nothing.
+    pub fn node_event(&self, event: &Event<Node>) -> Vec<ObjectRef<CachedService>> {
+        let changed: Vec<(Option<NodeInfo>, Option<NodeInfo>)> = match event {
+            Event::Apply(node) | Event::Delete(node) => {
+                let mut state = self.lock();
+                // Read under the lock: what is recorded is what the store held after it.
+                let now = self
+                    .nodes
+                    .get(&ObjectRef::from_obj(node))
+                    .map(|n| translate::node(&n));
+                let name = node.name_any();
+                let before = match &now {
+                    Some(info) => state.nodes.insert(name, info.clone()),
+                    None => state.nodes.remove(&name),
+                };
+                if before == now {
+                    return Vec::new();
+                }
+                state.version += 1;
+                vec![(before, now)]
             }
+            Event::InitDone => {
+                let mut state = self.lock();
+                let now: BTreeMap<String, NodeInfo> = self
+                    .nodes
+                    .state()
+                    .iter()
+                    .map(|n| (n.name_any(), translate::node(n)))
+                    .collect();
+                let before = std::mem::replace(&mut state.nodes, now);
+                state.version += 1;
+                let names: BTreeSet<&String> = before.keys().chain(state.nodes.keys()).collect();
+                names
+                    .into_iter()
+                    .map(|n| (before.get(n).cloned(), state.nodes.get(n).cloned()))
+                    .filter(|(b, a)| b != a)
+                    .collect()
+            }
+            Event::Init | Event::InitApply(_) => return Vec::new(),
         };
         let view = self.view();
-        let sets: BTreeSet<&str> = [&before, &now]
-            .into_iter()
+        let sets: BTreeSet<&str> = changed
+            .iter()
+            .flat_map(|(before, now)| [before, now])
             .flatten()
             .flat_map(|n| view.topology.node_sets_selecting(&n.labels))
             .collect();
@@ -174,25 +240,46 @@ impl Cluster {
             .collect()
     }
 
-    /// `slice` changed in the store (or went from it): its Service, to requeue.
-    pub fn slice_changed(&self, slice: &EndpointSlice) -> Option<ObjectRef<CachedService>> {
-        let service = service_of(slice)?;
-        let present = self.slices.get(&ObjectRef::from_obj(slice)).is_some();
+    /// An event of the EndpointSlices' watch, once the reflector applied it: the Services
+    /// whose slices changed. A slice is remembered with its Service, so that one whose label
+    /// went (its deletion from the watch carries no label) still requeues the Service it was.
+    pub fn slice_event(&self, event: &Event<EndpointSlice>) -> Vec<ObjectRef<CachedService>> {
         let mut state = self.lock();
-        let names = state.slices.entry(service.clone()).or_default();
-        if present {
-            names.insert(slice.name_any());
-        } else {
-            names.remove(&slice.name_any());
-            if names.is_empty() {
-                state.slices.remove(&service);
+        let touched: BTreeSet<ServiceName> = match event {
+            Event::Apply(slice) | Event::Delete(slice) => {
+                let id = slice_id(slice);
+                let present = self
+                    .slices
+                    .get(&ObjectRef::from_obj(slice))
+                    .and_then(|s| service_of(&s));
+                let before = state.unindex(&id);
+                if let Some(service) = &present {
+                    state.index(id, service.clone());
+                }
+                before.into_iter().chain(present).collect()
             }
-        }
-        Some(CachedService::reference(&service))
+            Event::InitDone => {
+                let before = std::mem::take(&mut state.slice_services);
+                state.slices.clear();
+                for slice in self.slices.state() {
+                    if let Some(service) = service_of(&slice) {
+                        state.index(slice_id(&slice), service);
+                    }
+                }
+                // Every Service that had or has slices: a relist's changes are not seen one
+                // by one.
+                before
+                    .into_values()
+                    .chain(state.slice_services.values().cloned())
+                    .collect()
+            }
+            Event::Init | Event::InitApply(_) => BTreeSet::new(),
+        };
+        touched.iter().map(CachedService::reference).collect()
     }
 
     /// Ready endpoints per node of the Service `name`, from its EndpointSlices in the store.
-    pub fn endpoints_of(&self, name: &ServiceName) -> BTreeMap<String, u32> {
+    fn endpoints_of(&self, name: &ServiceName) -> BTreeMap<String, u32> {
         let names = self.lock().slices.get(name).cloned().unwrap_or_default();
         let slices: Vec<Arc<EndpointSlice>> = names
             .iter()
@@ -208,32 +295,11 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Ready endpoints per node of every Service, and the indexes made again from the stores:
-    /// what a full pass plans with.
-    pub fn refresh(&self) -> BTreeMap<ServiceName, BTreeMap<String, u32>> {
-        let slices = self.slices.state();
-        let mut by_service: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
-        for slice in &slices {
-            if let Some(service) = service_of(slice) {
-                by_service
-                    .entry(service)
-                    .or_default()
-                    .insert(slice.name_any());
-            }
-        }
-        let nodes = self
-            .nodes
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), translate::node(n)))
-            .collect();
-        {
-            let mut state = self.lock();
-            state.slices = by_service;
-            state.nodes = nodes;
-            state.version += 1;
-        }
-        translate::ready_endpoints(slices.iter().map(|s| &**s))
+    /// Ready endpoints per node of every Service, for a full pass; the view is made again, so
+    /// whatever a watch did not say reaches the plan at the latest here.
+    fn refresh(&self) -> BTreeMap<ServiceName, BTreeMap<String, u32>> {
+        self.lock().version += 1;
+        translate::ready_endpoints(self.slices.state().iter().map(|s| &**s))
     }
 
     /// What a reconcile of `service` plans: its part of the plan ([`part_of`], with the
@@ -274,7 +340,7 @@ impl Cluster {
     }
 
     /// The Service as the planner sees it, if it is ours and has VIPs inside a pool.
-    pub fn planned(
+    fn planned(
         &self,
         service: &Service,
         view: &View,
@@ -292,7 +358,7 @@ impl Cluster {
 
     /// The other Services on `service`'s VIPs, as planned. Only Services that allow sharing
     /// can have any, so the others do not pay for a look at every Service.
-    pub fn sharing_peers(&self, service: &Service, view: &View) -> Vec<PlannedService> {
+    fn sharing_peers(&self, service: &Service, view: &View) -> Vec<PlannedService> {
         self.sharing(service)
             .iter()
             .filter_map(|s| self.planned(s, view, BTreeMap::new()))
@@ -376,6 +442,14 @@ impl Cluster {
     }
 }
 
+/// An EndpointSlice's namespace and name.
+fn slice_id(slice: &EndpointSlice) -> (String, String) {
+    (
+        slice.namespace().unwrap_or_else(|| "default".to_owned()),
+        slice.name_any(),
+    )
+}
+
 /// The Service an EndpointSlice names.
 fn service_of(slice: &EndpointSlice) -> Option<ServiceName> {
     let name = slice.labels().get(LABEL_SERVICE_NAME)?;
@@ -455,13 +529,6 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(object));
     }
 
-    fn delete<K>(writer: &mut Writer<K>, object: K)
-    where
-        K: kube::Resource<DynamicType = ()> + Clone + 'static,
-    {
-        writer.apply_watcher_event(&watcher::Event::Delete(object));
-    }
-
     /// Zone `a` has pool `pa` with Service `sa`, zone `b` pool `pb` with `sb`; nodes `n1` (a)
     /// and `n2` (b).
     struct Fixture {
@@ -499,7 +566,9 @@ mod tests {
                 slices,
             },
         );
-        cluster.refresh();
+        // The first lists' ends.
+        cluster.node_event(&Event::InitDone);
+        cluster.slice_event(&Event::InitDone);
         Fixture {
             cluster,
             nodes: nodes_writer,
@@ -523,24 +592,78 @@ mod tests {
         plan.part.table.destination_count()
     }
 
+    /// `event` applied to the store, as the reflector applies it before the stream goes on.
+    fn seen<K>(writer: &mut Writer<K>, event: Event<K>) -> Event<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        writer.apply_watcher_event(&event);
+        event
+    }
+
+    fn address(cluster: &Cluster, name: &str) -> Vec<String> {
+        let cached = cluster
+            .services()
+            .get(&ObjectRef::new(name).within("default"))
+            .expect("the Service is in the store");
+        let plan = cluster.plan_service(&cached.to_service(), &BTreeSet::new());
+        plan.part
+            .table
+            .services
+            .values()
+            .flat_map(|e| e.destinations.keys().map(|d| d.address.to_string()))
+            .collect()
+    }
+
     #[test]
     fn a_node_change_requeues_only_the_services_whose_node_set_selects_it_before_or_after() {
         let mut f = fixture();
-        apply(&mut f.nodes, node("n1", "a", "192.0.2.1", false));
-        let n1 = f.nodes_state("n1");
-        assert_eq!(names(f.cluster.node_changed(&n1)), ["sa"]);
+        let n1 = seen(
+            &mut f.nodes,
+            Event::Apply(node("n1", "a", "192.0.2.1", false)),
+        );
+        assert_eq!(names(f.cluster.node_event(&n1)), ["sa"]);
         assert_eq!(destinations(&f.cluster, "sa"), 0);
+        // The same node again (a kubelet's heartbeat): nothing to do.
+        assert_eq!(names(f.cluster.node_event(&n1)), Vec::<String>::new());
 
         // Moved to zone b: it leaves a's Services and joins b's.
-        apply(&mut f.nodes, node("n1", "b", "192.0.2.1", true));
-        let n1 = f.nodes_state("n1");
-        assert_eq!(names(f.cluster.node_changed(&n1)), ["sa", "sb"]);
+        let moved = seen(
+            &mut f.nodes,
+            Event::Apply(node("n1", "b", "192.0.2.1", true)),
+        );
+        assert_eq!(names(f.cluster.node_event(&moved)), ["sa", "sb"]);
         assert_eq!(destinations(&f.cluster, "sb"), 2);
 
         // Gone: what it belonged to last is what it leaves.
-        delete(&mut f.nodes, n1.clone());
-        assert_eq!(names(f.cluster.node_changed(&n1)), ["sb"]);
-        assert_eq!(destinations(&f.cluster, "sb"), 1);
+        let gone = seen(
+            &mut f.nodes,
+            Event::Delete(node("n1", "b", "192.0.2.1", true)),
+        );
+        assert_eq!(names(f.cluster.node_event(&gone)), ["sb"]);
+        assert_eq!(address(&f.cluster, "sb"), ["192.0.2.2"]);
+    }
+
+    #[test]
+    fn a_relist_reaches_the_view_and_requeues_what_changed_meanwhile() {
+        let mut f = fixture();
+        assert_eq!(address(&f.cluster, "sa"), ["192.0.2.1"]);
+        // While the watch was down, n1 moved to zone b and n3 joined zone a.
+        for event in [
+            Event::Init,
+            Event::InitApply(node("n1", "b", "192.0.2.1", true)),
+            Event::InitApply(node("n2", "b", "192.0.2.2", true)),
+            Event::InitApply(node("n3", "a", "192.0.2.3", true)),
+        ] {
+            let event = seen(&mut f.nodes, event);
+            assert_eq!(names(f.cluster.node_event(&event)), Vec::<String>::new());
+            // Planned meanwhile from the store as it was.
+            assert_eq!(address(&f.cluster, "sa"), ["192.0.2.1"]);
+        }
+        let done = seen(&mut f.nodes, Event::InitDone);
+        assert_eq!(names(f.cluster.node_event(&done)), ["sa", "sb"]);
+        assert_eq!(address(&f.cluster, "sa"), ["192.0.2.3"]);
+        assert_eq!(address(&f.cluster, "sb"), ["192.0.2.1", "192.0.2.2"]);
     }
 
     #[test]
@@ -551,61 +674,58 @@ mod tests {
             Arc::ptr_eq(&first, &f.cluster.view()),
             "made again without a change"
         );
-        assert_eq!(destinations(&f.cluster, "sa"), 1);
+        assert_eq!(address(&f.cluster, "sa"), ["192.0.2.1"]);
 
         // The pool of `sa` now sends its traffic to NodeSet b.
-        apply(&mut f.pools, pool("pa", "10.240.0.0/24", "b"));
-        f.cluster.changed();
+        let event = seen(&mut f.pools, Event::Apply(pool("pa", "10.240.0.0/24", "b")));
+        assert!(f.cluster.topology_event(&event).is_empty());
         assert!(!Arc::ptr_eq(&first, &f.cluster.view()));
-        let node_set = f
-            .cluster
-            .view()
-            .topology
-            .pool("pa")
-            .map(|p| p.node_set.clone());
-        assert_eq!(node_set.as_deref(), Some("b"));
-        assert_eq!(destinations(&f.cluster, "sa"), 1);
+        assert_eq!(address(&f.cluster, "sa"), ["192.0.2.2"]);
+        // After a relist, every Service.
+        let done = seen(&mut f.pools, Event::InitDone);
+        assert_eq!(names(f.cluster.topology_event(&done)), ["sa", "sb"]);
     }
 
     #[test]
-    fn endpoints_come_from_the_services_own_slices_and_a_removed_slice_counts_no_more() {
+    fn endpoints_come_from_the_services_own_slices_and_follow_deletions_and_relists() {
         let mut f = fixture();
         let name = ServiceName::new("default", "sa");
         let mine = slice("sa-x", "sa", &["n1", "n1"]);
-        apply(&mut f.slices, mine.clone());
-        apply(&mut f.slices, slice("sb-x", "sb", &["n2"]));
-        assert_eq!(
-            names(f.cluster.slice_changed(&mine).into_iter().collect()),
-            ["sa"]
-        );
+        let added = seen(&mut f.slices, Event::Apply(mine.clone()));
+        assert_eq!(names(f.cluster.slice_event(&added)), ["sa"]);
+        let other = seen(&mut f.slices, Event::Apply(slice("sb-x", "sb", &["n2"])));
+        assert_eq!(names(f.cluster.slice_event(&other)), ["sb"]);
         assert_eq!(
             f.cluster.endpoints_of(&name),
             BTreeMap::from([("n1".into(), 2)])
         );
 
-        // Dropped by a relist, which tells no stream: the store is the truth.
-        delete(&mut f.slices, mine.clone());
+        // Its label removed: the watch deletes it, without the label, and `sa` is requeued.
+        let mut unlabelled = mine.clone();
+        unlabelled.metadata.labels = None;
+        let removed = seen(&mut f.slices, Event::Delete(unlabelled));
+        assert_eq!(names(f.cluster.slice_event(&removed)), ["sa"]);
         assert_eq!(f.cluster.endpoints_of(&name), BTreeMap::new());
-        // Seen by the stream: the index forgets it too, and a full pass rebuilds the index.
-        f.cluster.slice_changed(&mine);
-        assert!(!f.cluster.lock().slices.contains_key(&name));
-        apply(&mut f.slices, mine);
-        let all = f.cluster.refresh();
-        assert_eq!(all.get(&name), Some(&BTreeMap::from([("n1".into(), 2)])));
+
+        // Back during a relist, which no longer lists `sb`'s: both seen at its end.
+        for event in [Event::Init, Event::InitApply(mine), Event::InitDone] {
+            let event = seen(&mut f.slices, event);
+            let requeued = names(f.cluster.slice_event(&event));
+            if matches!(event, Event::InitDone) {
+                assert_eq!(requeued, ["sa", "sb"]);
+            }
+        }
+        assert_eq!(
+            f.cluster.endpoints_of(&ServiceName::new("default", "sb")),
+            BTreeMap::new()
+        );
         assert_eq!(
             f.cluster.endpoints_of(&name),
             BTreeMap::from([("n1".into(), 2)])
         );
-    }
-
-    impl Fixture {
-        fn nodes_state(&self, name: &str) -> Node {
-            (*self
-                .cluster
-                .nodes
-                .get(&ObjectRef::new(name))
-                .expect("the node is in the store"))
-            .clone()
-        }
+        assert_eq!(
+            f.cluster.refresh().get(&name),
+            Some(&BTreeMap::from([("n1".into(), 2)]))
+        );
     }
 }
