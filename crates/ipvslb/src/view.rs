@@ -468,6 +468,7 @@ mod tests {
 
     use super::*;
     use crate::translate::Unclassed;
+    use ipvslb_ipvs::Table;
 
     fn object<K: DeserializeOwned>(value: serde_json::Value) -> K {
         serde_json::from_value(value).expect("a valid object")
@@ -533,6 +534,7 @@ mod tests {
     /// and `n2` (b).
     struct Fixture {
         cluster: Cluster,
+        services: Writer<CachedService>,
         nodes: Writer<Node>,
         slices: Writer<EndpointSlice>,
         pools: Writer<IPPool>,
@@ -571,6 +573,7 @@ mod tests {
         cluster.slice_event(&Event::InitDone);
         Fixture {
             cluster,
+            services: services_writer,
             nodes: nodes_writer,
             slices: slices_writer,
             pools: pools_writer,
@@ -727,5 +730,163 @@ mod tests {
             f.cluster.refresh().get(&name),
             Some(&BTreeMap::from([("n1".into(), 2)]))
         );
+    }
+
+    /// splitmix64: small, and the same sequence on every machine.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((z ^ (z >> 31)) % n as u64) as usize
+        }
+    }
+
+    const NODES: [&str; 4] = ["n1", "n2", "n3", "n4"];
+    const SERVICES: [&str; 3] = ["sa", "sb", "la"];
+
+    fn random_node(rng: &mut Rng) -> Node {
+        let i = rng.below(NODES.len());
+        let zone = ["a", "b", "c"][rng.below(3)];
+        node(
+            NODES[i],
+            zone,
+            &format!("192.0.2.{}", i + 1),
+            rng.below(4) != 0,
+        )
+    }
+
+    fn random_slice(rng: &mut Rng) -> EndpointSlice {
+        let on: Vec<&str> = NODES
+            .iter()
+            .copied()
+            .filter(|_| rng.below(2) == 0)
+            .collect();
+        slice(["la-1", "la-2"][rng.below(2)], "la", &on)
+    }
+
+    /// What `name`'s reconcile plans now.
+    fn planned(cluster: &Cluster, name: &str) -> Table {
+        let cached = cluster
+            .services()
+            .get(&ObjectRef::new(name).within("default"))
+            .expect("the Service is in the store");
+        cluster
+            .plan_service(&cached.to_service(), &BTreeSet::new())
+            .part
+            .table
+    }
+
+    /// What a director starting afresh on the same stores plans for `name`.
+    fn afresh(cluster: &Cluster, name: &str) -> Table {
+        let fresh = Cluster::new(
+            cluster.classes.clone(),
+            Stores {
+                services: cluster.services.clone(),
+                pools: cluster.pools.clone(),
+                node_sets: cluster.node_sets.clone(),
+                nodes: cluster.nodes.clone(),
+                slices: cluster.slices.clone(),
+            },
+        );
+        fresh.node_event(&Event::InitDone);
+        fresh.slice_event(&Event::InitDone);
+        planned(&fresh, name)
+    }
+
+    /// Seeded runs of node and slice changes, relists (with changes while they run) and
+    /// reconciles at any moment, each event's requeues reconciled at once: after every step,
+    /// every Service's last plan is what a fresh director would plan. A Service the view failed
+    /// to requeue, or one planned from a stale view, keeps a different plan.
+    #[test]
+    fn no_change_or_relist_leaves_a_service_with_a_stale_plan() {
+        for seed in 0..300 {
+            let mut rng = Rng(seed);
+            let mut f = fixture();
+            let mut local = service("la", "10.240.0.2");
+            local.trim();
+            let mut local: Service = local.to_service();
+            local.spec.as_mut().expect("a spec").external_traffic_policy = Some("Local".into());
+            let mut local: CachedService = object(serde_json::to_value(&local).expect("json"));
+            local.trim();
+            apply(&mut f.services, local);
+            let mut last: BTreeMap<&str, Table> = SERVICES
+                .iter()
+                .map(|n| (*n, planned(&f.cluster, n)))
+                .collect();
+            let mut relisting: Option<&str> = None;
+            for step in 0..40 {
+                let requeued = match (relisting, rng.below(8)) {
+                    (None, 0) => {
+                        relisting = Some(["nodes", "slices"][rng.below(2)]);
+                        match relisting {
+                            Some("nodes") => {
+                                let e = seen(&mut f.nodes, Event::Init);
+                                f.cluster.node_event(&e)
+                            }
+                            _ => {
+                                let e = seen(&mut f.slices, Event::Init);
+                                f.cluster.slice_event(&e)
+                            }
+                        }
+                    }
+                    (Some(kind), 0 | 1) => {
+                        relisting = None;
+                        if kind == "nodes" {
+                            let e = seen(&mut f.nodes, Event::InitDone);
+                            f.cluster.node_event(&e)
+                        } else {
+                            let e = seen(&mut f.slices, Event::InitDone);
+                            f.cluster.slice_event(&e)
+                        }
+                    }
+                    (Some("nodes"), _) => {
+                        let e = seen(&mut f.nodes, Event::InitApply(random_node(&mut rng)));
+                        f.cluster.node_event(&e)
+                    }
+                    (Some(_), _) => {
+                        let e = seen(&mut f.slices, Event::InitApply(random_slice(&mut rng)));
+                        f.cluster.slice_event(&e)
+                    }
+                    (None, 1) => {
+                        let e = seen(&mut f.nodes, Event::Delete(random_node(&mut rng)));
+                        f.cluster.node_event(&e)
+                    }
+                    (None, 2) => {
+                        let e = seen(&mut f.slices, Event::Delete(random_slice(&mut rng)));
+                        f.cluster.slice_event(&e)
+                    }
+                    (None, 3) => {
+                        let e = seen(&mut f.slices, Event::Apply(random_slice(&mut rng)));
+                        f.cluster.slice_event(&e)
+                    }
+                    (None, 4) => {
+                        // A reconcile for no reason: it may cache a view at any moment.
+                        vec![ObjectRef::new(SERVICES[rng.below(3)]).within("default")]
+                    }
+                    (None, _) => {
+                        let e = seen(&mut f.nodes, Event::Apply(random_node(&mut rng)));
+                        f.cluster.node_event(&e)
+                    }
+                };
+                for reference in requeued {
+                    let name = SERVICES
+                        .iter()
+                        .find(|n| **n == reference.name)
+                        .expect("one of the Services");
+                    last.insert(name, planned(&f.cluster, name));
+                }
+                for name in SERVICES {
+                    assert_eq!(
+                        last[name],
+                        afresh(&f.cluster, name),
+                        "seed {seed}, step {step}: {name} keeps a stale plan"
+                    );
+                }
+            }
+        }
     }
 }
