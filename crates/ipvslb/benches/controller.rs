@@ -295,6 +295,8 @@ async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
             let _ = tx.send((node, Instant::now()));
         }
     });
+    let writes = ["add_dest", "edit_dest", "del_dest"];
+    let before = ops(port, &writes);
     let mut baseline = Vec::new();
     for ready in [false, true] {
         while seen.try_recv().is_ok() {}
@@ -315,6 +317,13 @@ async fn flap(cluster: &common::Cluster, client: &Client, port: u16) {
         }
     }
     watch.abort();
+    // A node no NodeSet selects changes no Service's destinations.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        ops(port, &writes),
+        before,
+        "the flap of a node no NodeSet selects wrote to the data plane"
+    );
 
     // NotReady drains the node's destinations to weight 0; Ready again gives them their
     // weight back, or adds them again if the drain already ended.
