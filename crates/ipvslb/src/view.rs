@@ -2,7 +2,7 @@
 //! reconcile: the pools, NodeSets and Nodes translated into one [`Topology`] once per change of
 //! any of them, and the EndpointSlices found by their Service. With them one Service's
 //! reconcile costs that Service, and a node's change reaches only the Services whose NodeSet
-//! selects it (kube-proxy's IPVS mode paid for every Service on each, kubernetes#95881).
+//! selects it.
 //!
 //! The reflectors' stores stay the truth. Each watch hands this view its events once the
 //! reflector applied them: a change moves the view's version on, and a relist's end (when its
@@ -10,6 +10,7 @@
 //! say where to look, and each full pass makes the view again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipvslb_api::{ANNOTATION_ALLOW_SHARED_IP, IPPool, LABEL_SERVICE_NAME, NodeSet};
@@ -38,6 +39,8 @@ pub struct Cluster {
     nodes: Store<Node>,
     slices: Store<EndpointSlice>,
     state: Mutex<State>,
+    /// Every store has been filled once.
+    filled: AtomicBool,
 }
 
 /// The stores a [`Cluster`] reads.
@@ -121,16 +124,23 @@ impl Cluster {
             nodes: stores.nodes,
             slices: stores.slices,
             state: Mutex::default(),
+            filled: AtomicBool::new(false),
         }
     }
 
-    /// Waits until every store has been filled once.
+    /// Waits until every store has been filled once; at once after that (every reconcile
+    /// asks).
     pub async fn filled(&self) -> Result<(), WriterDropped> {
+        if self.filled.load(Ordering::Acquire) {
+            return Ok(());
+        }
         crate::filled(&self.pools).await?;
         crate::filled(&self.node_sets).await?;
         crate::filled(&self.nodes).await?;
         crate::filled(&self.slices).await?;
-        crate::filled(&self.services).await
+        crate::filled(&self.services).await?;
+        self.filled.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// The current view: made again only when a pool, NodeSet or Node changed since the last.
