@@ -450,14 +450,44 @@ fn dump(
     mut each: impl FnMut(Received<'_>) -> std::result::Result<(), DecodeError>,
 ) -> std::result::Result<(), Failure> {
     let seq = send_request(conn, (family, IPVS_GENL_VERSION), NLM_F_DUMP, cmd, body)?;
-    conn.answers(seq, 1, |_, reply| match reply.status() {
-        Some(0) => Ok(reply.nl_type == NLMSG_DONE),
-        Some(errno) => Err(Failure::Refused(errno)),
-        None => {
-            each(reply)?;
-            Ok(false)
+    let mut reader = DumpReader::new(|reply| each(reply));
+    conn.answers(seq, 1, |_, reply| reader.on(reply))?;
+    reader.finish()
+}
+
+/// Reads the replies of one dump. A reply that cannot be read ends nothing in the kernel: the
+/// dump goes on, and one left running makes the socket's next dump fail with `EBUSY`. So the
+/// dump is read to its end, and the first unreadable reply is its error.
+struct DumpReader<F> {
+    each: F,
+    unreadable: Option<DecodeError>,
+}
+
+impl<F: FnMut(Received<'_>) -> std::result::Result<(), DecodeError>> DumpReader<F> {
+    fn new(each: F) -> Self {
+        Self {
+            each,
+            unreadable: None,
         }
-    })
+    }
+
+    /// Takes one reply; whether the dump is over.
+    fn on(&mut self, reply: Received<'_>) -> std::result::Result<bool, Failure> {
+        match reply.status() {
+            Some(0) => Ok(reply.nl_type == NLMSG_DONE),
+            Some(errno) => Err(Failure::Refused(errno)),
+            None => {
+                if self.unreadable.is_none() {
+                    self.unreadable = (self.each)(reply).err();
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn finish(self) -> std::result::Result<(), Failure> {
+        self.unreadable.map_or(Ok(()), |e| Err(Failure::Decode(e)))
+    }
 }
 
 /// Sends one request of `cmd` to generic netlink `family` (its commands of `version`) with the
@@ -557,5 +587,52 @@ fn resolve_family(conn: &mut Conn) -> Result<u16> {
             IPVS_GENL_NAME.to_owned(),
             failure,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(nl_type: u16, payload: &[u8]) -> Received<'_> {
+        Received {
+            nl_type,
+            seq: 1,
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_dump_with_an_unreadable_reply_is_read_to_its_end_and_fails() {
+        let mut seen = Vec::new();
+        let mut reader = DumpReader::new(|r: Received<'_>| {
+            seen.push(r.payload.len());
+            if r.payload.len() == 2 {
+                Err(DecodeError("unreadable".to_owned()))
+            } else {
+                Ok(())
+            }
+        });
+        let family = 0x25;
+        assert!(!reader.on(reply(family, &[0; 1])).unwrap());
+        assert!(!reader.on(reply(family, &[0; 2])).unwrap(), "not over");
+        assert!(!reader.on(reply(family, &[0; 3])).unwrap());
+        assert!(reader.on(reply(NLMSG_DONE, &[0; 4])).unwrap(), "over");
+        assert!(matches!(reader.finish(), Err(Failure::Decode(e)) if e.0 == "unreadable"));
+        assert_eq!(
+            seen,
+            [1, 2],
+            "replies after the unreadable one are not decoded"
+        );
+    }
+
+    #[test]
+    fn a_dump_refused_by_the_kernel_says_so() {
+        let mut reader = DumpReader::new(|_: Received<'_>| Ok(()));
+        let refusal = (-libc::ENOENT).to_ne_bytes();
+        assert!(matches!(
+            reader.on(reply(NLMSG_ERROR, &refusal)),
+            Err(Failure::Refused(e)) if e == libc::ENOENT
+        ));
     }
 }

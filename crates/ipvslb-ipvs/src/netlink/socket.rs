@@ -89,12 +89,13 @@ impl<'a> Received<'a> {
         if self.nl_type != NLMSG_ERROR && self.nl_type != NLMSG_DONE {
             return None;
         }
-        // Both start with an `int`, the negated errno (a bare `NLMSG_DONE` may have none).
+        // Both start with an `int`, the negated errno (a bare `NLMSG_DONE` may have none);
+        // [`messages`] lets through only numbers that negate.
         let error = self
             .payload
             .get(..4)
             .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-        Some(-error)
+        Some(error.checked_neg().unwrap_or(i32::MAX))
     }
 
     /// Whether this is a control message other than `NLMSG_ERROR` and `NLMSG_DONE`.
@@ -130,8 +131,37 @@ pub fn messages(datagram: &[u8]) -> impl Iterator<Item = Result<Received<'_>, So
             payload: &rest[NLMSG_HDRLEN..len],
         };
         rest = rest.get((len + 3) & !3..).unwrap_or_default();
-        Some(Ok(message))
+        Some(valid_status(message))
     })
+}
+
+/// `message`, if its error number (of `NLMSG_ERROR`, or of `NLMSG_DONE` when it carries
+/// one) is one: zero or a negated errno. An error message too short to hold one, or holding a
+/// positive number, is not an acknowledgement.
+fn valid_status(message: Received<'_>) -> Result<Received<'_>, SocketError> {
+    let error = message
+        .payload
+        .get(..4)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    let valid = match (message.nl_type, error) {
+        (NLMSG_ERROR, None) => false,
+        (NLMSG_ERROR | NLMSG_DONE, Some(e)) => e <= 0 && e != i32::MIN,
+        _ => true,
+    };
+    if valid {
+        Ok(message)
+    } else {
+        Err(SocketError::Codec(format!(
+            "a netlink {} message of sequence {} without a valid error number ({} bytes)",
+            if message.nl_type == NLMSG_ERROR {
+                "error"
+            } else {
+                "done"
+            },
+            message.seq,
+            message.payload.len()
+        )))
+    }
 }
 
 /// A netlink socket of one protocol.
@@ -406,6 +436,25 @@ mod tests {
                 (NLMSG_DONE, 10, Some(0), 0),
             ]
         );
+    }
+
+    #[test]
+    fn an_error_message_without_a_valid_error_number_is_an_error_not_an_acknowledgement() {
+        for payload in [
+            Vec::new(),
+            vec![0, 0],
+            i32::MIN.to_ne_bytes().to_vec(),
+            5i32.to_ne_bytes().to_vec(),
+        ] {
+            let datagram = message(NLMSG_ERROR, 7, &payload);
+            let read: Vec<_> = messages(&datagram).collect();
+            assert!(
+                matches!(read.as_slice(), [Err(_)]),
+                "{payload:?} read as {read:?}"
+            );
+        }
+        let datagram = message(NLMSG_DONE, 7, &i32::MIN.to_ne_bytes());
+        assert!(messages(&datagram).next().unwrap().is_err());
     }
 
     #[test]
