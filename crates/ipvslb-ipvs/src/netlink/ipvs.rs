@@ -447,10 +447,10 @@ fn dump(
     family: u16,
     cmd: u8,
     body: impl FnOnce(&mut AttrWriter<'_>),
-    mut each: impl FnMut(Received<'_>) -> std::result::Result<(), DecodeError>,
+    each: impl FnMut(Received<'_>) -> std::result::Result<(), DecodeError>,
 ) -> std::result::Result<(), Failure> {
     let seq = send_request(conn, (family, IPVS_GENL_VERSION), NLM_F_DUMP, cmd, body)?;
-    let mut reader = DumpReader::new(|reply| each(reply));
+    let mut reader = DumpReader::new(each);
     conn.answers(seq, 1, |_, reply| reader.on(reply))?;
     reader.finish()
 }
