@@ -103,14 +103,11 @@ impl CachedService {
     }
 
     /// The recorded ingress addresses that are IP addresses, read without a copy of the
-    /// Service ([`crate::translate::ingress_addresses`] of [`Self::to_service`]).
+    /// Service.
     pub fn ingress_addresses(&self) -> Vec<std::net::IpAddr> {
-        self.status
-            .iter()
-            .filter_map(|s| s.load_balancer.as_ref()?.ingress.as_ref())
-            .flatten()
-            .filter_map(|i| i.ip.as_deref()?.parse().ok())
-            .collect()
+        crate::translate::load_balancer_addresses(
+            self.status.as_ref().and_then(|s| s.load_balancer.as_ref()),
+        )
     }
 
     /// The Service as the translation code reads it.

@@ -16,7 +16,7 @@ use ipvslb_core::{
     ServiceAllocation, ServiceClaim, ServiceName, ServicePort, TrafficPolicy,
 };
 use ipvslb_ipvs::{Protocol, Scheduler, ServiceFlags};
-use k8s_openapi::api::core::v1::{Node, Service, ServiceSpec};
+use k8s_openapi::api::core::v1::{LoadBalancerStatus, Node, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -104,9 +104,21 @@ pub fn ingress_ips(service: &Service) -> Vec<String> {
 
 /// The recorded ingress addresses that are IP addresses.
 pub fn ingress_addresses(service: &Service) -> Vec<IpAddr> {
-    ingress_ips(service)
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
+    load_balancer_addresses(
+        service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref()),
+    )
+}
+
+/// The ingress addresses of a `status.loadBalancer` that are IP addresses.
+pub fn load_balancer_addresses(status: Option<&LoadBalancerStatus>) -> Vec<IpAddr> {
+    status
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
         .collect()
 }
 
