@@ -144,8 +144,9 @@ fn build_binaries() -> Result<Built, String> {
         Command::new(cargo)
             .args([
                 "test",
-                "-p",
-                "ipvslb",
+                // The whole workspace, as `cargo test --workspace` resolves it, so that the
+                // dependencies' features unify the same way and nothing is compiled twice.
+                "--workspace",
                 "--features",
                 "ipvslb/e2e-tests",
                 "--locked",

@@ -150,10 +150,12 @@ pub fn install_missing(who: &str, tools: &[(&str, &str)]) -> Result<(), String> 
 fn build_binaries(mode: Mode) -> Result<Vec<PathBuf>, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(cargo);
-    command.args(["test", "-p", "ipvslb-ipvs"]);
+    // The whole workspace, as `cargo test --workspace` resolves it, so that the dependencies'
+    // features unify the same way and nothing is compiled twice; `--test` picks the targets.
+    command.args(["test", "--workspace"]);
     match mode {
         // The director's kernel tests too: its converger over the real data plane.
-        Mode::Test => command.args(["-p", "ipvslb", "--features", "ipvslb/kernel-tests"]),
+        Mode::Test => command.args(["--features", "ipvslb/kernel-tests"]),
         Mode::Bench => &mut command,
     };
     command.args([
