@@ -5,7 +5,7 @@ use std::collections::btree_map::Entry;
 
 use crate::diff::{Op, OpKind};
 use crate::model::{
-    DestKey, Destination, ServiceEntry, ServiceFlags, ServiceKey, Table, VirtualService,
+    DestKey, Destination, ListOrder, ServiceEntry, ServiceFlags, ServiceKey, Table, VirtualService,
 };
 
 /// An operation the kernel would refuse.
@@ -61,7 +61,8 @@ impl Table {
     /// Like the kernel, this refuses to add what exists and to edit or delete what does not, and
     /// refuses a destination whose weight does not fit the kernel's signed 32-bit field or whose
     /// lower threshold is above its upper one. [`ServiceFlags::HASHED`] is never stored: it is
-    /// kernel bookkeeping, not a setting. Deleting a service deletes its destinations.
+    /// kernel bookkeeping, not a setting. Deleting a service deletes its destinations. A destination
+    /// is added at the head of its service's list, as the kernel adds it.
     pub fn apply(&mut self, op: &Op) -> Result<(), ApplyError> {
         match op {
             Op::AddService(service) => match self.services.entry(service.key) {
@@ -85,6 +86,8 @@ impl Table {
             Op::AddDest(key, dest) => {
                 check_range(op.kind(), key, dest)?;
                 let entry = self.entry(op.kind(), key)?;
+                // The kernel adds at the head of the list (`list_add_rcu`).
+                let mut order = entry.list_order();
                 match entry.destinations.entry(dest.key()) {
                     Entry::Occupied(_) => Err(ApplyError::DestinationExists {
                         service: *key,
@@ -92,6 +95,8 @@ impl Table {
                     }),
                     Entry::Vacant(slot) => {
                         slot.insert(dest.clone());
+                        order.insert(0, dest.key());
+                        entry.order = ListOrder::Listed(order);
                         Ok(())
                     }
                 }
@@ -109,9 +114,12 @@ impl Table {
             }
             Op::DelDest(key, dest) => {
                 let entry = self.entry(op.kind(), key)?;
+                let mut order = entry.list_order();
                 match entry.destinations.remove(&dest.key()) {
                     Some(_) => {
                         entry.destination_stats.remove(&dest.key());
+                        order.retain(|k| *k != dest.key());
+                        entry.order = ListOrder::Listed(order);
                         Ok(())
                     }
                     None => Err(no_such_destination(op.kind(), key, dest)),

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::iter::Peekable;
 
-use crate::model::{Destination, ServiceFlags, ServiceKey, Table, VirtualService};
+use crate::model::{
+    DestKey, Destination, ServiceEntry, ServiceFlags, ServiceKey, Table, VirtualService,
+};
 
 /// Which services a caller owns; [`diff`] never emits an operation on any other.
 pub trait Owner {
@@ -161,6 +163,14 @@ impl fmt::Display for Op {
 /// Removals come after additions within a service so that replacing its only destination never
 /// leaves it without one in between.
 ///
+/// For a scheduler whose table follows the list's order
+/// ([`Scheduler::depends_on_list_order`](crate::Scheduler::depends_on_list_order)), the
+/// destination operations also leave the list in the canonical order
+/// ([`ListOrder::Canonical`](crate::ListOrder::Canonical)), so that directors with the same
+/// destinations hash a flow to the same one whatever their histories. A destination the list
+/// holds out of place is deleted and added again at once; it comes back from the kernel's trash
+/// with its connections.
+///
 /// Settings are compared without [`ServiceFlags::HASHED`] (the kernel sets it on every service)
 /// and without counters. With [`Removal::Drain`], a destination that `desired` lacks becomes an
 /// [`Op::EditDest`] to weight 0 while its weight is not 0, and an [`Op::DelDest`] once it is: the
@@ -200,6 +210,10 @@ pub fn diff(actual: &Table, desired: &Table, owner: &impl Owner, removal: Remova
                 if !same_settings(&have.service, &wanted.service) {
                     ops.push(Op::EditService(wanted.service.clone()));
                 }
+                if wanted.service.scheduler.depends_on_list_order() {
+                    ops.extend(in_canonical_order(*key, have, wanted, removal));
+                    continue;
+                }
                 for dest in merge(&have.destinations, &wanted.destinations) {
                     match dest {
                         Side::Right(_, d) => ops.push(Op::AddDest(*key, d.clone())),
@@ -215,6 +229,76 @@ pub fn diff(actual: &Table, desired: &Table, owner: &impl Owner, removal: Remova
             }
         }
     }
+    ops
+}
+
+/// The destination operations of a service whose scheduler builds its table from the list's
+/// order: they leave the list in the canonical order (descending by key from the head), which
+/// depends only on which destinations remain, never on the history that brought them there.
+///
+/// The kernel adds at the head, so the longest tail of the list already in place stays; every
+/// destination that must come before it is added, in ascending key order, or, if the list
+/// holds it out of place, deleted and added again at once. A destination deleted and added
+/// again comes back from the kernel's trash with its connections; the cost is one pair of
+/// writes per destination moved, and none when each new destination has the highest key.
+/// Then the edits of the tail and last the removals, as [`diff`] orders them.
+fn in_canonical_order(
+    key: ServiceKey,
+    have: &ServiceEntry,
+    wanted: &ServiceEntry,
+    removal: Removal,
+) -> Vec<Op> {
+    // What each remaining destination will be: a wanted one as wanted, a removed one that
+    // drains at weight 0.
+    let mut remaining: BTreeMap<DestKey, (Option<&Destination>, Destination)> = BTreeMap::new();
+    let mut removals = Vec::new();
+    for dest in merge(&have.destinations, &wanted.destinations) {
+        match dest {
+            Side::Right(k, w) => {
+                remaining.insert(*k, (None, w.clone()));
+            }
+            Side::Both(k, h, w) => {
+                remaining.insert(*k, (Some(h), w.clone()));
+            }
+            Side::Left(k, h) => match removal_of(key, h, removal) {
+                Op::EditDest(_, drained) => {
+                    remaining.insert(*k, (Some(h), drained));
+                }
+                op => removals.push(op),
+            },
+        }
+    }
+    let target: Vec<DestKey> = remaining.keys().rev().copied().collect();
+    let listed: Vec<DestKey> = have
+        .list_order()
+        .into_iter()
+        .filter(|k| remaining.contains_key(k))
+        .collect();
+    let in_place = target
+        .iter()
+        .rev()
+        .zip(listed.iter().rev())
+        .take_while(|(t, l)| t == l)
+        .count();
+    let (to_place, tail) = target.split_at(target.len() - in_place);
+
+    let mut ops = Vec::new();
+    for k in tail.iter().rev() {
+        if let Some((Some(h), w)) = remaining.get(k)
+            && !same_destination(h, w)
+        {
+            ops.push(Op::EditDest(key, w.clone()));
+        }
+    }
+    for k in to_place.iter().rev() {
+        if let Some((had, w)) = remaining.get(k) {
+            if let Some(h) = had {
+                ops.push(Op::DelDest(key, (*h).clone()));
+            }
+            ops.push(Op::AddDest(key, w.clone()));
+        }
+    }
+    ops.append(&mut removals);
     ops
 }
 

@@ -200,6 +200,14 @@ impl Scheduler {
         }
     }
 
+    /// Whether the scheduler builds its lookup table by walking the service's destination list
+    /// in order (`mh`, `sh`, `dh`): then two directors with the same destinations choose the
+    /// same one for a flow only if their lists are in the same order. The kernel adds each
+    /// destination at the head of the list, so the order is the history of additions.
+    pub fn depends_on_list_order(&self) -> bool {
+        matches!(self, Scheduler::Mh | Scheduler::Sh | Scheduler::Dh)
+    }
+
     /// Every scheduler known by name.
     pub const KNOWN: [Scheduler; 14] = [
         Scheduler::Rr,
@@ -457,8 +465,24 @@ pub struct Stats {
     pub inactive_connections: u32,
 }
 
+/// The order of a service's destinations in the kernel's list (`svc->destinations`), head
+/// first: the order the `mh`, `sh` and `dh` schedulers build their tables from, and the order
+/// of a dump.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    /// The order ipvslb gives a new service: destinations added in ascending key order, each at
+    /// the head, so the list runs in descending key order from its head.
+    #[default]
+    Canonical,
+    /// As the kernel listed them, or as an in-memory table's history left them.
+    Listed(Vec<DestKey>),
+}
+
 /// A virtual service with its destinations.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// Equality leaves out `order`: two tables are the same when they hold the same settings, as
+// far as every scheduler but the order-dependent ones is concerned; [`ServiceEntry::list_order`]
+// is compared where the order matters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceEntry {
     /// The service's settings.
     pub service: VirtualService,
@@ -473,7 +497,21 @@ pub struct ServiceEntry {
     /// an entry here counts as all zeros.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub destination_stats: BTreeMap<DestKey, Stats>,
+    /// The order of `destinations` in the kernel's list.
+    #[serde(skip)]
+    pub order: ListOrder,
 }
+
+impl PartialEq for ServiceEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.destinations == other.destinations
+            && self.stats == other.stats
+            && self.destination_stats == other.destination_stats
+    }
+}
+
+impl Eq for ServiceEntry {}
 
 impl ServiceEntry {
     /// `service` without destinations and without counters.
@@ -483,6 +521,36 @@ impl ServiceEntry {
             destinations: BTreeMap::new(),
             stats: None,
             destination_stats: BTreeMap::new(),
+            order: ListOrder::Canonical,
+        }
+    }
+
+    /// The destinations' keys in the kernel's list order, head first.
+    pub fn list_order(&self) -> Vec<DestKey> {
+        match &self.order {
+            ListOrder::Canonical => self.destinations.keys().rev().copied().collect(),
+            // A key listed but not held, or held but not listed, cannot come from the kernel;
+            // the order is still one of exactly the held keys, the unlisted ones first.
+            ListOrder::Listed(keys) => {
+                let listed: std::collections::BTreeSet<&DestKey> = keys.iter().collect();
+                let unlisted = self
+                    .destinations
+                    .keys()
+                    .rev()
+                    .filter(|k| !listed.contains(k));
+                unlisted
+                    .chain(keys.iter().filter(|k| self.destinations.contains_key(k)))
+                    .copied()
+                    .collect()
+            }
+        }
+    }
+
+    /// Whether the list is in the order ipvslb gives it: descending by key from the head.
+    pub fn in_canonical_order(&self) -> bool {
+        match &self.order {
+            ListOrder::Canonical => true,
+            ListOrder::Listed(_) => self.list_order().windows(2).all(|w| w[0] > w[1]),
         }
     }
 }

@@ -463,3 +463,73 @@ fn ops_name_their_kind_and_service() {
         "deleting virtual service TCP 10.0.0.1:80"
     );
 }
+
+#[test]
+fn a_maglev_destination_is_placed_by_moving_only_those_above_it() {
+    let a = tcp("10.0.0.1", 80);
+    let mh = VirtualService::new(a, Scheduler::Mh);
+    let (n1, n3, n4, n5) = (
+        dest("10.0.1.1", 80, 1),
+        dest("10.0.1.3", 80, 1),
+        dest("10.0.1.4", 80, 1),
+        dest("10.0.1.5", 80, 1),
+    );
+    let actual = table([(mh.clone(), vec![n1.clone(), n3.clone(), n5.clone()])]);
+    run(vec![
+        Case {
+            what: "a destination with the highest key goes on the head: one write",
+            actual: actual.clone(),
+            desired: table([(
+                mh.clone(),
+                vec![n1.clone(), n3.clone(), n5.clone(), dest("10.0.1.9", 80, 1)],
+            )]),
+            owner: owns_all,
+            removal: Removal::Delete,
+            expected: vec![Op::AddDest(a, dest("10.0.1.9", 80, 1))],
+        },
+        Case {
+            what: "one in the middle: it goes on, then the one above it comes off and on again",
+            actual: actual.clone(),
+            desired: table([(
+                mh.clone(),
+                vec![n1.clone(), n3.clone(), n4.clone(), n5.clone()],
+            )]),
+            owner: owns_all,
+            removal: Removal::Delete,
+            expected: vec![
+                Op::AddDest(a, n4.clone()),
+                Op::DelDest(a, n5.clone()),
+                Op::AddDest(a, n5.clone()),
+            ],
+        },
+        Case {
+            what: "a removal moves nothing, and a weight change is an edit in place",
+            actual: actual.clone(),
+            desired: table([(mh.clone(), vec![n1.clone(), dest("10.0.1.5", 80, 3)])]),
+            owner: owns_all,
+            removal: Removal::Delete,
+            expected: vec![
+                Op::EditDest(a, dest("10.0.1.5", 80, 3)),
+                Op::DelDest(a, n3.clone()),
+            ],
+        },
+    ]);
+    let after = applied(
+        &actual,
+        &diff(
+            &actual,
+            &table([(mh, vec![n1, n3, n4, n5])]),
+            &OwnsAll,
+            Removal::Delete,
+        ),
+    );
+    let order: Vec<String> = after.services[&a]
+        .list_order()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        order,
+        ["10.0.1.5:80", "10.0.1.4:80", "10.0.1.3:80", "10.0.1.1:80"]
+    );
+}

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipvslb_ipvs::{
-    Destination, Family, ForwardingMethod, Op, Removal, Scheduler, ServiceFlags, ServiceKey, Table,
-    VirtualService, diff,
+    Destination, Family, ForwardingMethod, Op, OwnsAll, Removal, Scheduler, ServiceFlags,
+    ServiceKey, Table, VirtualService, diff,
 };
 use proptest::prelude::*;
 
@@ -223,5 +223,113 @@ proptest! {
         prop_assert_eq!(part(&second, owned), part(&desired, owned));
         prop_assert_eq!(part(&second, |k| !owned(k)), part(&actual, |k| !owned(k)));
         prop_assert_eq!(diff(&second, &desired, &owned, Removal::Drain), vec![]);
+    }
+}
+
+/// The one Maglev service the order properties follow.
+fn maglev() -> VirtualService {
+    VirtualService::new(
+        ServiceKey::addr(
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            ipvslb_ipvs::Protocol::Tcp,
+            80,
+        ),
+        Scheduler::Mh,
+    )
+}
+
+/// The service with the destinations `dests` (bits of a mask over 10.0.0.0-7:80), all weight 1.
+fn maglev_with(dests: u8) -> Table {
+    let mut t = Table::new();
+    t.insert(
+        maglev(),
+        (0..8u8).filter(|i| dests & (1 << i) != 0).map(|i| {
+            Destination::new(
+                IpAddr::V4(Ipv4Addr::new(10, 0, 0, i)),
+                80,
+                ForwardingMethod::Route,
+                1,
+            )
+        }),
+    );
+    t
+}
+
+/// Converges `from` through each of `steps` in turn, as a director sees one change at a time.
+fn through(from: Table, steps: &[u8], removal: Removal) -> Result<Table, TestCaseError> {
+    let mut table = from;
+    for step in steps {
+        let desired = maglev_with(*step);
+        table = apply(&table, &diff(&table, &desired, &OwnsAll, removal))?;
+        if removal == Removal::Drain {
+            // The grace period over: the deleting pass.
+            table = apply(&table, &diff(&table, &desired, &OwnsAll, Removal::Delete))?;
+        }
+    }
+    Ok(table)
+}
+
+fn order_of(t: &Table) -> Vec<ipvslb_ipvs::DestKey> {
+    t.services
+        .get(&maglev().key)
+        .map(|e| e.list_order())
+        .unwrap_or_default()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn any_two_histories_leave_a_maglev_list_in_the_same_canonical_order(
+        first in prop::collection::vec(any::<u8>(), 0..8),
+        second in prop::collection::vec(any::<u8>(), 0..8),
+        last in any::<u8>(),
+        removal in removal(),
+    ) {
+        let steps = |history: &[u8]| history.iter().copied().chain([last]).collect::<Vec<_>>();
+        let a = through(Table::new(), &steps(&first), removal)?;
+        let b = through(Table::new(), &steps(&second), removal)?;
+        prop_assert_eq!(&a, &maglev_with(last));
+        prop_assert_eq!(order_of(&a), order_of(&b));
+        prop_assert!(a.services.values().all(|e| e.in_canonical_order()), "{:?}", order_of(&a));
+        prop_assert_eq!(diff(&a, &maglev_with(last), &OwnsAll, Removal::Delete), vec![]);
+    }
+
+    #[test]
+    fn a_maglev_list_built_in_any_order_by_someone_else_is_put_in_canonical_order(
+        added in Just((0..8u8).collect::<Vec<_>>()).prop_shuffle(),
+        keep in any::<u8>(),
+        last in any::<u8>(),
+    ) {
+        // As after a restart over a kernel table another program, or an older ipvslb, filled.
+        let mut foreign = Table::new();
+        foreign.apply(&Op::AddService(maglev())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for i in added.iter().filter(|i| keep & (1 << **i) != 0) {
+            let dest = Destination::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, *i)), 80, ForwardingMethod::Route, 1);
+            foreign.apply(&Op::AddDest(maglev().key, dest)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let ops = diff(&foreign, &maglev_with(last), &OwnsAll, Removal::Delete);
+        let after = apply(&foreign, &ops)?;
+        prop_assert_eq!(order_of(&after), order_of(&maglev_with(last)));
+        // The canonical order costs a write only for what moves: never more than a delete and
+        // an add per destination, beyond the destinations that come and go.
+        let moved = ops.iter().filter(|op| matches!(op, Op::AddDest(..))).count();
+        prop_assert!(moved <= maglev_with(last).destination_count());
+    }
+
+    #[test]
+    fn a_round_robin_list_is_never_reordered(
+        added in Just((0..8u8).collect::<Vec<_>>()).prop_shuffle(),
+    ) {
+        let service = VirtualService { scheduler: Scheduler::Rr, ..maglev() };
+        let mut t = Table::new();
+        t.apply(&Op::AddService(service.clone())).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        for i in &added {
+            let dest = Destination::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, *i)), 80, ForwardingMethod::Route, 1);
+            t.apply(&Op::AddDest(service.key, dest)).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let mut desired = maglev_with(0xff);
+        desired.services.values_mut().for_each(|e| e.service.scheduler = Scheduler::Rr);
+        prop_assert_eq!(diff(&t, &desired, &OwnsAll, Removal::Delete), vec![]);
     }
 }

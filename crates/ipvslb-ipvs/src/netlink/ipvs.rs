@@ -10,7 +10,7 @@ use super::socket::{Conn, Failure, Received, SocketError};
 use super::{Error, Request, Result};
 use crate::consts::*;
 use crate::diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
-use crate::model::{Family, ServiceEntry, ServiceKey, Table};
+use crate::model::{Family, ListOrder, ServiceEntry, ServiceKey, Table};
 
 /// How long a reply may take before the request counts as failed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -352,6 +352,8 @@ impl Ipvs {
                 ServiceKey::Addr { address, .. } => Family::of(&address),
                 ServiceKey::FwMark { family, .. } => family,
             };
+            // The dump walks the kernel's list from its head.
+            let mut listed = Vec::new();
             dump(
                 &mut self.conn,
                 self.family,
@@ -365,6 +367,7 @@ impl Ipvs {
                         }
                         let (dest, stats) = codec::decode_destination(attr.children(), family)?;
                         entry.destination_stats.insert(dest.key(), stats);
+                        listed.push(dest.key());
                         entry.destinations.insert(dest.key(), dest);
                     }
                     Ok(())
@@ -373,6 +376,7 @@ impl Ipvs {
             .map_err(|failure| {
                 Error::of_request(Request::DumpDestinations, key.to_string(), failure)
             })?;
+            entry.order = ListOrder::Listed(listed);
         }
         Ok(())
     }
