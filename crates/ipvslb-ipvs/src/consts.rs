@@ -62,6 +62,13 @@ pub const IPVS_CMD_SET_DEST: u8 = 6;
 pub const IPVS_CMD_DEL_DEST: u8 = 7;
 /// `IPVS_CMD_GET_DEST`
 pub const IPVS_CMD_GET_DEST: u8 = 8;
+/// `IPVS_CMD_NEW_DAEMON`: start a connection sync daemon (also the command of each reply of
+/// `IPVS_CMD_GET_DAEMON`).
+pub const IPVS_CMD_NEW_DAEMON: u8 = 9;
+/// `IPVS_CMD_DEL_DAEMON`
+pub const IPVS_CMD_DEL_DAEMON: u8 = 10;
+/// `IPVS_CMD_GET_DAEMON`
+pub const IPVS_CMD_GET_DAEMON: u8 = 11;
 /// `IPVS_CMD_GET_INFO`
 pub const IPVS_CMD_GET_INFO: u8 = 15;
 /// `IPVS_CMD_FLUSH` (never sent: it would remove services that are not ours)
@@ -71,6 +78,19 @@ pub const IPVS_CMD_FLUSH: u8 = 17;
 pub const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 /// `IPVS_CMD_ATTR_DEST` (nested `IPVS_DEST_ATTR_*`)
 pub const IPVS_CMD_ATTR_DEST: u16 = 2;
+/// `IPVS_CMD_ATTR_DAEMON` (nested `IPVS_DAEMON_ATTR_*`)
+pub const IPVS_CMD_ATTR_DAEMON: u16 = 3;
+
+/// `IPVS_DAEMON_ATTR_STATE` (u32: `IP_VS_STATE_MASTER` or `IP_VS_STATE_BACKUP`)
+pub const IPVS_DAEMON_ATTR_STATE: u16 = 1;
+/// `IPVS_DAEMON_ATTR_MCAST_IFN` (string: the interface the daemon sends or listens on)
+pub const IPVS_DAEMON_ATTR_MCAST_IFN: u16 = 2;
+/// `IPVS_DAEMON_ATTR_SYNC_ID` (u32, of which the kernel keeps 8 bits)
+pub const IPVS_DAEMON_ATTR_SYNC_ID: u16 = 3;
+/// `IP_VS_STATE_MASTER`: the daemon that sends this director's connections.
+pub const IP_VS_STATE_MASTER: u32 = 1;
+/// `IP_VS_STATE_BACKUP`: the daemon that receives the other directors' connections.
+pub const IP_VS_STATE_BACKUP: u32 = 2;
 
 /// `IPVS_SVC_ATTR_AF` (u16)
 pub const IPVS_SVC_ATTR_AF: u16 = 1;

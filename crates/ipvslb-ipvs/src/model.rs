@@ -589,3 +589,64 @@ impl Table {
         self.services.values().map(|e| e.destinations.len()).sum()
     }
 }
+
+/// What a connection synchronisation daemon does (`IPVS_DAEMON_ATTR_STATE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SyncRole {
+    /// `IP_VS_STATE_MASTER`: multicasts this director's connections.
+    Master,
+    /// `IP_VS_STATE_BACKUP`: takes in the connections other directors multicast.
+    Backup,
+}
+
+impl SyncRole {
+    /// The kernel value.
+    pub fn value(self) -> u32 {
+        match self {
+            SyncRole::Master => consts::IP_VS_STATE_MASTER,
+            SyncRole::Backup => consts::IP_VS_STATE_BACKUP,
+        }
+    }
+
+    /// The role of a kernel value.
+    pub fn from_value(value: u32) -> Option<Self> {
+        match value {
+            consts::IP_VS_STATE_MASTER => Some(SyncRole::Master),
+            consts::IP_VS_STATE_BACKUP => Some(SyncRole::Backup),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SyncRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SyncRole::Master => "master",
+            SyncRole::Backup => "backup",
+        })
+    }
+}
+
+/// An IPVS connection synchronisation daemon: the kernel's own, started and stopped over
+/// netlink. Directors that share a sync id and a segment hand each other their connections, so
+/// a flow that moves to another director finds its connection already there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SyncDaemon {
+    /// Whether it sends or receives.
+    pub role: SyncRole,
+    /// The interface it multicasts on or listens on (`IPVS_DAEMON_ATTR_MCAST_IFN`).
+    pub interface: String,
+    /// Which group of directors it belongs to (`IPVS_DAEMON_ATTR_SYNC_ID`; the kernel keeps
+    /// 8 bits).
+    pub sync_id: u8,
+}
+
+impl fmt::Display for SyncDaemon {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} sync daemon on {} (sync id {})",
+            self.role, self.interface, self.sync_id
+        )
+    }
+}

@@ -13,7 +13,8 @@
 //!   the control, which shows that the order is what decides.
 //! - The same 5-tuples sent through `mdir1` and `mdir2` reach the same backends.
 //! - A TCP connection opened through one director goes on through another once the client's
-//!   route moves, when the other has `sloppy_tcp` on; with it off, the control, it breaks.
+//!   route moves, when the other has `sloppy_tcp` on; with it off, the control, it breaks; with
+//!   it off but the kernel's connection sync daemons running on both, it goes on.
 //!
 //! This binary is also the backends' server (`serve NAME`), the client (`ask FIRST_PORT COUNT`,
 //! `talk`) and the directors' programmer (`program HISTORY`).
@@ -27,7 +28,7 @@ use std::time::Duration;
 use ipvslb_ipvs::netlink::Ipvs;
 use ipvslb_ipvs::{
     Destination, ForwardingMethod, Op, Protocol, Removal, Scheduler, ServiceFlags, ServiceKey,
-    Table, VirtualService,
+    SyncDaemon, SyncRole, Table, VirtualService,
 };
 
 const VIP: &str = "10.9.9.9";
@@ -45,8 +46,10 @@ const BACKENDS: [(&str, &str); 5] = [
     ("mnode4", "10.9.0.104"),
     ("mnode5", "10.9.0.105"),
 ];
-/// How many UDP flows (source ports) compare the directors.
-const FLOWS: u16 = 64;
+/// How many UDP flows (source ports) compare the directors. The order decides only where two
+/// destinations' permutations meet first at a free slot: for five destinations, about one slot
+/// of the table in thirty, so a few dozen flows could miss every such slot.
+const FLOWS: u16 = 512;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -187,6 +190,38 @@ fn program(args: &[String]) -> Result<(), String> {
             if let Some((_, e)) = failures.first() {
                 return Err(e.to_string());
             }
+        }
+        "sync" => {
+            // Both roles on every director: each sends its own connections and takes in the
+            // others'.
+            let wanted = [SyncRole::Master, SyncRole::Backup].map(|role| SyncDaemon {
+                role,
+                interface: "eth0".to_owned(),
+                sync_id: 7,
+            });
+            let nowhere = SyncDaemon {
+                interface: "nosuch0".to_owned(),
+                ..wanted[0].clone()
+            };
+            let refused = match ipvs.ensure_sync_daemons(&[nowhere]) {
+                Ok(_) => "not refused".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            let first = ipvs
+                .ensure_sync_daemons(&wanted)
+                .map_err(|e| e.to_string())?;
+            let again = ipvs
+                .ensure_sync_daemons(&wanted)
+                .map_err(|e| e.to_string())?;
+            let running = ipvs.sync_daemons().map_err(|e| e.to_string())?;
+            let running: Vec<String> = running.iter().map(ToString::to_string).collect();
+            println!(
+                "started {} then {}; running: {}; refused: {refused}",
+                first.len(),
+                again.len(),
+                running.join(", ")
+            );
+            return Ok(());
         }
         other => return Err(format!("no history {other}")),
     }
@@ -374,7 +409,7 @@ impl Drop for Talk {
 
 /// A connection opened through `mdir1` and moved to `mdir2`: the backends that answered before
 /// and after the move.
-fn moved_connection(sloppy: bool) -> Result<(String, String), String> {
+fn moved_connection(sloppy: bool, settle: Duration) -> Result<(String, String), String> {
     in_ns(
         "mdir2",
         &format!("sysctl -q -w net.ipv4.vs.sloppy_tcp={}", u8::from(sloppy)),
@@ -382,6 +417,7 @@ fn moved_connection(sloppy: bool) -> Result<(String, String), String> {
     route_via(DIRECTORS[0].1)?;
     let mut talk = Talk::open()?;
     let before = talk.say()?;
+    std::thread::sleep(settle);
     route_via(DIRECTORS[1].1)?;
     let after = talk.say()?;
     Ok((before, after))
@@ -457,7 +493,7 @@ fn checks() -> Result<(), String> {
     );
     check(
         "with_sloppy_tcp_a_connection_moved_to_another_director_goes_on",
-        moved_connection(true).and_then(|(before, after)| {
+        moved_connection(true, Duration::ZERO).and_then(|(before, after)| {
             if before.starts_with("mnode") && before == after {
                 Ok(format!("{before} before and after the move"))
             } else {
@@ -467,13 +503,40 @@ fn checks() -> Result<(), String> {
     );
     check(
         "without_sloppy_tcp_a_moved_connection_breaks",
-        moved_connection(false).and_then(|(before, after)| {
+        moved_connection(false, Duration::ZERO).and_then(|(before, after)| {
             if before.starts_with("mnode") && after.starts_with("broken") {
                 Ok(format!("{before} before the move, {after} after"))
             } else {
                 Err(format!(
                     "{before} before the move, {after} after: the control did not break"
                 ))
+            }
+        }),
+    );
+    let mut daemons = Vec::new();
+    for (ns, _) in &DIRECTORS[..2] {
+        daemons.push(in_ns(ns, &format!("{exe} program sync"))?.trim().to_owned());
+    }
+    check(
+        "the_sync_daemons_start_once_are_listed_and_a_bad_interface_is_refused",
+        if daemons.iter().all(|d| {
+            d.starts_with("started 2 then 0; running: master sync daemon on eth0 (sync id 7), backup sync daemon on eth0 (sync id 7); refused: starting the master sync daemon on nosuch0 (sync id 7): ")
+                && d.contains("no such interface")
+        }) {
+            Ok(daemons[0].clone())
+        } else {
+            Err(format!("{daemons:?}"))
+        },
+    );
+    // The master multicasts a connection once it has seen a few of its packets, and flushes
+    // its buffer every second or two.
+    check(
+        "with_the_sync_daemons_a_moved_connection_goes_on_without_sloppy_tcp",
+        moved_connection(false, Duration::from_secs(3)).and_then(|(before, after)| {
+            if before.starts_with("mnode") && before == after {
+                Ok(format!("{before} before and after the move"))
+            } else {
+                Err(format!("{before} before the move, {after} after"))
             }
         }),
     );

@@ -71,6 +71,15 @@ impl Dataplane for Counting {
     fn del_address(&self, address: IpAddr) -> Result<(), dataplane::Error> {
         self.inner.del_address(address)
     }
+    fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, dataplane::Error> {
+        self.inner.announced()
+    }
+    fn announce(&self, address: IpAddr) -> Result<(), dataplane::Error> {
+        self.inner.announce(address)
+    }
+    fn withdraw(&self, address: IpAddr) -> Result<(), dataplane::Error> {
+        self.inner.withdraw(address)
+    }
     fn writes(&self) -> u64 {
         self.inner.writes()
     }

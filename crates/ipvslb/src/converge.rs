@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ipvslb_core::{IpRange, ServiceName};
-use ipvslb_ipvs::{DestKey, Removal, ServiceKey, Table, diff};
+use ipvslb_ipvs::{DestKey, Removal, ServiceEntry, ServiceKey, Table, diff};
 
 use tracing::debug;
 
@@ -50,6 +50,10 @@ pub struct Report {
     pub unblocked: BTreeSet<ServiceName>,
     /// Full pass: the kernel's counters of each owned destination, as its dump read them.
     pub counters: BTreeMap<(ServiceKey, ipvslb_ipvs::DestKey), ipvslb_ipvs::Stats>,
+    /// VIPs announced.
+    pub announced: usize,
+    /// VIPs whose announcement was withdrawn.
+    pub withdrawn: usize,
 }
 
 /// What [`Converger::retire`] removed.
@@ -77,7 +81,11 @@ pub struct Failure {
 impl Report {
     /// Whether nothing was written.
     pub fn is_noop(&self) -> bool {
-        self.ops.is_empty() && self.addresses_added == 0 && self.addresses_removed == 0
+        self.ops.is_empty()
+            && self.addresses_added == 0
+            && self.addresses_removed == 0
+            && self.announced == 0
+            && self.withdrawn == 0
     }
 
     /// Adds what a later converge did: one report for both.
@@ -87,6 +95,8 @@ impl Report {
         }
         self.addresses_added += later.addresses_added;
         self.addresses_removed += later.addresses_removed;
+        self.announced += later.announced;
+        self.withdrawn += later.withdrawn;
         self.next_drain_deadline = match (self.next_drain_deadline, later.next_drain_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -183,6 +193,29 @@ struct State {
     /// The generation of the view each Service's latest per-Service converge was planned from,
     /// for those a full pass has not yet superseded.
     converged: BTreeMap<ServiceName, u64>,
+    /// The VIPs each Service can serve: those of its held keys that the kernel took and that
+    /// have a destination taking new connections.
+    serving: BTreeMap<ServiceName, Vec<IpAddr>>,
+    /// How many Services can serve each VIP: a VIP is announced while its count is above zero.
+    serving_count: BTreeMap<IpAddr, usize>,
+    /// Whether VIPs are announced now.
+    announcing: Announcing,
+    /// The announced VIPs as last read or written (`None`: unknown, read next time).
+    announced: Option<BTreeSet<IpAddr>>,
+}
+
+/// Whether a director announces the VIPs it can serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Announcing {
+    /// Not yet, or not any more: no full pass has programmed the kernel since the start or
+    /// since the last one that failed. A director with a stale or empty table must not draw
+    /// traffic.
+    #[default]
+    Waiting,
+    /// Every VIP it can serve.
+    Open,
+    /// Never again: it is stopping, and routers move the flows to the other directors.
+    Stopped,
 }
 
 impl State {
@@ -213,6 +246,38 @@ impl State {
             self.holders.insert(*key, name.clone());
         }
         self.held.insert(name.clone(), keys);
+    }
+
+    /// Records that `name` can serve `vips` (sorted, without repeats); returns the VIPs that
+    /// became or stopped being served by any Service.
+    fn serve(&mut self, name: &ServiceName, vips: Vec<IpAddr>) -> Vec<IpAddr> {
+        let mut flipped = Vec::new();
+        for vip in self.serving.remove(name).unwrap_or_default() {
+            if let Some(count) = self.serving_count.get_mut(&vip) {
+                *count -= 1;
+                if *count == 0 {
+                    self.serving_count.remove(&vip);
+                    flipped.push(vip);
+                }
+            }
+        }
+        for vip in &vips {
+            let count = self.serving_count.entry(*vip).or_default();
+            *count += 1;
+            if *count == 1 {
+                // Gone and back in one converge: no change.
+                match flipped.iter().position(|v| v == vip) {
+                    Some(i) => {
+                        flipped.swap_remove(i);
+                    }
+                    None => flipped.push(*vip),
+                }
+            }
+        }
+        if !vips.is_empty() {
+            self.serving.insert(name.clone(), vips);
+        }
+        flipped
     }
 
     /// Forgets what every Service holds.
@@ -325,6 +390,8 @@ impl<D: Dataplane> Converger<D> {
             }
         }
         state.hold(name, now_held);
+        let flipped = state.serve(name, serving_vips(desired.services.iter(), &report.failures));
+        self.announce_flipped(&mut state, flipped, &mut report)?;
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
         let released: Vec<IpAddr> = previous
@@ -418,15 +485,31 @@ impl<D: Dataplane> Converger<D> {
             .collect();
         self.del_vips(&mut state, unwanted, &mut report)?;
         state.forget_holdings();
+        let kept_serving: Vec<(ServiceName, Vec<IpAddr>)> = newer
+            .keys()
+            .filter_map(|name| Some((name.clone(), state.serving.get(name)?.clone())))
+            .collect();
+        state.serving.clear();
+        state.serving_count.clear();
         for (name, mut keys) in by_service {
             if !newer.contains_key(&name) {
                 keys.retain(|k| !fresh.contains(k));
+                let mine = keys.iter().filter_map(|k| wanted.services.get_key_value(k));
+                state.serve(&name, serving_vips(mine, &report.failures));
                 state.hold(&name, keys);
             }
         }
         for (name, keys) in newer {
             state.hold(&name, keys);
         }
+        for (name, vips) in kept_serving {
+            state.serve(&name, vips);
+        }
+        // The kernel holds the table now: the director may draw traffic.
+        if state.announcing == Announcing::Waiting {
+            state.announcing = Announcing::Open;
+        }
+        self.announce_all(&mut state, &mut report)?;
         // Converges older than this pass are now part of what it applied.
         state.converged.retain(|_, g| *g > since.0);
         // Who holds what may have changed under the waiters: each looks again.
@@ -458,6 +541,85 @@ impl<D: Dataplane> Converger<D> {
             addresses: addresses.into_iter().collect(),
             failures: report.failures,
         })
+    }
+
+    /// Withdraws every announced VIP for good, as a stopping director does first, so routers
+    /// move its flows before it stops; the VIPs stay on its own interface, so packets still
+    /// on their way are served meanwhile. Returns how many were withdrawn.
+    pub fn stop_announcing(&self) -> Result<usize, dataplane::Error> {
+        let mut state = self.lock()?;
+        state.announcing = Announcing::Stopped;
+        let mut report = Report::default();
+        self.announce_all(&mut state, &mut report)?;
+        Ok(report.withdrawn)
+    }
+
+    /// Withdraws every announced VIP until a full pass programs the kernel again: the last one
+    /// failed, so this director's table may be stale.
+    pub fn hold_back(&self) -> Result<usize, dataplane::Error> {
+        let mut state = self.lock()?;
+        if state.announcing == Announcing::Open {
+            state.announcing = Announcing::Waiting;
+        }
+        let mut report = Report::default();
+        self.announce_all(&mut state, &mut report)?;
+        Ok(report.withdrawn)
+    }
+
+    /// Announces or withdraws `vips`, which became or stopped being served, as their counts say.
+    fn announce_flipped(
+        &self,
+        state: &mut State,
+        vips: Vec<IpAddr>,
+        report: &mut Report,
+    ) -> Result<(), dataplane::Error> {
+        if vips.is_empty() || state.announcing != Announcing::Open {
+            return Ok(());
+        }
+        let mut announced = match state.announced.take() {
+            Some(known) => known,
+            None => match self.dataplane.announced()? {
+                Some(read) => read,
+                None => return Ok(()),
+            },
+        };
+        for vip in vips {
+            let wanted = state.serving_count.contains_key(&vip);
+            if wanted && !announced.contains(&vip) {
+                self.dataplane.announce(vip)?;
+                announced.insert(vip);
+                report.announced += 1;
+            } else if !wanted && announced.remove(&vip) {
+                self.dataplane.withdraw(vip)?;
+                report.withdrawn += 1;
+            }
+        }
+        state.announced = Some(announced);
+        Ok(())
+    }
+
+    /// Makes the announced VIPs, read afresh, exactly those to announce now.
+    fn announce_all(&self, state: &mut State, report: &mut Report) -> Result<(), dataplane::Error> {
+        state.announced = None;
+        let Some(mut announced) = self.dataplane.announced()? else {
+            return Ok(());
+        };
+        let wanted: BTreeSet<IpAddr> = match state.announcing {
+            Announcing::Open => state.serving_count.keys().copied().collect(),
+            Announcing::Waiting | Announcing::Stopped => BTreeSet::new(),
+        };
+        for vip in announced.difference(&wanted).copied().collect::<Vec<_>>() {
+            self.dataplane.withdraw(vip)?;
+            announced.remove(&vip);
+            report.withdrawn += 1;
+        }
+        for vip in wanted.difference(&announced).copied().collect::<Vec<_>>() {
+            self.dataplane.announce(vip)?;
+            announced.insert(vip);
+            report.announced += 1;
+        }
+        state.announced = Some(announced);
+        Ok(())
     }
 
     /// Makes the interface's addresses known, read afresh or as remembered.
@@ -613,6 +775,20 @@ impl<D: Dataplane> Converger<D> {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, dataplane::Error> {
         self.state.lock().map_err(|_| dataplane::Error::Poisoned)
     }
+}
+
+/// The VIPs of `entries` that can serve: a virtual service the data plane took (none of
+/// `failures`) with a destination that takes new connections. Sorted, without repeats.
+fn serving_vips<'a>(
+    entries: impl Iterator<Item = (&'a ServiceKey, &'a ServiceEntry)>,
+    failures: &[Failure],
+) -> Vec<IpAddr> {
+    let vips: BTreeSet<IpAddr> = entries
+        .filter(|(key, _)| !failures.iter().any(|f| f.key == **key))
+        .filter(|(_, entry)| entry.destinations.values().any(|d| d.weight > 0))
+        .filter_map(|(key, _)| key.address())
+        .collect();
+    vips.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -915,6 +1091,122 @@ mod tests {
                 .unwrap()
                 .contains(&ip("10.240.0.210"))
         );
+    }
+
+    fn announced(c: &Converger<Memory>) -> Vec<String> {
+        let set = c.dataplane().announced().unwrap().unwrap_or_default();
+        set.iter().map(ToString::to_string).collect()
+    }
+
+    fn full_pass(c: &Converger<Memory>, services: &[(&str, &Table)]) -> Report {
+        let mut all = Table::new();
+        let mut by_service = BTreeMap::new();
+        for (name, part) in services {
+            all.services.extend(part.services.clone());
+            by_service.insert(svc(name), part.services.keys().copied().collect());
+        }
+        c.converge_all(&all, by_service, &owned(), c.generation().unwrap(), Instant::now())
+            .unwrap()
+    }
+
+    #[test]
+    fn vips_are_announced_once_a_full_pass_programmed_them_and_while_they_can_serve() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let now = Instant::now();
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let dns = table(&[(key("10.240.0.211", 53), &[("10.0.0.1", 1)])]);
+        converge(&c, "web", &web, now);
+        assert!(announced(&c).is_empty(), "nothing before the first full pass");
+        assert_eq!(c.dataplane().addresses().unwrap().len(), 1);
+
+        let first = full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert_eq!(first.announced, 2);
+        assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);
+
+        // No destination that takes connections (all failed their checks, or drained): the VIP
+        // stays on the director's interface but is no longer announced.
+        let down = table(&[(key("10.240.0.211", 53), &[])]);
+        let report = converge(&c, "dns", &down, now);
+        assert_eq!((report.withdrawn, report.announced), (1, 0));
+        assert_eq!(announced(&c), ["10.240.0.210"]);
+        assert!(c.dataplane().addresses().unwrap().contains(&ip("10.240.0.211")));
+        let up = converge(&c, "dns", &dns, now);
+        assert_eq!(up.announced, 1);
+        assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);
+        assert!(converge(&c, "dns", &dns, now).is_noop());
+
+        // Someone withdrew one by hand: the next full pass announces it again.
+        c.dataplane().withdraw(ip("10.240.0.210")).unwrap();
+        let repaired = full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert_eq!(repaired.announced, 1);
+        assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);
+    }
+
+    #[test]
+    fn a_shared_vip_is_announced_while_any_of_its_services_can_serve() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let now = Instant::now();
+        let tcp = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 1)])]);
+        let tls = table(&[(key("10.240.0.210", 853), &[("10.0.0.1", 1)])]);
+        full_pass(&c, &[("dns-tcp", &tcp), ("dot", &tls)]);
+        let tcp_down = table(&[(key("10.240.0.210", 53), &[("10.0.0.1", 0)])]);
+        assert_eq!(converge(&c, "dns-tcp", &tcp_down, now).withdrawn, 0);
+        assert_eq!(announced(&c), ["10.240.0.210"]);
+        let tls_down = table(&[(key("10.240.0.210", 853), &[])]);
+        assert_eq!(converge(&c, "dot", &tls_down, now).withdrawn, 1);
+        assert!(announced(&c).is_empty());
+    }
+
+    #[test]
+    fn a_refused_virtual_service_is_not_announced() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let refused = key("10.240.0.212", 80);
+        c.dataplane()
+            .refuse_writes_to(refused, "no such scheduler")
+            .unwrap();
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let broken = table(&[(refused, &[("10.0.0.1", 1)])]);
+        let report = full_pass(&c, &[("web", &web), ("broken", &broken)]);
+        assert_eq!(report.failures.len(), 1);
+        assert_eq!(announced(&c), ["10.240.0.210"]);
+    }
+
+    #[test]
+    fn a_stopping_director_withdraws_everything_first_and_announces_nothing_after() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        full_pass(&c, &[("web", &web)]);
+        assert_eq!(c.stop_announcing().unwrap(), 1);
+        assert!(announced(&c).is_empty());
+        // It still serves what reaches it meanwhile.
+        assert_eq!(c.dataplane().table().unwrap(), web);
+        assert_eq!(c.dataplane().addresses().unwrap().len(), 1);
+        let dns = table(&[(key("10.240.0.211", 53), &[("10.0.0.1", 1)])]);
+        converge(&c, "dns", &dns, Instant::now());
+        full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert!(announced(&c).is_empty());
+    }
+
+    #[test]
+    fn held_back_after_a_failed_full_pass_until_one_succeeds() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        full_pass(&c, &[("web", &web)]);
+        assert_eq!(c.hold_back().unwrap(), 1);
+        let dns = table(&[(key("10.240.0.211", 53), &[("10.0.0.1", 1)])]);
+        converge(&c, "dns", &dns, Instant::now());
+        assert!(announced(&c).is_empty());
+        full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);
+    }
+
+    #[test]
+    fn a_data_plane_without_an_announce_interface_announces_nothing() {
+        let c = Converger::new(Memory::default(), Duration::ZERO);
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let report = full_pass(&c, &[("web", &web)]);
+        assert_eq!((report.announced, report.withdrawn), (0, 0));
+        assert_eq!(c.dataplane().announced().unwrap(), None);
     }
 
     #[test]

@@ -63,9 +63,21 @@ pub const IPVS_SYSCTLS: [(&str, &str); 3] = [
     ("conn_reuse_mode", "1"),
 ];
 
+/// The IPVS settings that let a director take over mid-connection a flow another director
+/// started (ECMP moved it after a director was lost or added): without them IPVS schedules a
+/// TCP or SCTP flow only from its first packet, and answers the others with a reset. With the
+/// `mh` scheduler and the canonical destination order, the director that takes over picks the
+/// destination the first one picked.
+pub const SLOPPY_SYSCTLS: [(&str, &str); 2] = [("sloppy_tcp", "1"), ("sloppy_sctp", "1")];
+
 /// Writes [`IPVS_SYSCTLS`] (the `ip_vs` module must be loaded, as opening the data plane does).
 pub fn set_ipvs_sysctls() -> Result<(), Error> {
-    for (name, value) in IPVS_SYSCTLS {
+    set_sysctls(&IPVS_SYSCTLS)
+}
+
+/// Writes each `(name, value)` under `/proc/sys/net/ipv4/vs`, in this network namespace.
+pub fn set_sysctls(settings: &[(&'static str, &str)]) -> Result<(), Error> {
+    for &(name, value) in settings {
         let path = format!("/proc/sys/net/ipv4/vs/{name}");
         std::fs::write(&path, value).map_err(|e| Error::Sysctl {
             name,
@@ -99,6 +111,13 @@ pub trait Dataplane: Send + Sync + 'static {
     fn add_address(&self, address: IpAddr) -> Result<(), Error>;
     /// Removes a VIP address from the director's own interface.
     fn del_address(&self, address: IpAddr) -> Result<(), Error>;
+    /// The VIPs announced: the addresses of the announce interface, which the host's routing
+    /// daemon exports. `None` when this data plane announces nothing.
+    fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error>;
+    /// Announces a VIP (it stays on the director's own interface either way).
+    fn announce(&self, address: IpAddr) -> Result<(), Error>;
+    /// Withdraws a VIP's announcement.
+    fn withdraw(&self, address: IpAddr) -> Result<(), Error>;
     /// How many write requests were sent so far (to prove idempotence: a repeated sync adds 0).
     fn writes(&self) -> u64;
 }
@@ -113,9 +132,19 @@ pub struct Memory {
     /// Writes to these virtual services fail with this message, as the kernel refuses a
     /// scheduler it has no module for.
     refused: Mutex<BTreeMap<ServiceKey, String>>,
+    /// The announced VIPs, when this data plane announces.
+    announced: Mutex<Option<BTreeSet<IpAddr>>>,
 }
 
 impl Memory {
+    /// A data plane in memory that announces VIPs, as one with an announce interface does.
+    pub fn announcing() -> Self {
+        Self {
+            announced: Mutex::new(Some(BTreeSet::new())),
+            ..Self::default()
+        }
+    }
+
     /// Makes every later write to `key` fail with `message`.
     pub fn refuse_writes_to(&self, key: ServiceKey, message: &str) -> Result<(), Error> {
         self.refused
@@ -206,6 +235,31 @@ impl Dataplane for Memory {
         Ok(())
     }
 
+    fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
+        self.announced
+            .lock()
+            .map(|a| a.clone())
+            .map_err(|_| Error::Poisoned)
+    }
+
+    fn announce(&self, address: IpAddr) -> Result<(), Error> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut announced = self.announced.lock().map_err(|_| Error::Poisoned)?;
+        if let Some(set) = announced.as_mut() {
+            set.insert(address);
+        }
+        Ok(())
+    }
+
+    fn withdraw(&self, address: IpAddr) -> Result<(), Error> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let mut announced = self.announced.lock().map_err(|_| Error::Poisoned)?;
+        if let Some(set) = announced.as_mut() {
+            set.remove(&address);
+        }
+        Ok(())
+    }
+
     fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
     }
@@ -237,6 +291,18 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
         (**self).del_address(address)
     }
 
+    fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
+        (**self).announced()
+    }
+
+    fn announce(&self, address: IpAddr) -> Result<(), Error> {
+        (**self).announce(address)
+    }
+
+    fn withdraw(&self, address: IpAddr) -> Result<(), Error> {
+        (**self).withdraw(address)
+    }
+
     fn writes(&self) -> u64 {
         (**self).writes()
     }
@@ -248,6 +314,8 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
 pub struct Kernel {
     ipvs: Mutex<ipvslb_ipvs::netlink::Ipvs>,
     vips: Mutex<ipvslb_ipvs::netlink::Vips>,
+    /// The announce interface, when the routing daemon announces what is on it.
+    announce: Option<Mutex<ipvslb_ipvs::netlink::Vips>>,
     address_writes: AtomicU64,
 }
 
@@ -280,12 +348,35 @@ impl Kernel {
         let kernel = Self {
             ipvs: Mutex::new(ipvs),
             vips: Mutex::new(vips),
+            announce: None,
             address_writes: AtomicU64::new(0),
         };
         for conflict in kernel.conflicts()? {
             tracing::warn!(%conflict, "another program on this host programs what the director programs");
         }
         Ok(kernel)
+    }
+
+    /// Also keeps the VIPs this director announces on `interface` (created if absent; refused
+    /// if it exists and ipvslb did not create it), for the host's routing daemon to export.
+    pub fn announcing_on(mut self, interface: &str) -> Result<Self, Error> {
+        let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
+            address: None,
+            message: format!("announce interface {interface}: {e}"),
+        })?;
+        self.announce = Some(Mutex::new(vips));
+        Ok(self)
+    }
+
+    /// Makes the kernel's connection sync daemons run as `wanted` says (see
+    /// [`ipvslb_ipvs::netlink::Ipvs::ensure_sync_daemons`]); returns those started.
+    pub fn ensure_sync_daemons(
+        &self,
+        wanted: &[ipvslb_ipvs::SyncDaemon],
+    ) -> Result<Vec<ipvslb_ipvs::SyncDaemon>, Error> {
+        let mut ipvs = self.ipvs.lock().map_err(|_| Error::Poisoned)?;
+        ipvs.ensure_sync_daemons(wanted)
+            .map_err(|e| Error::Write(e.to_string()))
     }
 
     /// What else on this host programs the kernel objects the director programs, said so an
@@ -368,6 +459,43 @@ impl Dataplane for Kernel {
             .map_err(|e| Error::Address {
                 address: Some(address),
                 message: e.to_string(),
+            })
+    }
+
+    fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
+        let Some(announce) = &self.announce else {
+            return Ok(None);
+        };
+        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
+        vips.list().map(Some).map_err(|e| Error::Address {
+            address: None,
+            message: format!("announce interface: {e}"),
+        })
+    }
+
+    fn announce(&self, address: IpAddr) -> Result<(), Error> {
+        let Some(announce) = &self.announce else {
+            return Ok(());
+        };
+        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
+        self.address_writes.fetch_add(1, Ordering::Relaxed);
+        vips.add(address).map(|_| ()).map_err(|e| Error::Address {
+            address: Some(address),
+            message: format!("announcing: {e}"),
+        })
+    }
+
+    fn withdraw(&self, address: IpAddr) -> Result<(), Error> {
+        let Some(announce) = &self.announce else {
+            return Ok(());
+        };
+        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
+        self.address_writes.fetch_add(1, Ordering::Relaxed);
+        vips.remove(address)
+            .map(|_| ())
+            .map_err(|e| Error::Address {
+                address: Some(address),
+                message: format!("withdrawing: {e}"),
             })
     }
 

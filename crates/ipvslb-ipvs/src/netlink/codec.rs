@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::consts::*;
 use crate::model::{
-    Destination, Family, ForwardingMethod, Protocol, ServiceFlags, ServiceKey, Stats,
-    VirtualService,
+    Destination, Family, ForwardingMethod, Protocol, ServiceFlags, ServiceKey, Stats, SyncDaemon,
+    SyncRole, VirtualService,
 };
 
 /// A reply the codec could not make sense of.
@@ -332,6 +332,64 @@ pub fn put_service(w: &mut AttrWriter<'_>, service: &VirtualService) {
             &netmask_bytes(family_of_key(&service.key), service.netmask),
         );
     });
+}
+
+/// `IPVS_CMD_ATTR_DAEMON` with `daemon`'s settings, as `NEW_DAEMON` needs them.
+pub fn put_sync_daemon(w: &mut AttrWriter<'_>, daemon: &SyncDaemon) {
+    w.nested(IPVS_CMD_ATTR_DAEMON, |w| {
+        w.put(IPVS_DAEMON_ATTR_STATE, &daemon.role.value().to_ne_bytes());
+        w.put_str(IPVS_DAEMON_ATTR_MCAST_IFN, &daemon.interface);
+        w.put(
+            IPVS_DAEMON_ATTR_SYNC_ID,
+            &u32::from(daemon.sync_id).to_ne_bytes(),
+        );
+    });
+}
+
+/// `IPVS_CMD_ATTR_DAEMON` naming only `role`, as `DEL_DAEMON` needs it.
+pub fn put_sync_role(w: &mut AttrWriter<'_>, role: SyncRole) {
+    w.nested(IPVS_CMD_ATTR_DAEMON, |w| {
+        w.put(IPVS_DAEMON_ATTR_STATE, &role.value().to_ne_bytes());
+    });
+}
+
+/// A daemon of an `IPVS_CMD_GET_DAEMON` reply (the children of its `IPVS_CMD_ATTR_DAEMON`).
+pub fn decode_sync_daemon(attrs: Attrs<'_>) -> Result<SyncDaemon, DecodeError> {
+    let (mut role, mut interface, mut sync_id) = (None, None, None);
+    for attr in attrs {
+        let attr = attr?;
+        match attr.kind {
+            IPVS_DAEMON_ATTR_STATE => {
+                let value = u32_of(attr.payload, "sync daemon state")?;
+                role = Some(SyncRole::from_value(value).ok_or_else(|| {
+                    DecodeError(format!(
+                        "sync daemon state {value} is neither master nor backup"
+                    ))
+                })?);
+            }
+            IPVS_DAEMON_ATTR_MCAST_IFN => {
+                let name = attr.payload.split(|b| *b == 0).next().unwrap_or_default();
+                let name = std::str::from_utf8(name)
+                    .map_err(|_| DecodeError("sync daemon interface is not UTF-8".to_owned()))?;
+                interface = Some(name.to_owned());
+            }
+            IPVS_DAEMON_ATTR_SYNC_ID => {
+                // The kernel stores 8 bits; it reports them in a u32.
+                sync_id = Some(u32_of(attr.payload, "sync id")? as u8);
+            }
+            _ => {}
+        }
+    }
+    match (role, interface, sync_id) {
+        (Some(role), Some(interface), Some(sync_id)) => Ok(SyncDaemon {
+            role,
+            interface,
+            sync_id,
+        }),
+        _ => Err(DecodeError(
+            "a sync daemon without its state, interface or sync id".to_owned(),
+        )),
+    }
 }
 
 /// `IPVS_CMD_ATTR_DEST` with every setting of `dest`.

@@ -10,7 +10,7 @@ use super::socket::{Conn, Failure, Received, SocketError};
 use super::{Error, Request, Result};
 use crate::consts::*;
 use crate::diff::{Op, OpKind, Owner, OwnsAll, Removal, diff};
-use crate::model::{Family, ListOrder, ServiceEntry, ServiceKey, Table};
+use crate::model::{Family, ListOrder, ServiceEntry, ServiceKey, SyncDaemon, Table};
 
 /// How long a reply may take before the request counts as failed.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -135,6 +135,90 @@ impl Ipvs {
             },
         )
         .map_err(|failure| Error::of_request(op, String::new(), failure))
+    }
+
+    /// The connection sync daemons that run in this network namespace (at most one of each
+    /// role).
+    pub fn sync_daemons(&mut self) -> Result<Vec<SyncDaemon>> {
+        let mut daemons = Vec::new();
+        dump(
+            &mut self.conn,
+            self.family,
+            IPVS_CMD_GET_DAEMON,
+            |_| {},
+            |reply| {
+                for attr in reply.genl_attrs() {
+                    let attr = attr?;
+                    if attr.kind == IPVS_CMD_ATTR_DAEMON {
+                        daemons.push(codec::decode_sync_daemon(attr.children())?);
+                    }
+                }
+                Ok(())
+            },
+        )
+        .map_err(|failure| Error::of_request(Request::ListSyncDaemons, String::new(), failure))?;
+        Ok(daemons)
+    }
+
+    /// Makes the sync daemons of each role in `wanted` run as `wanted` says: one that runs
+    /// otherwise (another interface or sync id) is stopped and started again, one that runs
+    /// so is left alone. A role `wanted` does not name is not touched. Returns the daemons
+    /// started.
+    pub fn ensure_sync_daemons(&mut self, wanted: &[SyncDaemon]) -> Result<Vec<SyncDaemon>> {
+        let running = self.sync_daemons()?;
+        let mut started = Vec::new();
+        for daemon in wanted {
+            match running.iter().find(|r| r.role == daemon.role) {
+                Some(r) if r == daemon => continue,
+                Some(other) => self.stop_sync_daemon(other)?,
+                None => {}
+            }
+            self.write_one(
+                Request::StartSyncDaemon,
+                daemon.to_string(),
+                IPVS_CMD_NEW_DAEMON,
+                |w| codec::put_sync_daemon(w, daemon),
+            )?;
+            started.push(daemon.clone());
+        }
+        Ok(started)
+    }
+
+    /// Stops the sync daemon of `daemon`'s role.
+    pub fn stop_sync_daemon(&mut self, daemon: &SyncDaemon) -> Result<()> {
+        let role = daemon.role;
+        self.write_one(
+            Request::StopSyncDaemon,
+            daemon.to_string(),
+            IPVS_CMD_DEL_DAEMON,
+            |w| codec::put_sync_role(w, role),
+        )
+    }
+
+    /// Sends one write request of `cmd` and waits for its acknowledgement.
+    fn write_one(
+        &mut self,
+        op: Request,
+        key: String,
+        cmd: u8,
+        body: impl FnOnce(&mut AttrWriter<'_>),
+    ) -> Result<()> {
+        let seq = self.conn.reserve_seqs(1);
+        let mut request = Requests::default();
+        request.push(self.family, NLM_F_ACK, seq, cmd, IPVS_GENL_VERSION, body);
+        let refused = self
+            .conn
+            .send_acked(request.bytes(), seq, 1)
+            .map_err(|failure| Error::of_request(op, key.clone(), failure))?;
+        self.writes += 1;
+        match refused.first() {
+            Some((_, errno)) => Err(Error::Kernel {
+                op,
+                key,
+                errno: *errno,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The whole table: every virtual service the model can hold, with destinations and counters.

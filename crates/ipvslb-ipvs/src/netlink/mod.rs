@@ -46,6 +46,12 @@ pub enum Request {
     AddAddress,
     /// Deleting an address (`RTM_DELADDR`).
     DelAddress,
+    /// `IPVS_CMD_GET_DAEMON`.
+    ListSyncDaemons,
+    /// `IPVS_CMD_NEW_DAEMON`.
+    StartSyncDaemon,
+    /// `IPVS_CMD_DEL_DAEMON`.
+    StopSyncDaemon,
 }
 
 impl fmt::Display for Request {
@@ -62,6 +68,9 @@ impl fmt::Display for Request {
             Request::ListAddresses => f.write_str("listing the addresses of"),
             Request::AddAddress => f.write_str("adding address"),
             Request::DelAddress => f.write_str("deleting address"),
+            Request::ListSyncDaemons => f.write_str("listing the connection sync daemons"),
+            Request::StartSyncDaemon => f.write_str("starting the"),
+            Request::StopSyncDaemon => f.write_str("stopping the"),
         }
     }
 }
@@ -182,6 +191,8 @@ fn hint(op: Request, errno: i32) -> &'static str {
             " (no such scheduler: is its ip_vs_<name> module available?)"
         }
         (Request::Write(_), libc::ESRCH) => " (no such virtual service)",
+        (Request::StartSyncDaemon, libc::ENODEV) => " (no such interface)",
+        (Request::StartSyncDaemon, libc::EEXIST) => " (one with this role already runs)",
         _ => "",
     }
 }
