@@ -45,6 +45,9 @@ const IPTABLES_COMMANDS: [&str; 6] = [
     "ip6tables-restore",
 ];
 
+/// BIRD 2, the routing daemon the director tier's step runs with `deploy/bird/`.
+const BIRD: &str = "/usr/sbin/bird";
+
 /// Where Debian's iptables looks for its extensions (compiled in, so the same path in the VM).
 const XTABLES_LIBDIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
@@ -62,6 +65,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         &[
             ("/usr/sbin/xtables-legacy-multi", "iptables"),
             ("/usr/bin/strip", "binutils"),
+            (BIRD, "bird2"),
         ],
     )?;
     let cache = xtask::cache_root().join("vm");
@@ -110,6 +114,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 "detection = ",
                 "recovery = ",
                 "flaps = ",
+                "withdrawal = ",
+                "flows broken = ",
+                "flow share = ",
             ]
             .iter()
             .any(|p| l.starts_with(p))
@@ -210,11 +217,15 @@ fn boot_guest(
                 "/sbin/xtables-legacy-multi".to_owned(),
             ),
             (PathBuf::from("/usr/sbin/tc"), "/sbin/tc".to_owned()),
+            // The routing daemon of the director tier's step, from Debian's bird2.
+            (PathBuf::from(BIRD), "/sbin/bird".to_owned()),
+            (PathBuf::from("/usr/sbin/birdc"), "/sbin/birdc".to_owned()),
         ],
         files: vec![
             (PathBuf::from(XTABLES_LIBDIR), XTABLES_LIBDIR.to_owned()),
             (root.join("crds"), "/e2e/crds".to_owned()),
             (root.join("examples"), "/e2e/examples".to_owned()),
+            (root.join("deploy/bird"), "/e2e/deploy/bird".to_owned()),
             (guest.join("kubeconfig"), "/e2e/kubeconfig".to_owned()),
             (
                 guest.join("kubeconfig-node"),

@@ -390,7 +390,10 @@ impl<D: Dataplane> Converger<D> {
             }
         }
         state.hold(name, now_held);
-        let flipped = state.serve(name, serving_vips(desired.services.iter(), &report.failures));
+        let flipped = state.serve(
+            name,
+            serving_vips(desired.services.iter(), &report.failures),
+        );
         self.announce_flipped(&mut state, flipped, &mut report)?;
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
@@ -1105,8 +1108,14 @@ mod tests {
             all.services.extend(part.services.clone());
             by_service.insert(svc(name), part.services.keys().copied().collect());
         }
-        c.converge_all(&all, by_service, &owned(), c.generation().unwrap(), Instant::now())
-            .unwrap()
+        c.converge_all(
+            &all,
+            by_service,
+            &owned(),
+            c.generation().unwrap(),
+            Instant::now(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1116,7 +1125,10 @@ mod tests {
         let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
         let dns = table(&[(key("10.240.0.211", 53), &[("10.0.0.1", 1)])]);
         converge(&c, "web", &web, now);
-        assert!(announced(&c).is_empty(), "nothing before the first full pass");
+        assert!(
+            announced(&c).is_empty(),
+            "nothing before the first full pass"
+        );
         assert_eq!(c.dataplane().addresses().unwrap().len(), 1);
 
         let first = full_pass(&c, &[("web", &web), ("dns", &dns)]);
@@ -1129,7 +1141,12 @@ mod tests {
         let report = converge(&c, "dns", &down, now);
         assert_eq!((report.withdrawn, report.announced), (1, 0));
         assert_eq!(announced(&c), ["10.240.0.210"]);
-        assert!(c.dataplane().addresses().unwrap().contains(&ip("10.240.0.211")));
+        assert!(
+            c.dataplane()
+                .addresses()
+                .unwrap()
+                .contains(&ip("10.240.0.211"))
+        );
         let up = converge(&c, "dns", &dns, now);
         assert_eq!(up.announced, 1);
         assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);

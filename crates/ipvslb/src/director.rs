@@ -85,6 +85,9 @@ pub struct Config {
     pub name: String,
     /// At most this many destinations get their kernel counters exported as metrics.
     pub max_destination_metrics: usize,
+    /// Turns true when the director is to withdraw every announced VIP for good (a stop
+    /// with a drain): it goes on serving what still reaches it.
+    pub withdraw: watch::Receiver<bool>,
 }
 
 /// What reconciles share.
@@ -226,6 +229,7 @@ pub async fn run<D: Dataplane>(
 
     // Dies with this future: an aborted controller must not leave a writer behind.
     let _background = crate::AbortOnDrop(tokio::spawn(full_passes(ctx.clone(), shutdown.clone())));
+    let _withdraw = crate::AbortOnDrop(tokio::spawn(withdraw_when_told(ctx.clone())));
     let concurrency = ctx.config.concurrency;
     let health = ctx.metrics.health.clone();
     let results = crate::service_controller(
@@ -504,12 +508,46 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
                 ctx.requeue_when_drained(&report);
                 health.met("director first pass");
             }
-            Err(e) => warn!(error = %e, "full pass failed; retrying at the next resync"),
+            Err(e) => {
+                warn!(error = %e, "full pass failed; retrying at the next resync");
+                // The table may be stale or partial: draw no traffic until a pass succeeds.
+                let converger = ctx.converger.clone();
+                match tokio::task::spawn_blocking(move || converger.hold_back()).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(withdrawn)) => {
+                        warn!(
+                            withdrawn,
+                            "VIP announcements withdrawn until a full pass succeeds"
+                        );
+                    }
+                    Ok(Err(e)) => warn!(error = %e, "withdrawing the VIP announcements failed"),
+                    Err(e) => warn!(error = %e, "withdrawing the VIP announcements failed"),
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(ctx.config.resync) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Withdraws every announced VIP once `ctx.config.withdraw` turns true.
+async fn withdraw_when_told<D: Dataplane>(ctx: Arc<Context<D>>) {
+    let mut told = ctx.config.withdraw.clone();
+    if told.wait_for(|w| *w).await.is_err() {
+        return;
+    }
+    let converger = ctx.converger.clone();
+    match tokio::task::spawn_blocking(move || converger.stop_announcing()).await {
+        Ok(Ok(withdrawn)) => {
+            info!(
+                withdrawn,
+                "VIP announcements withdrawn; serving what still arrives until the drain ends"
+            );
+        }
+        Ok(Err(e)) => warn!(error = %e, "withdrawing the VIP announcements failed"),
+        Err(e) => warn!(error = %e, "withdrawing the VIP announcements failed"),
     }
 }
 

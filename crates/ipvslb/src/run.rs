@@ -108,6 +108,32 @@ pub struct RunArgs {
     /// At most this many health probes run at once (the rest wait their turn).
     #[arg(long, env = "IPVSLB_MAX_PROBES", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     max_probes: u32,
+    /// Also keep the VIPs this director can serve on this dummy interface (created with the
+    /// alias `ipvslb` if absent), for the host's routing daemon to announce: BIRD's `protocol
+    /// direct` or FRR's `redistribute connected` on this interface only. A VIP is on it once a
+    /// full pass has programmed it and while one of its destinations takes connections; all
+    /// go when a full pass fails, and at a stop with `--drain-on-stop`. Every VIP stays on
+    /// `--interface` regardless, so IPVS serves the packets still on their way.
+    #[arg(long, env = "IPVSLB_ANNOUNCE_INTERFACE")]
+    announce_interface: Option<String>,
+    /// On SIGTERM, first withdraw every announcement, then go on serving for this long, so
+    /// routers move the flows to the other directors before this one stops (0: stop at once).
+    #[arg(long, env = "IPVSLB_DRAIN_ON_STOP", default_value = "0s", value_parser = parse_duration)]
+    drain_on_stop: Duration,
+    /// Let IPVS schedule a TCP or SCTP flow from any packet, not only its first
+    /// (`sloppy_tcp`, `sloppy_sctp`): with the `mh` scheduler, a director then carries on a
+    /// connection that another director started and ECMP moved here.
+    #[arg(long, env = "IPVSLB_SLOPPY")]
+    sloppy: bool,
+    /// Run IPVS's connection sync daemons, master and backup, on this interface: each director
+    /// multicasts its connections and takes in the others', so a flow moved here finds its
+    /// connection (the stateful alternative to `--sloppy`; any scheduler, and persistence).
+    #[arg(long, env = "IPVSLB_SYNC_INTERFACE")]
+    sync_interface: Option<String>,
+    /// The sync id of this tier of directors: backups take in only their own tier's
+    /// connections (0: every tier's).
+    #[arg(long, env = "IPVSLB_SYNC_ID", default_value_t = 0)]
+    sync_id: u8,
     /// After SIGTERM, how long in-flight work may take before the process exits regardless.
     #[arg(long, env = "IPVSLB_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
@@ -186,6 +212,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             }),
         ));
     }
+    let (withdraw_tx, withdraw) = watch::channel(false);
     if args.role != Role::Allocator {
         let config = director::Config {
             classes,
@@ -197,6 +224,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             },
             name: args.director_name.clone().unwrap_or_else(host_name),
             max_destination_metrics: args.max_destination_metrics,
+            withdraw,
         };
         let subscription = services.subscribe();
         let director = match args.dataplane {
@@ -209,18 +237,34 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                     crate::dataplane::set_ipvs_sysctls().map_err(|e| e.to_string())?;
                     info!(settings = ?crate::dataplane::IPVS_SYSCTLS, "IPVS sysctls set");
                 }
+                if args.sloppy {
+                    crate::dataplane::set_sysctls(&crate::dataplane::SLOPPY_SYSCTLS)
+                        .map_err(|e| e.to_string())?;
+                    info!(settings = ?crate::dataplane::SLOPPY_SYSCTLS, "IPVS sloppy sysctls set");
+                }
+                if let Some(interface) = &args.sync_interface {
+                    let wanted = sync_daemons(interface, args.sync_id);
+                    let started = kernel.ensure_sync_daemons(&wanted).map_err(|e| {
+                        format!("starting the connection sync daemons on {interface}: {e}")
+                    })?;
+                    info!(%interface, sync_id = args.sync_id, started = started.len(), "IPVS connection sync daemons run");
+                }
+                let kernel = match &args.announce_interface {
+                    Some(announce) => {
+                        info!(interface = %announce, "announcing the VIPs this director can serve");
+                        kernel.announcing_on(announce).map_err(|e| e.to_string())?
+                    }
+                    None => kernel,
+                };
                 spawn_director(&client, config, subscription, kernel, &metrics, &shutdown)
             }
             DataplaneKind::Memory => {
                 info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
-                spawn_director(
-                    &client,
-                    config,
-                    subscription,
-                    Memory::default(),
-                    &metrics,
-                    &shutdown,
-                )
+                let memory = match args.announce_interface {
+                    Some(_) => Memory::announcing(),
+                    None => Memory::default(),
+                };
+                spawn_director(&client, config, subscription, memory, &metrics, &shutdown)
             }
         };
         tasks.push(("the director", director));
@@ -232,6 +276,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     )));
 
     termination().await;
+    if args.role != Role::Allocator && !args.drain_on_stop.is_zero() {
+        info!(drain = ?args.drain_on_stop, "stopping: withdrawing the VIP announcements first");
+        metrics.health.stopping();
+        let _ = withdraw_tx.send(true);
+        tokio::time::sleep(args.drain_on_stop).await;
+    }
     info!(deadline = ?args.shutdown_timeout, "stopping: finishing in-flight work and releasing the lease");
     metrics.health.stopping();
     let _ = shutdown_tx.send(true);
@@ -300,6 +350,17 @@ pub(crate) async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client, Strin
             .map_err(|e| format!("finding the cluster (kubeconfig or in-cluster): {e}"))?,
     };
     Client::try_from(config).map_err(|e| format!("building the Kubernetes client: {e}"))
+}
+
+/// Both sync daemons on `interface`: every director of an active tier sends and receives.
+fn sync_daemons(interface: &str, sync_id: u8) -> Vec<ipvslb_ipvs::SyncDaemon> {
+    [ipvslb_ipvs::SyncRole::Master, ipvslb_ipvs::SyncRole::Backup]
+        .map(|role| ipvslb_ipvs::SyncDaemon {
+            role,
+            interface: interface.to_owned(),
+            sync_id,
+        })
+        .to_vec()
 }
 
 fn default_identity() -> String {

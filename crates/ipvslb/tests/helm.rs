@@ -1361,3 +1361,45 @@ async fn the_alerts_metrics_count_pending_services_and_repaired_drift() {
     .await;
     controllers.stop().await;
 }
+
+#[test]
+fn the_director_tier_values_become_flags_that_ipvslb_run_has() {
+    let docs = documents(&template(&chart().join("ci/director-tier-values.yaml")));
+    let director = &find(&docs, "DaemonSet", "-director")["spec"]["template"]["spec"];
+    assert_eq!(director["terminationGracePeriodSeconds"], 30);
+    let args: Vec<&str> = director["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for wanted in [
+        "--announce-interface=ipvslb-announce",
+        "--drain-on-stop=5s",
+        "--sync-interface=eth1",
+        "--sync-id=7",
+    ] {
+        assert!(args.contains(&wanted), "no {wanted} in {args:?}");
+    }
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_ipvslb"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    for flag in args.iter().filter_map(|a| a.strip_prefix("--")) {
+        let name = flag.split('=').next().unwrap();
+        assert!(
+            help.contains(&format!("--{name}")),
+            "`ipvslb run` has no --{name}"
+        );
+    }
+    // Without the values, no announcement and no sync daemon.
+    let defaults = documents(&template(&chart().join("ci/default-values.yaml")));
+    let args = &find(&defaults, "DaemonSet", "-director")["spec"]["template"]["spec"]["containers"]
+        [0]["args"];
+    let args = args.to_string();
+    assert!(
+        !args.contains("--announce-interface") && !args.contains("--sync-interface"),
+        "{args}"
+    );
+}

@@ -360,3 +360,18 @@ fn a_restricted_pool_stays_restricted_and_a_single_family_service_gets_one_vip()
         "{plan}"
     );
 }
+
+#[test]
+fn the_director_tier_example_hashes_each_flow_with_maglev_over_the_nodes() {
+    let nodes = examples("whoami").join("nodes.yaml");
+    let plan = plan_json(&[nodes, examples("bgp-tier")]);
+    assert_eq!(
+        service(&plan, "default", "tier-web")["ingress"],
+        serde_json::json!(["10.240.0.224"])
+    );
+    let web = virtual_service(&plan, "10.240.0.224", "TCP", 80);
+    assert_eq!(web["scheduler"], "mh", "{web}");
+    let dests = web["destinations"].as_array().unwrap();
+    assert_eq!(dests.len(), 2, "{web}");
+    assert!(dests.iter().all(|d| d["forwarding"] == "Route"), "{web}");
+}

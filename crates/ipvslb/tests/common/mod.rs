@@ -226,6 +226,7 @@ impl Controllers {
             probes: ipvslb::health::Config { max_in_flight: 64 },
             name: "test-director".to_owned(),
             max_destination_metrics: 100,
+            withdraw: tokio::sync::watch::channel(false).1,
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),

@@ -344,6 +344,12 @@ impl Background {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Kills it at once (SIGKILL), as a crash would end it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops it (SIGTERM, then SIGKILL after `grace`) and returns its log.
     pub fn stop(mut self, grace: std::time::Duration) -> String {
         let pid = self.child.id().to_string();

@@ -12,6 +12,7 @@ mod cluster;
 mod hosts;
 mod relay;
 mod steps;
+mod tier;
 mod web;
 mod witness;
 
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("whoami") => web::serve(&args[1..]),
         Some("ask") => web::ask(&args[1..]),
+        Some("streams") => web::streams(&args[1..]),
         Some("run") => steps::run(),
         _ => Err(
             "usage: e2e run | whoami NAME ADDR:PORT... | ask ADDR:PORT COUNT EVERY_MS \

@@ -32,7 +32,7 @@ struct Run {
 
 type Step = (&'static str, fn(&mut Run) -> Result<(), String>);
 
-const STEPS: [Step; 11] = [
+const STEPS: [Step; 12] = [
     ("apply", apply_the_demo),
     ("round-robin", round_robin),
     ("port-change", port_change),
@@ -44,6 +44,7 @@ const STEPS: [Step; 11] = [
     ("ipv6", ipv6),
     ("local-traffic-policy", local_traffic_policy),
     ("health", health),
+    ("director-tier", director_tier),
 ];
 
 /// `e2e run`: the hosts, then every step; fails when any step failed.
@@ -135,6 +136,7 @@ fn diagnose(run: &mut Run) {
 /// pods' servers, and the foreign IPVS service.
 fn setup() -> Result<Run, String> {
     hosts::build()?;
+    crate::tier::build()?;
     let nodes: Vec<&str> = NODES.iter().map(|n| n.name).collect();
     witness::add_path_counters(&nodes, (CLIENT_V4, hosts::CLIENT_V6))?;
     crate::relay::start()?;
@@ -1080,4 +1082,14 @@ fn backend_event(reason: &str) -> Result<(), String> {
     )?;
     println!("{events}");
     Ok(())
+}
+
+/// Step 12: two directors announcing over BGP behind a router with ECMP; the loss, return and
+/// drained stop of a director, and a VIP without a ready node, each with downloads running.
+fn director_tier(run: &mut Run) -> Result<(), String> {
+    let mut measured = crate::tier::Measured::default();
+    let outcome = crate::tier::step(&run.kube, &mut measured);
+    // What was measured is printed even when a later part failed.
+    run.health.extend(measured.lines);
+    outcome
 }

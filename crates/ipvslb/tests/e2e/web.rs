@@ -46,6 +46,25 @@ fn answer(name: &str, mut stream: TcpStream) {
         }
     }
     let first = request.lines().next().unwrap_or_default();
+    // A long download in pieces: a line naming the pod every tenth of a second for that many
+    // seconds, over one connection.
+    if let Some(seconds) = first
+        .strip_prefix("GET /stream/")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let _ = write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
+        );
+        for _ in 0..seconds * 10 {
+            if writeln!(stream, "Hostname: {name}").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        return;
+    }
     // A long download: the answer comes after a while, over one connection.
     if first.starts_with("GET /slow ") {
         std::thread::sleep(SLOW);
@@ -169,4 +188,65 @@ pub fn parse(output: &str) -> Vec<Answer> {
             Some(Answer { at_ms, outcome })
         })
         .collect()
+}
+
+/// `streams ADDR:PORT COUNT SECONDS`: COUNT downloads of SECONDS each at once, then a line per
+/// download: `<local port> ok <pod> <lines>` when it went to its end from one pod, or
+/// `<local port> broken <why>`.
+pub fn streams(args: &[String]) -> Result<(), String> {
+    let [addr, count, seconds] = args else {
+        return Err("streams ADDR:PORT COUNT SECONDS".to_owned());
+    };
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let count: usize = count.parse().map_err(|e| format!("{count}: {e}"))?;
+    let seconds: u64 = seconds.parse().map_err(|e| format!("{seconds}: {e}"))?;
+    let downloads: Vec<_> = (0..count)
+        .map(|_| std::thread::spawn(move || download(addr, seconds)))
+        .collect();
+    for download in downloads {
+        match download.join() {
+            Ok(line) => println!("{line}"),
+            Err(_) => println!("0 broken the download thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+/// One download of [`streams`], as its line.
+fn download(addr: SocketAddr, seconds: u64) -> String {
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+        Ok(s) => s,
+        Err(e) => return format!("0 broken connecting: {e}"),
+    };
+    let port = stream.local_addr().map(|a| a.port()).unwrap_or(0);
+    // Long enough for a retransmission after a lost director; a stall beyond it is a break.
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    if let Err(e) = write!(
+        stream,
+        "GET /stream/{seconds} HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+    ) {
+        return format!("{port} broken sending: {e}");
+    }
+    let mut pods = std::collections::BTreeSet::new();
+    let mut lines = 0u64;
+    for line in BufReader::new(stream).lines() {
+        match line {
+            Ok(line) => {
+                if let Some(pod) = line.strip_prefix("Hostname: ") {
+                    pods.insert(pod.trim().to_owned());
+                    lines += 1;
+                }
+            }
+            Err(e) => return format!("{port} broken after {lines} lines: {e}"),
+        }
+    }
+    let expected = seconds * 10;
+    match (pods.len(), lines == expected) {
+        (1, true) => format!(
+            "{port} ok {} {lines}",
+            pods.first().cloned().unwrap_or_default()
+        ),
+        (1, false) => format!("{port} broken ended after {lines} of {expected} lines"),
+        _ => format!("{port} broken answered by {pods:?}"),
+    }
 }
