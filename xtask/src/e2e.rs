@@ -265,7 +265,7 @@ fn boot_guest(
     let timeout = std::env::var("IPVSLB_VM_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(900);
+        .unwrap_or(1500);
     boot::run(&kernel.vmlinuz, &initrd, &machine, timeout)
 }
 

@@ -63,6 +63,8 @@ pub struct Retired {
     pub services: Vec<ServiceKey>,
     /// The addresses of the interface.
     pub addresses: Vec<IpAddr>,
+    /// The announcements withdrawn (the addresses of the announce interface).
+    pub announced: Vec<IpAddr>,
     /// What the kernel refused to remove.
     pub failures: Vec<Failure>,
 }
@@ -524,10 +526,11 @@ impl<D: Dataplane> Converger<D> {
     }
 
     /// Takes the director out of service: removes every virtual service it owns (an address in
-    /// `owned`'s pools or on its interface) and every address of its interface, and nothing
-    /// else. Returns what was there to remove and what the kernel refused.
+    /// `owned`'s pools or on its interface), every address of its interface and every
+    /// announcement, and nothing else. Returns what was there to remove and what the kernel refused.
     pub fn retire(&self, owned: &Owned) -> Result<Retired, dataplane::Error> {
         let addresses = self.dataplane.addresses()?;
+        let announced = self.dataplane.announced()?.unwrap_or_default();
         let here = owned.with_interface(addresses.clone());
         let services: Vec<ServiceKey> = self
             .dataplane
@@ -539,9 +542,11 @@ impl<D: Dataplane> Converger<D> {
         let since = self.generation()?;
         let report =
             self.converge_all(&Table::new(), BTreeMap::new(), owned, since, Instant::now())?;
+        self.stop_announcing()?;
         Ok(Retired {
             services,
             addresses: addresses.into_iter().collect(),
+            announced: announced.into_iter().collect(),
             failures: report.failures,
         })
     }

@@ -359,8 +359,21 @@ impl Kernel {
 
     /// Also keeps the VIPs this director announces on `interface` (created if absent; refused
     /// if it exists and ipvslb did not create it), for the host's routing daemon to export.
-    pub fn announcing_on(mut self, interface: &str) -> Result<Self, Error> {
-        let vips = ipvslb_ipvs::netlink::Vips::open(interface).map_err(|e| Error::Address {
+    pub fn announcing_on(self, interface: &str) -> Result<Self, Error> {
+        self.announcing_with(interface, ipvslb_ipvs::netlink::Vips::open)
+    }
+
+    /// As [`Kernel::announcing_on`], but an absent interface is an error, not created.
+    pub fn announcing_on_existing(self, interface: &str) -> Result<Self, Error> {
+        self.announcing_with(interface, ipvslb_ipvs::netlink::Vips::open_existing)
+    }
+
+    fn announcing_with(
+        mut self,
+        interface: &str,
+        open: fn(&str) -> ipvslb_ipvs::netlink::Result<ipvslb_ipvs::netlink::Vips>,
+    ) -> Result<Self, Error> {
+        let vips = open(interface).map_err(|e| Error::Address {
             address: None,
             message: format!("announce interface {interface}: {e}"),
         })?;

@@ -26,6 +26,9 @@ pub struct RetireArgs {
     /// Do not read the IPPools: own only what is on the interface (when the cluster is gone).
     #[arg(long)]
     no_cluster: bool,
+    /// The director's announce interface, if it had one: its announcements are withdrawn too.
+    #[arg(long, env = "IPVSLB_ANNOUNCE_INTERFACE")]
+    announce_interface: Option<String>,
     /// The load-balancer class this director served: only that class's pools are its own.
     #[arg(long, env = "IPVSLB_LOAD_BALANCER_CLASS", default_value = ipvslb_api::LOAD_BALANCER_CLASS)]
     load_balancer_class: String,
@@ -47,6 +50,12 @@ pub async fn retire(args: RetireArgs) -> Result<String, String> {
     };
     let kernel = crate::dataplane::Kernel::open_existing(&args.interface)
         .map_err(|e| format!("opening the kernel data plane: {e}"))?;
+    let kernel = match &args.announce_interface {
+        Some(announce) => kernel
+            .announcing_on_existing(announce)
+            .map_err(|e| format!("opening the announce interface: {e}"))?,
+        None => kernel,
+    };
     let interface = args.interface.clone();
     tokio::task::spawn_blocking(move || retire_on(kernel, &owned, &interface))
         .await
@@ -92,7 +101,11 @@ fn describe(retired: &Retired, interface: &str) -> Result<String, String> {
     for address in &retired.addresses {
         let _ = writeln!(text, "removed address {address} from {interface}");
     }
-    if retired.services.is_empty() && retired.addresses.is_empty() {
+    for address in &retired.announced {
+        let _ = writeln!(text, "withdrew the announcement of {address}");
+    }
+    if retired.services.is_empty() && retired.addresses.is_empty() && retired.announced.is_empty()
+    {
         text.push_str("nothing of this director's was left\n");
     }
     if retired.failures.is_empty() {

@@ -24,7 +24,7 @@ pub const DIRECTORS: [(&str, &str); 2] = [("dir1", "10.240.0.21"), ("dir2", "10.
 pub const VIP: &str = "10.240.0.224";
 /// How many downloads run across each director change, and for how long.
 const STREAMS: usize = 16;
-const STREAM_SECONDS: u64 = 16;
+const STREAM_SECONDS: u64 = 20;
 
 /// What the tier's run measured, printed at the end of the run.
 #[derive(Debug, Default)]
