@@ -2,13 +2,15 @@
 //!
 //! 1. the real kube-apiserver, etcd, kubectl and kube-proxy (built from their Go modules once,
 //!    then cached), which the controller tests and the end-to-end run start, and helm and
-//!    promql-check (Prometheus' PromQL parser), which the chart's tests run (and
-//!    `systemd-analyze`, from apt when missing, for the director unit's tests);
+//!    promql-check (Prometheus' PromQL parser), which the chart's tests run (and, from apt
+//!    when missing, `systemd-analyze` for the director unit's tests and BIRD and FRR for the
+//!    routing daemons' configurations);
 //! 2. `cargo test --workspace` (unit, property, CLI and controller tests);
 //! 3. `cargo xtask image-binary`: the Dockerfile's static binary, built and run;
 //! 4. `cargo xtask vm-test`: the kernel tests in a qemu VM;
 //! 5. `cargo xtask e2e`: the write-up's demo end to end (API server here, the rest in the VM).
 
+use std::path::Path;
 use std::process::Command;
 
 use xtask::apiserver::build;
@@ -22,6 +24,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     build::ensure_promql_check(&build::prometheus_version())?;
     println!("== systemd-analyze, for the director unit's tests");
     crate::vm::install_missing("test", &[("/usr/bin/systemd-analyze", "systemd")])?;
+    println!("== BIRD and FRR, for the routing daemons' configurations");
+    install_routing_daemons()?;
     println!("== cargo test --workspace");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(&cargo)
@@ -38,4 +42,29 @@ pub fn run(args: &[String]) -> Result<(), String> {
     crate::vm::test(&[])?;
     println!("== end to end: the write-up's demo");
     crate::e2e::run(&[])
+}
+
+/// bird2 and frr, whose parsers check `deploy/bird/` and `deploy/frr/`. On a host run by
+/// systemd their packages start the daemons with Debian's default configurations; the tests
+/// only parse files, so what this installs is stopped and left disabled.
+fn install_routing_daemons() -> Result<(), String> {
+    let tools = [
+        ("/usr/sbin/bird", "bird2", "bird.service"),
+        ("/usr/bin/vtysh", "frr", "frr.service"),
+    ];
+    let installing: Vec<&str> = tools
+        .iter()
+        .filter(|(path, _, _)| !Path::new(path).exists())
+        .map(|(_, _, unit)| *unit)
+        .collect();
+    let paths: Vec<(&str, &str)> = tools.iter().map(|(p, pkg, _)| (*p, *pkg)).collect();
+    crate::vm::install_missing("test", &paths)?;
+    if installing.is_empty() || !Path::new("/run/systemd/system").exists() {
+        return Ok(());
+    }
+    crate::vm::run_checked(
+        Command::new("systemctl")
+            .args(["disable", "--now"])
+            .args(&installing),
+    )
 }
