@@ -46,10 +46,10 @@ const BACKENDS: [(&str, &str); 5] = [
     ("mnode4", "10.9.0.104"),
     ("mnode5", "10.9.0.105"),
 ];
-/// How many UDP flows (source ports) compare the directors. The order decides only where two
-/// destinations' permutations meet first at a free slot: for five destinations, about one slot
-/// of the table in thirty, so a few dozen flows could miss every such slot.
-const FLOWS: u16 = 512;
+/// How many UDP flows (source ports) compare the directors. The order decides only the slots
+/// where two destinations' permutations first meet at a free one: with the kernel's table of
+/// 4093 slots and five destinations, about one in 350, so a few hundred flows can miss all.
+const FLOWS: u16 = 4096;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

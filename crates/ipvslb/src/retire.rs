@@ -104,8 +104,7 @@ fn describe(retired: &Retired, interface: &str) -> Result<String, String> {
     for address in &retired.announced {
         let _ = writeln!(text, "withdrew the announcement of {address}");
     }
-    if retired.services.is_empty() && retired.addresses.is_empty() && retired.announced.is_empty()
-    {
+    if retired.services.is_empty() && retired.addresses.is_empty() && retired.announced.is_empty() {
         text.push_str("nothing of this director's was left\n");
     }
     if retired.failures.is_empty() {
