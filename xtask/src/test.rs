@@ -22,6 +22,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("== building (or reusing) helm, for the chart's tests");
     build::ensure_helm(&build::helm_version())?;
     build::ensure_promql_check(&build::prometheus_version())?;
+    build::clean_go_caches()?;
     println!("== systemd-analyze, for the director unit's tests");
     crate::vm::install_missing("test", &[("/usr/bin/systemd-analyze", "systemd")])?;
     println!("== BIRD and FRR, for the routing daemons' configurations");

@@ -19,12 +19,15 @@
 //! This binary is also the backends' server (`serve NAME`), the client (`ask FIRST_PORT COUNT`,
 //! `talk`) and the directors' programmer (`program HISTORY`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
 use std::time::Duration;
 
+use common::sh;
 use ipvslb_ipvs::netlink::Ipvs;
 use ipvslb_ipvs::{
     Destination, ForwardingMethod, Op, Protocol, Removal, Scheduler, ServiceFlags, ServiceKey,
@@ -260,28 +263,10 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
-/// Runs a setup command; its failure ends the scenarios.
-fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program} {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Runs `line` (split on spaces) in the network namespace `ns`.
 fn in_ns(ns: &str, line: &str) -> Result<String, String> {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut all = vec![net.as_str()];
-    all.extend(line.split_whitespace());
-    sh("nsenter", &all)
+    let args: Vec<&str> = line.split_whitespace().collect();
+    common::in_ns(ns, &args)
 }
 
 fn exe() -> Result<String, String> {

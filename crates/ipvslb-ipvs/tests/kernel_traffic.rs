@@ -12,12 +12,15 @@
 //! TCP and UDP on each address; `ask tcp|udp ADDR:PORT` prints one answer. The scenarios run them
 //! in the namespaces with `nsenter`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::Duration;
 
+use common::{in_ns, sh};
 use ipvslb_ipvs::netlink::{Ipvs, Vips};
 use ipvslb_ipvs::{
     Destination, ForwardingMethod, Protocol, Removal, Scheduler, ServiceKey, Table, VirtualService,
@@ -106,30 +109,6 @@ fn ask(args: &[String]) -> Result<(), String> {
     }
     print!("{}", answer.trim());
     Ok(())
-}
-
-/// Runs a setup command; its failure ends the scenarios.
-fn sh(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program} {args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Runs `args` in the network namespace `ns`.
-fn in_ns(ns: &str, args: &[&str]) -> Result<String, String> {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut all = vec![net.as_str()];
-    all.extend_from_slice(args);
-    sh("nsenter", &all)
 }
 
 fn topology() -> Result<(), String> {

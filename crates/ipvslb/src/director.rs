@@ -511,17 +511,13 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
             Err(e) => {
                 warn!(error = %e, "full pass failed; retrying at the next resync");
                 // The table may be stale or partial: draw no traffic until a pass succeeds.
-                let converger = ctx.converger.clone();
-                match tokio::task::spawn_blocking(move || converger.hold_back()).await {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(withdrawn)) => {
-                        warn!(
-                            withdrawn,
-                            "VIP announcements withdrawn until a full pass succeeds"
-                        );
-                    }
-                    Ok(Err(e)) => warn!(error = %e, "withdrawing the VIP announcements failed"),
-                    Err(e) => warn!(error = %e, "withdrawing the VIP announcements failed"),
+                if let Some(withdrawn) = withdraw(&ctx, Converger::hold_back).await
+                    && withdrawn > 0
+                {
+                    warn!(
+                        withdrawn,
+                        "VIP announcements withdrawn until a full pass succeeds"
+                    );
                 }
             }
         }
@@ -538,17 +534,28 @@ async fn withdraw_when_told<D: Dataplane>(ctx: Arc<Context<D>>) {
     if told.wait_for(|w| *w).await.is_err() {
         return;
     }
-    let converger = ctx.converger.clone();
-    match tokio::task::spawn_blocking(move || converger.stop_announcing()).await {
-        Ok(Ok(withdrawn)) => {
-            info!(
-                withdrawn,
-                "VIP announcements withdrawn; serving what still arrives until the drain ends"
-            );
-        }
-        Ok(Err(e)) => warn!(error = %e, "withdrawing the VIP announcements failed"),
-        Err(e) => warn!(error = %e, "withdrawing the VIP announcements failed"),
+    if let Some(withdrawn) = withdraw(&ctx, Converger::stop_announcing).await {
+        info!(
+            withdrawn,
+            "VIP announcements withdrawn; serving what still arrives until the drain ends"
+        );
     }
+}
+
+/// Runs `how` (a withdrawal of announcements) on a blocking thread: how many it withdrew, or
+/// `None` when it failed, which is logged.
+async fn withdraw<D: Dataplane>(
+    ctx: &Context<D>,
+    how: fn(&Converger<D>) -> Result<usize, dataplane::Error>,
+) -> Option<usize> {
+    let converger = ctx.converger.clone();
+    let outcome = tokio::task::spawn_blocking(move || how(&converger))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    outcome
+        .inspect_err(|e| warn!(error = %e, "withdrawing the VIP announcements failed"))
+        .ok()
 }
 
 impl<D: Dataplane> Context<D> {

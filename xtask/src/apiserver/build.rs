@@ -339,6 +339,16 @@ pub fn ensure_promql_check(version: &str) -> Result<PathBuf, String> {
     Ok(program)
 }
 
+/// Removes Go's build and module caches once every fixture is built and cached: a fresh
+/// build of them leaves about 6 GB there (4 GB of compiled packages, 2 GB of modules) that
+/// nothing reads until the next version bump, which downloads and compiles anew anyway, and a
+/// CI machine that keeps its home between runs would keep them forever.
+pub fn clean_go_caches() -> Result<(), String> {
+    let go = Go::detect()?;
+    go.run(Path::new("."), &["clean", "-cache", "-modcache"])
+        .map(drop)
+}
+
 /// The Go toolchain and the settings every build uses.
 struct Go {
     /// The `go` command.

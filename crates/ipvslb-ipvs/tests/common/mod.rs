@@ -52,3 +52,27 @@ pub fn applied(table: &Table, ops: &[Op]) -> Table {
     }
     out
 }
+
+/// Runs a command of a kernel test's setup; its failure is an error with its output.
+pub fn sh(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program} {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `args` in the network namespace `ns`.
+pub fn in_ns(ns: &str, args: &[&str]) -> Result<String, String> {
+    let net = format!("--net=/run/netns/{ns}");
+    let mut all = vec![net.as_str()];
+    all.extend_from_slice(args);
+    sh("nsenter", &all)
+}
