@@ -367,9 +367,9 @@ fn the_director_tier_example_hashes_each_flow_with_maglev_over_the_nodes() {
     let plan = plan_json(&[nodes, examples("bgp-tier")]);
     assert_eq!(
         service(&plan, "default", "tier-web")["ingress"],
-        serde_json::json!(["10.240.0.224"])
+        serde_json::json!(["10.240.0.232"])
     );
-    let web = virtual_service(&plan, "10.240.0.224", "TCP", 80);
+    let web = virtual_service(&plan, "10.240.0.232", "TCP", 80);
     assert_eq!(web["scheduler"], "mh", "{web}");
     let dests = web["destinations"].as_array().unwrap();
     assert_eq!(dests.len(), 2, "{web}");

@@ -20,8 +20,15 @@ pub const ROUTER: &str = "router";
 pub const ROUTER_V4: &str = "10.240.0.1";
 pub const CLIENT: &str = "bgpclient";
 pub const DIRECTORS: [(&str, &str); 2] = [("dir1", "10.240.0.21"), ("dir2", "10.240.0.22")];
+/// Their IPv6 addresses on the segment: BGP gives an IPv6 VIP the announcing director's
+/// address as its next hop, so each needs one before BIRD starts.
+const SEGMENT_V6: [(&str, &str); 3] = [
+    (ROUTER, "fd00:240::1"),
+    ("dir1", "fd00:240::21"),
+    ("dir2", "fd00:240::22"),
+];
 /// The tier's VIP: the first of the example's pool.
-pub const VIP: &str = "10.240.0.224";
+pub const VIP: &str = "10.240.0.232";
 /// How many downloads run across each director change, and for how long.
 const STREAMS: usize = 16;
 const STREAM_SECONDS: u64 = 20;
@@ -51,6 +58,21 @@ pub fn build() -> Result<(), String> {
             &["ip", "addr", "add", &format!("{v4}/24"), "dev", "eth0"],
         )?;
         in_ns(ns, &["ip", "link", "set", "eth0", "up"])?;
+    }
+    for (ns, v6) in SEGMENT_V6 {
+        // No duplicate address detection: the test hosts are alone on their links.
+        in_ns(
+            ns,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )?;
     }
     sh("ip", &["netns", "add", CLIENT])?;
     in_ns(CLIENT, &["ip", "link", "set", "lo", "up"])?;
