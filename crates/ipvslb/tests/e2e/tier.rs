@@ -367,7 +367,9 @@ pub fn step(kube: &Kube, measured: &mut Measured) -> Result<(), String> {
     // Losing dir1 without a word: its ipvslb and BIRD killed. Its kernel keeps its table, as a
     // crashed process leaves it; what moves the flows is the router's withdrawal.
     let mut withdrawal = Duration::ZERO;
+    let mut on_dir2 = 0;
     let broken_kill = across("the loss of dir1", || {
+        on_dir2 = connections("dir2")?;
         let lost = Instant::now();
         for process in [directors[0].take(), birds[0].take()].into_iter().flatten() {
             process.kill();
@@ -376,6 +378,15 @@ pub fn step(kube: &Kube, measured: &mut Measured) -> Result<(), String> {
         withdrawal = lost.elapsed();
         Ok(())
     })?;
+    // The downloads dir1 carried went on through dir2: sloppy mode scheduled each there anew,
+    // to the node the Maglev hash gave it on dir1.
+    let moved = connections("dir2")? - on_dir2;
+    println!("e2e: {moved} downloads moved from dir1 to dir2 mid-connection");
+    if moved == 0 {
+        return Err(
+            "no download went through dir1, so none moved: the loss proved nothing".to_owned(),
+        );
+    }
     measured
         .lines
         .push(format!("withdrawal = {:.2} s", withdrawal.as_secs_f64()));
