@@ -216,10 +216,18 @@ fn program(args: &[String]) -> Result<(), String> {
             let again = ipvs
                 .ensure_sync_daemons(&wanted)
                 .map_err(|e| e.to_string())?;
+            let other_tier = SyncDaemon {
+                sync_id: 8,
+                ..wanted[0].clone()
+            };
+            let kept = match ipvs.ensure_sync_daemons(&[other_tier]) {
+                Ok(_) => "replaced".to_owned(),
+                Err(e) => e.to_string(),
+            };
             let running = ipvs.sync_daemons().map_err(|e| e.to_string())?;
             let running: Vec<String> = running.iter().map(ToString::to_string).collect();
             println!(
-                "started {} then {}; running: {}; refused: {refused}",
+                "started {} then {}; running: {}; refused: {refused}; kept: {kept}",
                 first.len(),
                 again.len(),
                 running.join(", ")
@@ -507,6 +515,7 @@ fn checks() -> Result<(), String> {
         if daemons.iter().all(|d| {
             d.starts_with("started 2 then 0; running: master sync daemon on eth0 (sync id 7), backup sync daemon on eth0 (sync id 7); refused: starting the master sync daemon on nosuch0 (sync id 7): ")
                 && d.contains("no such interface")
+                && d.contains("; kept: master sync daemon on eth0 (sync id 7) already runs, not the master sync daemon on eth0 (sync id 8) asked for")
         }) {
             Ok(daemons[0].clone())
         } else {

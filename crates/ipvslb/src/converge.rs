@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ipvslb_core::{IpRange, ServiceName};
 use ipvslb_ipvs::{DestKey, Removal, ServiceEntry, ServiceKey, Table, diff};
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::dataplane::{self, Dataplane};
 
@@ -539,10 +539,11 @@ impl<D: Dataplane> Converger<D> {
             .into_keys()
             .filter(|k| here.owns(k))
             .collect();
+        // Routers first move the traffic elsewhere, then the entries go.
+        self.stop_announcing()?;
         let since = self.generation()?;
         let report =
             self.converge_all(&Table::new(), BTreeMap::new(), owned, since, Instant::now())?;
-        self.stop_announcing()?;
         Ok(Retired {
             services,
             addresses: addresses.into_iter().collect(),
@@ -591,18 +592,17 @@ impl<D: Dataplane> Converger<D> {
                 None => return Ok(()),
             },
         };
+        let mut wanted = BTreeSet::new();
+        let mut unwanted = BTreeSet::new();
         for vip in vips {
-            let wanted = state.serving_count.contains_key(&vip);
-            if wanted && !announced.contains(&vip) {
-                self.dataplane.announce(vip)?;
-                announced.insert(vip);
-                report.announced += 1;
-            } else if !wanted && announced.remove(&vip) {
-                self.dataplane.withdraw(vip)?;
-                report.withdrawn += 1;
+            if state.serving_count.contains_key(&vip) {
+                wanted.insert(vip);
+            } else {
+                unwanted.insert(vip);
             }
         }
-        state.announced = Some(announced);
+        let complete = self.announce_exactly(&mut announced, &wanted, &unwanted, report);
+        state.announced = complete.then_some(announced);
         Ok(())
     }
 
@@ -616,18 +616,52 @@ impl<D: Dataplane> Converger<D> {
             Announcing::Open => state.serving_count.keys().copied().collect(),
             Announcing::Waiting | Announcing::Stopped => BTreeSet::new(),
         };
-        for vip in announced.difference(&wanted).copied().collect::<Vec<_>>() {
-            self.dataplane.withdraw(vip)?;
-            announced.remove(&vip);
-            report.withdrawn += 1;
-        }
-        for vip in wanted.difference(&announced).copied().collect::<Vec<_>>() {
-            self.dataplane.announce(vip)?;
-            announced.insert(vip);
-            report.announced += 1;
-        }
-        state.announced = Some(announced);
+        let unwanted: BTreeSet<IpAddr> = announced.difference(&wanted).copied().collect();
+        let complete = self.announce_exactly(&mut announced, &wanted, &unwanted, report);
+        state.announced = complete.then_some(announced);
         Ok(())
+    }
+
+    /// Withdraws the `unwanted` VIPs and announces the `wanted` ones, as `announced` (what is
+    /// announced now) lacks or holds them, and keeps `announced` up to date. One VIP the data
+    /// plane refuses (an IPv6 VIP on a host without IPv6) is logged and left to the next full
+    /// pass: it must not keep the others from being announced, nor fail the pass, which would
+    /// withdraw every VIP of every director at once. Returns whether all were done.
+    fn announce_exactly(
+        &self,
+        announced: &mut BTreeSet<IpAddr>,
+        wanted: &BTreeSet<IpAddr>,
+        unwanted: &BTreeSet<IpAddr>,
+        report: &mut Report,
+    ) -> bool {
+        let mut complete = true;
+        let present: Vec<IpAddr> = unwanted.intersection(announced).copied().collect();
+        for vip in present {
+            match self.dataplane.withdraw(vip) {
+                Ok(()) => {
+                    announced.remove(&vip);
+                    report.withdrawn += 1;
+                }
+                Err(e) => {
+                    warn!(%vip, error = %e, "withdrawing the announcement failed");
+                    complete = false;
+                }
+            }
+        }
+        let missing: Vec<IpAddr> = wanted.difference(announced).copied().collect();
+        for vip in missing {
+            match self.dataplane.announce(vip) {
+                Ok(()) => {
+                    announced.insert(vip);
+                    report.announced += 1;
+                }
+                Err(e) => {
+                    warn!(%vip, error = %e, "announcing failed");
+                    complete = false;
+                }
+            }
+        }
+        complete
     }
 
     /// Makes the interface's addresses known, read afresh or as remembered.
@@ -1191,6 +1225,23 @@ mod tests {
         let report = full_pass(&c, &[("web", &web), ("broken", &broken)]);
         assert_eq!(report.failures.len(), 1);
         assert_eq!(announced(&c), ["10.240.0.210"]);
+    }
+
+    #[test]
+    fn a_vip_the_data_plane_refuses_to_announce_keeps_neither_the_others_nor_the_pass_from_going_on()
+     {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        c.dataplane()
+            .refuse_to_announce(ip("10.240.0.210"))
+            .unwrap();
+        let web = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let dns = table(&[(key("10.240.0.211", 53), &[("10.0.0.1", 1)])]);
+        let report = full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert_eq!(report.announced, 1);
+        assert_eq!(announced(&c), ["10.240.0.211"]);
+        // Still wanted: the next pass tries again, and nothing else changes.
+        let again = full_pass(&c, &[("web", &web), ("dns", &dns)]);
+        assert_eq!((again.announced, again.withdrawn), (0, 0));
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub struct Memory {
     refused: Mutex<BTreeMap<ServiceKey, String>>,
     /// The announced VIPs, when this data plane announces.
     announced: Mutex<Option<BTreeSet<IpAddr>>>,
+    /// Announcing these fails, as the kernel refuses an IPv6 address on a host without IPv6.
+    unannounceable: Mutex<BTreeSet<IpAddr>>,
 }
 
 impl Memory {
@@ -151,6 +153,15 @@ impl Memory {
             .lock()
             .map_err(|_| Error::Poisoned)?
             .insert(key, message.to_owned());
+        Ok(())
+    }
+
+    /// Makes every later announcement of `address` fail.
+    pub fn refuse_to_announce(&self, address: IpAddr) -> Result<(), Error> {
+        self.unannounceable
+            .lock()
+            .map_err(|_| Error::Poisoned)?
+            .insert(address);
         Ok(())
     }
 
@@ -244,6 +255,17 @@ impl Dataplane for Memory {
 
     fn announce(&self, address: IpAddr) -> Result<(), Error> {
         self.writes.fetch_add(1, Ordering::Relaxed);
+        if self
+            .unannounceable
+            .lock()
+            .map_err(|_| Error::Poisoned)?
+            .contains(&address)
+        {
+            return Err(Error::Address {
+                address: Some(address),
+                message: "announcing: refused".to_owned(),
+            });
+        }
         let mut announced = self.announced.lock().map_err(|_| Error::Poisoned)?;
         if let Some(set) = announced.as_mut() {
             set.insert(address);

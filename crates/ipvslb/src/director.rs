@@ -65,6 +65,21 @@ pub enum Error {
     Join(String),
 }
 
+impl Error {
+    /// Whether the kernel's table may be other than planned after this error: it could not be
+    /// read, a write's outcome is unknown, or the data-plane task died.
+    fn leaves_the_table_unknown(&self) -> bool {
+        match self {
+            Error::Dataplane { source, .. } => matches!(
+                source,
+                dataplane::Error::Read(_) | dataplane::Error::Write(_) | dataplane::Error::Poisoned
+            ),
+            Error::Join(_) => true,
+            Error::Refused { .. } => false,
+        }
+    }
+}
+
 /// The field manager and Event reporter of the director.
 const MANAGER: &str = "ipvslb-director";
 
@@ -510,8 +525,11 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
             }
             Err(e) => {
                 warn!(error = %e, "full pass failed; retrying at the next resync");
-                // The table may be stale or partial: draw no traffic until a pass succeeds.
-                if let Some(withdrawn) = withdraw(&ctx, Converger::hold_back).await
+                // A kernel that could not be read or written may hold a stale or partial
+                // table: draw no traffic until a pass succeeds. A VIP address refused is that
+                // VIP's problem, not the table's.
+                if e.leaves_the_table_unknown()
+                    && let Some(withdrawn) = withdraw(&ctx, Converger::hold_back).await
                     && withdrawn > 0
                 {
                     warn!(

@@ -110,9 +110,10 @@ pub struct RunArgs {
     max_probes: u32,
     /// Also keep the VIPs this director can serve on this dummy interface (created with the
     /// alias `ipvslb` if absent), for the host's routing daemon to announce: BIRD's `protocol
-    /// direct` or FRR's `redistribute connected` on this interface only. A VIP is on it once a
+    /// direct` on this interface only (deploy/bird/). A VIP is on it once a
     /// full pass has programmed it and while one of its destinations takes connections; all
-    /// go when a full pass fails, and at a stop with `--drain-on-stop`. Every VIP stays on
+    /// go when a full pass cannot read or write the kernel, and at a stop with
+    /// `--drain-on-stop`. Every VIP stays on
     /// `--interface` regardless, so IPVS serves the packets still on their way.
     #[arg(long, env = "IPVSLB_ANNOUNCE_INTERFACE")]
     announce_interface: Option<String>,
@@ -128,6 +129,7 @@ pub struct RunArgs {
     /// Run IPVS's connection sync daemons, master and backup, on this interface: each director
     /// multicasts its connections and takes in the others', so a flow moved here finds its
     /// connection (the stateful alternative to `--sloppy`; any scheduler, and persistence).
+    /// A sync daemon already running with other settings is left alone and refused.
     #[arg(long, env = "IPVSLB_SYNC_INTERFACE")]
     sync_interface: Option<String>,
     /// The sync id of this tier of directors: backups take in only their own tier's
@@ -142,6 +144,18 @@ pub struct RunArgs {
 /// Runs until SIGTERM or SIGINT; returns an error message when start-up fails.
 pub async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format);
+    if args.announce_interface.as_deref() == Some(args.interface.as_str()) {
+        // Withdrawing a VIP would take it off the interface IPVS serves it from.
+        return Err(format!(
+            "--announce-interface must differ from --interface ({})",
+            args.interface
+        ));
+    }
+    if !args.drain_on_stop.is_zero() && args.announce_interface.is_none() {
+        warn!(
+            "--drain-on-stop without --announce-interface: a stop waits, but nothing tells the routers to move the flows"
+        );
+    }
     let client = client(args.kubeconfig.as_ref()).await?;
     let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown) = watch::channel(false);

@@ -697,6 +697,36 @@ mod tests {
     }
 
     #[test]
+    fn sync_daemons_survive_the_trip_through_bytes_and_a_bad_state_is_refused() {
+        for daemon in [
+            SyncDaemon {
+                role: SyncRole::Master,
+                interface: "eth1".to_owned(),
+                sync_id: 7,
+            },
+            SyncDaemon {
+                role: SyncRole::Backup,
+                interface: "bond0.100".to_owned(),
+                sync_id: 255,
+            },
+        ] {
+            let bytes = written(|w| put_sync_daemon(w, &daemon));
+            assert_eq!(decode_sync_daemon(nested_children(&bytes)), Ok(daemon));
+        }
+        let only_role = written(|w| put_sync_role(w, SyncRole::Backup));
+        assert!(decode_sync_daemon(nested_children(&only_role)).is_err());
+        let bad = written(|w| {
+            w.nested(IPVS_CMD_ATTR_DAEMON, |w| {
+                w.put(IPVS_DAEMON_ATTR_STATE, &3u32.to_ne_bytes());
+                w.put_str(IPVS_DAEMON_ATTR_MCAST_IFN, "eth1");
+                w.put(IPVS_DAEMON_ATTR_SYNC_ID, &1u32.to_ne_bytes());
+            })
+        });
+        let error = decode_sync_daemon(nested_children(&bad)).unwrap_err();
+        assert!(error.0.contains("state 3"), "{error}");
+    }
+
+    #[test]
     fn a_request_is_framed_as_neli_reads_a_generic_netlink_message() {
         use neli::FromBytes;
         use neli::genl::Genlmsghdr;

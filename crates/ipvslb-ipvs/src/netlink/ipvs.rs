@@ -160,9 +160,10 @@ impl Ipvs {
         Ok(daemons)
     }
 
-    /// Makes the sync daemons of each role in `wanted` run as `wanted` says: one that runs
-    /// otherwise (another interface or sync id) is stopped and started again, one that runs
-    /// so is left alone. A role `wanted` does not name is not touched. Returns the daemons
+    /// Starts the sync daemons of `wanted` that do not run yet; one that runs as asked is left
+    /// alone. One of a wanted role that runs with other settings (another interface or sync
+    /// id) is refused with [`Error::SyncDaemonRunning`] and left running: it may be keepalived's
+    /// or an operator's. A role `wanted` does not name is not touched. Returns the daemons
     /// started.
     pub fn ensure_sync_daemons(&mut self, wanted: &[SyncDaemon]) -> Result<Vec<SyncDaemon>> {
         let running = self.sync_daemons()?;
@@ -170,7 +171,12 @@ impl Ipvs {
         for daemon in wanted {
             match running.iter().find(|r| r.role == daemon.role) {
                 Some(r) if r == daemon => continue,
-                Some(other) => self.stop_sync_daemon(other)?,
+                Some(other) => {
+                    return Err(Error::SyncDaemonRunning {
+                        running: other.clone(),
+                        wanted: daemon.clone(),
+                    });
+                }
                 None => {}
             }
             self.write_one(

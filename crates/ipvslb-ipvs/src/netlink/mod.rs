@@ -81,6 +81,15 @@ pub enum Error {
     /// The kernel has no generic netlink family `IPVS`.
     #[error("IPVS is not available: load the ip_vs module")]
     Unavailable,
+    /// A sync daemon of the role asked for already runs, with other settings: someone else's,
+    /// or this director's from before its settings changed. It is left alone.
+    #[error("{running} already runs, not the {wanted} asked for: stop it first (ipvsadm --stop-daemon {role})", role = .running.role)]
+    SyncDaemonRunning {
+        /// The one that runs.
+        running: crate::SyncDaemon,
+        /// The one asked for.
+        wanted: crate::SyncDaemon,
+    },
     /// The kernel refused a request: `errno` is its (positive) error number.
     #[error("{op} {key}: {}{}", io::Error::from_raw_os_error(*errno), hint(*op, *errno))]
     Kernel {

@@ -456,12 +456,22 @@ pub fn step(kube: &Kube, measured: &mut Measured) -> Result<(), String> {
         directors[i] = Some(director(ns, Takeover::Sync)?);
     }
     until_next_hops(&["dir1", "dir2"], Duration::from_secs(60))?;
+    let before_sync = connections("dir2")?;
+    let mut carried = 0;
     let broken_sync = across("the loss of dir2, with sync daemons", || {
+        // The downloads dir2 carries when it goes: those its sync daemon handed to dir1.
+        carried = connections("dir2")? - before_sync;
         for process in [directors[1].take(), birds[1].take()].into_iter().flatten() {
             process.kill();
         }
         until_next_hops(&["dir1"], Duration::from_secs(15)).map(drop)
     })?;
+    println!("e2e: dir2 carried {carried} downloads when it was lost");
+    if carried == 0 {
+        return Err(
+            "no download went through dir2, so none moved: the loss proved nothing".to_owned(),
+        );
+    }
     measured.lines.push(format!(
         "flows broken = {broken_sync} (sync daemons), {broken_back} (a director back), {broken_drain} (a drained stop)"
     ));
