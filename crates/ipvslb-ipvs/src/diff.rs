@@ -241,6 +241,9 @@ pub fn diff(actual: &Table, desired: &Table, owner: &impl Owner, removal: Remova
 /// holds it out of place, deleted and added again at once. A destination deleted and added
 /// again comes back from the kernel's trash with its connections; the cost is one pair of
 /// writes per destination moved, and none when each new destination has the highest key.
+/// Between the two writes the destination is not available: a packet of one of its
+/// connections handled on another CPU in those microseconds is dropped (TCP sends it again),
+/// or, with `expire_nodest_conn=1`, ends its connection.
 /// Then the edits of the tail and last the removals, as [`diff`] orders them.
 fn in_canonical_order(
     key: ServiceKey,
