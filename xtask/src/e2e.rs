@@ -245,7 +245,12 @@ fn boot_guest(
     };
     let initrd = initramfs::build(cache, kernel, &contents)?;
 
-    let xtask = std::env::current_exe().map_err(|e| format!("finding xtask itself: {e}"))?;
+    // qemu starts the relay once per connection: from a copy of this very binary, since cargo
+    // may have replaced the file it was started from (`cargo test --workspace` rebuilds it when
+    // the workspace's features unify otherwise), and the kernel then calls its path deleted.
+    let xtask = guest.join("xtask-relay");
+    std::fs::copy("/proc/self/exe", &xtask)
+        .map_err(|e| format!("copying xtask itself to {}: {e}", xtask.display()))?;
     let (guest_ip, guest_port) = GUEST_API.split_once(':').unwrap_or_default();
     if xtask.to_string_lossy().contains([',', ' ']) {
         return Err(format!(
