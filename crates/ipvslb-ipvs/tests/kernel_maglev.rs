@@ -64,13 +64,7 @@ fn main() -> ExitCode {
         // Anything else (such as the test harness's `--test-threads=1`): run the scenarios.
         _ => scenarios(),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("kernel_maglev: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("kernel_maglev", result)
 }
 
 /// `serve NAME`: answers NAME to each UDP datagram on the VIP, and to each line of each TCP

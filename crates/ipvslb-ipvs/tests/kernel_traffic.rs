@@ -38,13 +38,7 @@ fn main() -> ExitCode {
         // Anything else (such as the test harness's `--test-threads=1`): run the scenarios.
         _ => scenarios(),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("kernel_traffic: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit("kernel_traffic", result)
 }
 
 /// `serve NAME ADDR:PORT...`: answers NAME to every TCP connection and UDP datagram.

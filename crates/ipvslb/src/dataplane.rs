@@ -470,72 +470,85 @@ impl Dataplane for Kernel {
     }
 
     fn addresses(&self) -> Result<BTreeSet<IpAddr>, Error> {
-        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
-        vips.list().map_err(|e| Error::Address {
-            address: None,
-            message: e.to_string(),
-        })
+        list_on(&self.vips, "")
     }
 
     fn add_address(&self, address: IpAddr) -> Result<(), Error> {
-        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
-        self.address_writes.fetch_add(1, Ordering::Relaxed);
-        vips.add(address).map(|_| ()).map_err(|e| Error::Address {
-            address: Some(address),
-            message: e.to_string(),
-        })
+        self.change(&self.vips, Change::Add, address, "")
     }
 
     fn del_address(&self, address: IpAddr) -> Result<(), Error> {
-        let mut vips = self.vips.lock().map_err(|_| Error::Poisoned)?;
-        self.address_writes.fetch_add(1, Ordering::Relaxed);
-        vips.remove(address)
-            .map(|_| ())
-            .map_err(|e| Error::Address {
-                address: Some(address),
-                message: e.to_string(),
-            })
+        self.change(&self.vips, Change::Remove, address, "")
     }
 
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
-        let Some(announce) = &self.announce else {
-            return Ok(None);
-        };
-        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
-        vips.list().map(Some).map_err(|e| Error::Address {
-            address: None,
-            message: format!("announce interface: {e}"),
-        })
+        self.announce
+            .as_ref()
+            .map(|vips| list_on(vips, "announce interface: "))
+            .transpose()
     }
 
     fn announce(&self, address: IpAddr) -> Result<(), Error> {
-        let Some(announce) = &self.announce else {
-            return Ok(());
-        };
-        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
-        self.address_writes.fetch_add(1, Ordering::Relaxed);
-        vips.add(address).map(|_| ()).map_err(|e| Error::Address {
-            address: Some(address),
-            message: format!("announcing: {e}"),
-        })
+        match &self.announce {
+            Some(vips) => self.change(vips, Change::Add, address, "announcing: "),
+            None => Ok(()),
+        }
     }
 
     fn withdraw(&self, address: IpAddr) -> Result<(), Error> {
-        let Some(announce) = &self.announce else {
-            return Ok(());
-        };
-        let mut vips = announce.lock().map_err(|_| Error::Poisoned)?;
-        self.address_writes.fetch_add(1, Ordering::Relaxed);
-        vips.remove(address)
-            .map(|_| ())
-            .map_err(|e| Error::Address {
-                address: Some(address),
-                message: format!("withdrawing: {e}"),
-            })
+        match &self.announce {
+            Some(vips) => self.change(vips, Change::Remove, address, "withdrawing: "),
+            None => Ok(()),
+        }
     }
 
     fn writes(&self) -> u64 {
         let ipvs = self.ipvs.lock().map(|i| i.writes()).unwrap_or(0);
         ipvs + self.address_writes.load(Ordering::Relaxed)
     }
+}
+
+/// Whether an address goes on an interface or off it.
+#[cfg(target_os = "linux")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Add,
+    Remove,
+}
+
+#[cfg(target_os = "linux")]
+impl Kernel {
+    /// Puts `address` on or takes it off the interface of `vips`, counting the write; errors
+    /// start with `what`.
+    fn change(
+        &self,
+        vips: &Mutex<ipvslb_ipvs::netlink::Vips>,
+        change: Change,
+        address: IpAddr,
+        what: &str,
+    ) -> Result<(), Error> {
+        let mut vips = vips.lock().map_err(|_| Error::Poisoned)?;
+        self.address_writes.fetch_add(1, Ordering::Relaxed);
+        let done = match change {
+            Change::Add => vips.add(address),
+            Change::Remove => vips.remove(address),
+        };
+        done.map(|_| ()).map_err(|e| Error::Address {
+            address: Some(address),
+            message: format!("{what}{e}"),
+        })
+    }
+}
+
+/// The addresses on the interface of `vips`; errors start with `what`.
+#[cfg(target_os = "linux")]
+fn list_on(
+    vips: &Mutex<ipvslb_ipvs::netlink::Vips>,
+    what: &str,
+) -> Result<BTreeSet<IpAddr>, Error> {
+    let mut vips = vips.lock().map_err(|_| Error::Poisoned)?;
+    vips.list().map_err(|e| Error::Address {
+        address: None,
+        message: format!("{what}{e}"),
+    })
 }

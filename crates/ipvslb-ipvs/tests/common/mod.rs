@@ -76,3 +76,14 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Result<String, String> {
     all.extend_from_slice(args);
     sh("nsenter", &all)
 }
+
+/// The exit status of a kernel test binary's `main`: its error, if any, on stderr after `name`.
+pub fn exit(name: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{name}: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
