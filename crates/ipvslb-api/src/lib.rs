@@ -1,15 +1,17 @@
-//! ipvslb's Kubernetes API: the custom resources [`IPPool`] and [`NodeSet`] (group `ipvslb.io`,
-//! version `v1alpha1`, both cluster-scoped), and the annotation, label and class names a Service
+//! ipvslb's Kubernetes API: the custom resources [`IPPool`], [`NodeSet`] and [`Director`] (group
+//! `ipvslb.io`, version `v1alpha1`, all cluster-scoped), and the annotation, label and class names a Service
 //! uses to talk to ipvslb.
 //!
 //! Types only: this crate holds no logic beyond defaults and must not depend on another crate of
 //! ipvslb. Everything the API server can check by itself is in the schema (enums, patterns, ranges,
 //! CEL rules), so a bad object is refused by `kubectl apply` with a message naming the field.
 
+mod director;
 mod names;
 mod nodeset;
 mod pool;
 
+pub use director::*;
 pub use names::*;
 pub use nodeset::*;
 pub use pool::*;
@@ -19,7 +21,7 @@ use kube::CustomResourceExt;
 
 /// Every CRD of ipvslb, in a stable order (the order of `crds/*.yaml`).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![IPPool::crd(), NodeSet::crd()]
+    vec![IPPool::crd(), NodeSet::crd(), Director::crd()]
         .into_iter()
         .map(with_kubernetes_formats)
         .collect()

@@ -24,6 +24,7 @@ use crate::names::DEFAULT_NODE_SET;
     printcolumn = r#"{"name":"Assigned","type":"integer","jsonPath":".status.assigned"}"#,
     printcolumn = r#"{"name":"Available","type":"string","jsonPath":".status.available"}"#,
     printcolumn = r#"{"name":"NodeSet","type":"string","jsonPath":".spec.nodeSet"}"#,
+    printcolumn = r#"{"name":"Announce","type":"string","jsonPath":".spec.announce"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -59,6 +60,50 @@ pub struct IPPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub load_balancer_class: Option<String>,
+
+    /// How the directors make this pool's VIPs reachable: `None` (the network routes the
+    /// ranges to the directors statically), `L2` (one elected director answers ARP and NDP for
+    /// each VIP on its `--l2-interface`) or `BGP` (each director serving a VIP puts it on its
+    /// `--announce-interface`, which the host's routing daemon exports). A director announces
+    /// only the pools of the mode it runs in.
+    #[serde(default)]
+    pub announce: Announce,
+}
+
+/// How a pool's VIPs are announced (`spec.announce`).
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+)]
+pub enum Announce {
+    /// Not at all: static routes to the directors, or a router configured by hand.
+    #[default]
+    None,
+    /// ARP (IPv4) and NDP (IPv6) from one director per VIP, elected through Leases.
+    L2,
+    /// Through the routing daemon on each director that serves the VIP.
+    #[serde(rename = "BGP")]
+    Bgp,
+}
+
+impl std::fmt::Display for Announce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Announce::None => "None",
+            Announce::L2 => "L2",
+            Announce::Bgp => "BGP",
+        })
+    }
 }
 
 /// One entry of `spec.addresses`: a CIDR, a `first-last` range, or one address.

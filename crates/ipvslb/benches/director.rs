@@ -71,6 +71,9 @@ impl Dataplane for Counting {
     fn del_address(&self, address: IpAddr) -> Result<(), dataplane::Error> {
         self.inner.del_address(address)
     }
+    fn announces(&self) -> ipvslb_api::Announce {
+        self.inner.announces()
+    }
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, dataplane::Error> {
         self.inner.announced()
     }

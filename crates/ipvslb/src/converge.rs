@@ -8,15 +8,17 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ipvslb_api::Announce;
 use ipvslb_core::{IpRange, ServiceName};
 use ipvslb_ipvs::{DestKey, Removal, ServiceEntry, ServiceKey, Table, diff};
 
 use tracing::{debug, warn};
 
 use crate::dataplane::{self, Dataplane};
+use crate::election::Election;
 
 /// How often a draining destination's connection counts are looked at again: often enough
 /// that an idle one goes soon, rarely enough that a node's drain is not a reconcile per
@@ -118,6 +120,8 @@ impl Report {
 pub struct Owned {
     ranges: Vec<IpRange>,
     interface: BTreeSet<IpAddr>,
+    /// How the VIPs of each range are announced, by their pool.
+    announce: Arc<[(IpRange, Announce)]>,
 }
 
 impl Owned {
@@ -126,7 +130,22 @@ impl Owned {
         Self {
             ranges,
             interface: BTreeSet::new(),
+            announce: Arc::new([]),
         }
+    }
+
+    /// The same, with the announcement mode of each pool's ranges.
+    pub fn announcing(mut self, modes: Vec<(IpRange, Announce)>) -> Self {
+        self.announce = modes.into();
+        self
+    }
+
+    /// How `vip` is announced: as its pool says, `None` outside every pool.
+    pub fn announce_of(&self, vip: &IpAddr) -> Announce {
+        self.announce
+            .iter()
+            .find(|(range, _)| range.contains(vip))
+            .map_or(Announce::None, |(_, mode)| *mode)
     }
 
     /// Whether a virtual service is ours.
@@ -146,6 +165,7 @@ impl Owned {
         Self {
             ranges: self.ranges.clone(),
             interface,
+            announce: self.announce.clone(),
         }
     }
 }
@@ -164,6 +184,11 @@ pub struct Converger<D> {
     dataplane: D,
     grace: Duration,
     state: Mutex<State>,
+    /// The VIPs announced, each time that changes: for the director's own report.
+    announced_tx: tokio::sync::watch::Sender<BTreeSet<IpAddr>>,
+    /// Whether announcements are open (a full pass programmed the kernel, and no stop or
+    /// failed pass closed them since): whether this director is fit to be elected.
+    open_tx: tokio::sync::watch::Sender<bool>,
 }
 
 /// Where a convergence takes the interface's addresses from.
@@ -204,6 +229,11 @@ struct State {
     announcing: Announcing,
     /// The announced VIPs as last read or written (`None`: unknown, read next time).
     announced: Option<BTreeSet<IpAddr>>,
+    /// Each pool's announcement mode, as of the latest converge.
+    modes: Owned,
+    /// The live directors, for the VIPs of `L2` pools (`None`: not known yet, so none is
+    /// announced).
+    election: Option<Election>,
 }
 
 /// Whether a director announces the VIPs it can serve.
@@ -297,6 +327,8 @@ impl<D: Dataplane> Converger<D> {
             dataplane,
             grace,
             state: Mutex::new(State::default()),
+            announced_tx: tokio::sync::watch::Sender::new(BTreeSet::new()),
+            open_tx: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -310,6 +342,39 @@ impl<D: Dataplane> Converger<D> {
     /// The data plane.
     pub fn dataplane(&self) -> &D {
         &self.dataplane
+    }
+
+    /// The VIPs this director announces, updated each time that changes.
+    pub fn announced(&self) -> tokio::sync::watch::Receiver<BTreeSet<IpAddr>> {
+        self.announced_tx.subscribe()
+    }
+
+    /// How many VIPs the interface holds and how many virtual services the Services hold, as
+    /// this converger last saw them.
+    pub fn held(&self) -> Result<(usize, usize), dataplane::Error> {
+        let state = self.lock()?;
+        Ok((
+            state.interface.as_ref().map_or(0, BTreeSet::len),
+            state.holders.len(),
+        ))
+    }
+
+    /// Whether announcements are open, updated each time that changes.
+    pub fn open(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.open_tx.subscribe()
+    }
+
+    /// Announces the `L2` VIPs `election` gives this director and withdraws the others, once a
+    /// full pass has opened the announcements.
+    pub fn elect(&self, election: Election) -> Result<Report, dataplane::Error> {
+        let mut state = self.lock()?;
+        let mut report = Report::default();
+        if state.election.as_ref() == Some(&election) {
+            return Ok(report);
+        }
+        state.election = Some(election);
+        self.announce_all(&mut state, &mut report)?;
+        Ok(report)
     }
 
     /// Converges the entries of one Service: `desired` holds exactly its virtual services
@@ -327,6 +392,7 @@ impl<D: Dataplane> Converger<D> {
         // with it, or each would undo part of the other.
         let mut state = self.lock()?;
         state.converged.insert(name.clone(), seen.0);
+        state.modes = owned.clone();
         let previous = state.held.get(name).cloned().unwrap_or_default();
         // A key another Service holds is that Service's, whatever a plan made from a partial
         // or stale view says: this converge neither takes it over nor, later, deletes it.
@@ -392,11 +458,19 @@ impl<D: Dataplane> Converger<D> {
             }
         }
         state.hold(name, now_held);
-        let flipped = state.serve(
+        let mut touched = state.serve(
             name,
             serving_vips(desired.services.iter(), &report.failures),
         );
-        self.announce_flipped(&mut state, flipped, &mut report)?;
+        // Its own VIPs too: their pool's mode may be what changed.
+        touched.extend(
+            desired
+                .services
+                .keys()
+                .chain(previous.iter())
+                .filter_map(|k| k.address()),
+        );
+        self.announce_these(&mut state, touched, &mut report)?;
         // A VIP this Service gave up may still serve another Service sharing it: remove the
         // address only when no Service holds a key on it.
         let released: Vec<IpAddr> = previous
@@ -422,6 +496,7 @@ impl<D: Dataplane> Converger<D> {
         now: Instant,
     ) -> Result<Report, dataplane::Error> {
         let mut state = self.lock()?;
+        state.modes = owned.clone();
         let newer: BTreeMap<ServiceName, Vec<ServiceKey>> = state
             .converged
             .iter()
@@ -513,6 +588,7 @@ impl<D: Dataplane> Converger<D> {
         // The kernel holds the table now: the director may draw traffic.
         if state.announcing == Announcing::Waiting {
             state.announcing = Announcing::Open;
+            self.open_tx.send_replace(true);
         }
         self.announce_all(&mut state, &mut report)?;
         // Converges older than this pass are now part of what it applied.
@@ -558,6 +634,7 @@ impl<D: Dataplane> Converger<D> {
     pub fn stop_announcing(&self) -> Result<usize, dataplane::Error> {
         let mut state = self.lock()?;
         state.announcing = Announcing::Stopped;
+        self.open_tx.send_replace(false);
         let mut report = Report::default();
         self.announce_all(&mut state, &mut report)?;
         Ok(report.withdrawn)
@@ -569,14 +646,25 @@ impl<D: Dataplane> Converger<D> {
         let mut state = self.lock()?;
         if state.announcing == Announcing::Open {
             state.announcing = Announcing::Waiting;
+            self.open_tx.send_replace(false);
         }
         let mut report = Report::default();
         self.announce_all(&mut state, &mut report)?;
         Ok(report.withdrawn)
     }
 
-    /// Announces or withdraws `vips`, which became or stopped being served, as their counts say.
-    fn announce_flipped(
+    /// Whether this director announces `vip` now, if it can serve it: its pool's mode is the
+    /// one this data plane announces in, and in `L2` mode the election gives it this VIP.
+    fn claims(&self, state: &State, vip: &IpAddr) -> bool {
+        let mode = state.modes.announce_of(vip);
+        mode != Announce::None
+            && mode == self.dataplane.announces()
+            && (mode != Announce::L2 || state.election.as_ref().is_some_and(|e| e.wins(vip)))
+    }
+
+    /// Announces or withdraws `vips` (some of which became or stopped being served), as their
+    /// counts and [`Self::claims`] say.
+    fn announce_these(
         &self,
         state: &mut State,
         vips: Vec<IpAddr>,
@@ -595,7 +683,7 @@ impl<D: Dataplane> Converger<D> {
         let mut wanted = BTreeSet::new();
         let mut unwanted = BTreeSet::new();
         for vip in vips {
-            if state.serving_count.contains_key(&vip) {
+            if state.serving_count.contains_key(&vip) && self.claims(state, &vip) {
                 wanted.insert(vip);
             } else {
                 unwanted.insert(vip);
@@ -613,7 +701,12 @@ impl<D: Dataplane> Converger<D> {
             return Ok(());
         };
         let wanted: BTreeSet<IpAddr> = match state.announcing {
-            Announcing::Open => state.serving_count.keys().copied().collect(),
+            Announcing::Open => state
+                .serving_count
+                .keys()
+                .filter(|vip| self.claims(state, vip))
+                .copied()
+                .collect(),
             Announcing::Waiting | Announcing::Stopped => BTreeSet::new(),
         };
         let unwanted: BTreeSet<IpAddr> = announced.difference(&wanted).copied().collect();
@@ -661,6 +754,13 @@ impl<D: Dataplane> Converger<D> {
                 }
             }
         }
+        self.announced_tx.send_if_modified(|told| {
+            let changed = told != announced;
+            if changed {
+                told.clone_from(announced);
+            }
+            changed
+        });
         complete
     }
 
@@ -867,8 +967,10 @@ mod tests {
         t
     }
 
+    /// The test pool, announced over BGP (as `Memory::announcing` announces).
     fn owned() -> Owned {
-        Owned::new(vec!["10.240.0.208/29".parse().unwrap()])
+        let range: IpRange = "10.240.0.208/29".parse().unwrap();
+        Owned::new(vec![range]).announcing(vec![(range, Announce::Bgp)])
     }
 
     fn svc(name: &str) -> ServiceName {
@@ -1196,6 +1298,111 @@ mod tests {
         let repaired = full_pass(&c, &[("web", &web), ("dns", &dns)]);
         assert_eq!(repaired.announced, 1);
         assert_eq!(announced(&c), ["10.240.0.210", "10.240.0.211"]);
+    }
+
+    /// Two pools: 10.240.0.208/29 in `mode`, 10.240.0.216/29 in `other`.
+    fn two_pools(mode: Announce, other: Announce) -> Owned {
+        let (a, b): (IpRange, IpRange) = (
+            "10.240.0.208/29".parse().unwrap(),
+            "10.240.0.216/29".parse().unwrap(),
+        );
+        Owned::new(vec![a, b]).announcing(vec![(a, mode), (b, other)])
+    }
+
+    fn pass_with(c: &Converger<Memory>, owned: &Owned, services: &[(&str, &Table)]) -> Report {
+        let mut all = Table::new();
+        let mut by_service = BTreeMap::new();
+        for (name, part) in services {
+            all.services.extend(part.services.clone());
+            by_service.insert(svc(name), part.services.keys().copied().collect());
+        }
+        c.converge_all(
+            &all,
+            by_service,
+            owned,
+            c.generation().unwrap(),
+            Instant::now(),
+        )
+        .unwrap()
+    }
+
+    fn election(me: &str, live: &[&str]) -> Election {
+        Election {
+            me: me.to_owned(),
+            live: live.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_l2_director_announces_exactly_the_vips_of_l2_pools_the_election_gives_it() {
+        let c = Converger::new(Memory::announcing_in(Announce::L2), Duration::ZERO);
+        let owned = two_pools(Announce::L2, Announce::Bgp);
+        let vips: Vec<String> = (210..216).map(|i| format!("10.240.0.{i}")).collect();
+        let mut parts: Vec<(String, Table)> = vips
+            .iter()
+            .map(|v| (v.clone(), table(&[(key(v, 80), &[("10.0.0.1", 1)])])))
+            .collect();
+        parts.push((
+            "bgp".into(),
+            table(&[(key("10.240.0.217", 80), &[("10.0.0.1", 1)])]),
+        ));
+        let services: Vec<(&str, &Table)> = parts.iter().map(|(n, t)| (n.as_str(), t)).collect();
+
+        // No election seen yet: an L2 VIP is nobody's.
+        pass_with(&c, &owned, &services);
+        assert!(announced(&c).is_empty());
+
+        let both = election("dir1", &["dir1", "dir2"]);
+        c.elect(both.clone()).unwrap();
+        let mine: Vec<String> = vips.iter().filter(|v| both.wins(&ip(v))).cloned().collect();
+        assert!(
+            !mine.is_empty() && mine.len() < vips.len(),
+            "{mine:?}: the test needs a split"
+        );
+        // The BGP pool's VIP is not this director's to announce in L2 mode.
+        assert_eq!(announced(&c), mine);
+        assert_eq!(
+            *c.announced().borrow(),
+            mine.iter().map(|v| ip(v)).collect()
+        );
+
+        // Alone: every L2 VIP; its own Lease stale: none; the same election again: no write.
+        c.elect(election("dir1", &["dir1"])).unwrap();
+        assert_eq!(announced(&c), vips);
+        assert!(c.elect(election("dir1", &["dir1"])).unwrap().is_noop());
+        let lapsed = c.elect(election("dir1", &["dir2"])).unwrap();
+        assert_eq!(lapsed.withdrawn, vips.len());
+        assert!(announced(&c).is_empty());
+
+        // The pool switched to None: its VIPs are withdrawn by the Services' own converges.
+        c.elect(election("dir1", &["dir1"])).unwrap();
+        let none = two_pools(Announce::None, Announce::Bgp);
+        let (name, part) = &parts[0];
+        let report = c
+            .converge_service(
+                &svc(name),
+                part,
+                &none,
+                c.generation().unwrap(),
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(report.withdrawn, 1);
+        assert!(!announced(&c).contains(name));
+    }
+
+    #[test]
+    fn a_bgp_director_leaves_the_vips_of_l2_and_unannounced_pools_alone() {
+        let c = Converger::new(Memory::announcing(), Duration::ZERO);
+        let owned = two_pools(Announce::L2, Announce::Bgp);
+        let l2 = table(&[(key("10.240.0.210", 80), &[("10.0.0.1", 1)])]);
+        let bgp = table(&[(key("10.240.0.217", 80), &[("10.0.0.1", 1)])]);
+        pass_with(&c, &owned, &[("l2", &l2), ("bgp", &bgp)]);
+        c.elect(election("dir1", &["dir1"])).unwrap();
+        assert_eq!(announced(&c), ["10.240.0.217"]);
+        let plain = two_pools(Announce::None, Announce::None);
+        pass_with(&c, &plain, &[("l2", &l2), ("bgp", &bgp)]);
+        assert!(announced(&c).is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ipvslb_api::Announce;
 use ipvslb_ipvs::{Op, ServiceEntry, ServiceKey, Table};
 
 use crate::converge::Owned;
@@ -111,8 +112,11 @@ pub trait Dataplane: Send + Sync + 'static {
     fn add_address(&self, address: IpAddr) -> Result<(), Error>;
     /// Removes a VIP address from the director's own interface.
     fn del_address(&self, address: IpAddr) -> Result<(), Error>;
-    /// The VIPs announced: the addresses of the announce interface, which the host's routing
-    /// daemon exports. `None` when this data plane announces nothing.
+    /// How this data plane announces VIPs: `BGP` (an announce interface the host's routing
+    /// daemon exports), `L2` (ARP and NDP on a segment) or `None`.
+    fn announces(&self) -> Announce;
+    /// The VIPs announced: the VIP addresses on the announce interface. `None` when this data
+    /// plane announces nothing.
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error>;
     /// Announces a VIP (it stays on the director's own interface either way).
     fn announce(&self, address: IpAddr) -> Result<(), Error>;
@@ -136,13 +140,22 @@ pub struct Memory {
     announced: Mutex<Option<BTreeSet<IpAddr>>>,
     /// Announcing these fails, as the kernel refuses an IPv6 address on a host without IPv6.
     unannounceable: Mutex<BTreeSet<IpAddr>>,
+    /// How it announces.
+    mode: Announce,
 }
 
 impl Memory {
-    /// A data plane in memory that announces VIPs, as one with an announce interface does.
+    /// A data plane in memory that announces VIPs over BGP, as one with an announce interface
+    /// does.
     pub fn announcing() -> Self {
+        Self::announcing_in(Announce::Bgp)
+    }
+
+    /// A data plane in memory that announces VIPs in `mode` (`None`: announces nothing).
+    pub fn announcing_in(mode: Announce) -> Self {
         Self {
-            announced: Mutex::new(Some(BTreeSet::new())),
+            announced: Mutex::new((mode != Announce::None).then(BTreeSet::new)),
+            mode,
             ..Self::default()
         }
     }
@@ -246,6 +259,10 @@ impl Dataplane for Memory {
         Ok(())
     }
 
+    fn announces(&self) -> Announce {
+        self.mode
+    }
+
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
         self.announced
             .lock()
@@ -313,6 +330,10 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
         (**self).del_address(address)
     }
 
+    fn announces(&self) -> Announce {
+        (**self).announces()
+    }
+
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
         (**self).announced()
     }
@@ -336,9 +357,18 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
 pub struct Kernel {
     ipvs: Mutex<ipvslb_ipvs::netlink::Ipvs>,
     vips: Mutex<ipvslb_ipvs::netlink::Vips>,
-    /// The announce interface, when the routing daemon announces what is on it.
-    announce: Option<Mutex<ipvslb_ipvs::netlink::Vips>>,
+    /// Where the VIPs are announced, if anywhere.
+    announce: Option<Channel>,
     address_writes: AtomicU64,
+}
+
+/// How a kernel data plane announces its VIPs.
+#[cfg(target_os = "linux")]
+enum Channel {
+    /// On a dummy interface of ipvslb's, which the host's routing daemon exports (`BGP`).
+    Routed(Mutex<ipvslb_ipvs::netlink::Vips>),
+    /// On the host's interface on the segment, which then answers ARP and NDP for them (`L2`).
+    Segment(crate::segment::Segment),
 }
 
 /// The interface of kube-proxy's IPVS mode.
@@ -399,7 +429,15 @@ impl Kernel {
             address: None,
             message: format!("announce interface {interface}: {e}"),
         })?;
-        self.announce = Some(Mutex::new(vips));
+        self.announce = Some(Channel::Routed(Mutex::new(vips)));
+        Ok(self)
+    }
+
+    /// Announces the VIPs this director is elected for on the host's interface `interface`,
+    /// which must exist: it answers ARP and NDP for them there, and for no other VIP (see
+    /// [`crate::segment`]).
+    pub fn announcing_l2_on(mut self, interface: &str) -> Result<Self, Error> {
+        self.announce = Some(Channel::Segment(crate::segment::Segment::open(interface)?));
         Ok(self)
     }
 
@@ -481,24 +519,60 @@ impl Dataplane for Kernel {
         self.change(&self.vips, Change::Remove, address, "")
     }
 
+    fn announces(&self) -> Announce {
+        match &self.announce {
+            None => Announce::None,
+            Some(Channel::Routed(_)) => Announce::Bgp,
+            Some(Channel::Segment(_)) => Announce::L2,
+        }
+    }
+
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
-        self.announce
-            .as_ref()
-            .map(|vips| list_on(vips, "announce interface: "))
-            .transpose()
+        match &self.announce {
+            None => Ok(None),
+            Some(Channel::Routed(vips)) => list_on(vips, "announce interface: ").map(Some),
+            // The segment's host addresses that are VIPs of this director: the others are
+            // the host's own, never touched.
+            Some(Channel::Segment(segment)) => {
+                let on = list_on(segment.addresses(), "l2 interface: ")?;
+                let vips = self.addresses()?;
+                Ok(Some(on.intersection(&vips).copied().collect()))
+            }
+        }
     }
 
     fn announce(&self, address: IpAddr) -> Result<(), Error> {
         match &self.announce {
-            Some(vips) => self.change(vips, Change::Add, address, "announcing: "),
             None => Ok(()),
+            Some(Channel::Routed(vips)) => self.change(vips, Change::Add, address, "announcing: "),
+            Some(Channel::Segment(segment)) => {
+                self.change(
+                    segment.addresses(),
+                    Change::Add,
+                    address,
+                    "announcing on the segment: ",
+                )?;
+                segment.claimed(address);
+                Ok(())
+            }
         }
     }
 
     fn withdraw(&self, address: IpAddr) -> Result<(), Error> {
         match &self.announce {
-            Some(vips) => self.change(vips, Change::Remove, address, "withdrawing: "),
             None => Ok(()),
+            Some(Channel::Routed(vips)) => {
+                self.change(vips, Change::Remove, address, "withdrawing: ")
+            }
+            Some(Channel::Segment(segment)) => {
+                segment.released(address);
+                self.change(
+                    segment.addresses(),
+                    Change::Remove,
+                    address,
+                    "withdrawing from the segment: ",
+                )
+            }
         }
     }
 

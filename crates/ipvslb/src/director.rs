@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use ipvslb_api::{LABEL_SERVICE_NAME, NodeSet};
+use ipvslb_api::{Announce, DirectorSpec, LABEL_SERVICE_NAME, NodeSet};
 use ipvslb_core::health::Target;
 use ipvslb_core::plan::{PlanError, PlanProblem, Topology};
 use ipvslb_core::{PlannedService, PoolSpec, ServiceName};
@@ -30,6 +30,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::cached::CachedService;
 use crate::converge::{Converger, Failure, Generation, Owned, Report};
 use crate::dataplane::{self, Dataplane};
+use crate::election::Election;
 use crate::health::Checks;
 use crate::metrics::Metrics;
 use crate::shared::Subscription;
@@ -103,6 +104,12 @@ pub struct Config {
     /// Turns true when the director is to withdraw every announced VIP for good (a stop
     /// with a drain): it goes on serving what still reaches it.
     pub withdraw: watch::Receiver<bool>,
+    /// The interface the VIPs are announced on, if any (for the Director resource).
+    pub announce_interface: Option<String>,
+    /// Where the director Leases of `L2` mode are, and their timings.
+    pub lease_namespace: String,
+    /// The timings of this director's Lease in `L2` mode.
+    pub l2_lease: crate::peers::Timings,
 }
 
 /// What reconciles share.
@@ -124,6 +131,8 @@ pub struct Context<D> {
     exported: std::sync::Mutex<BTreeSet<Vec<(&'static str, String)>>>,
     /// The plan problems last published on each Service.
     told: std::sync::Mutex<BTreeMap<ServiceName, Vec<String>>>,
+    /// What the latest full pass found, for the Director resource.
+    passes: watch::Sender<crate::director_record::Pass>,
 }
 
 /// Runs the director over `dataplane` until `shutdown` fires. The kernel table is left in
@@ -175,8 +184,52 @@ pub async fn run<D: Dataplane>(
             slices: slices.clone(),
         },
     ));
+    let converger = Arc::new(Converger::new(dataplane, config.drain_grace));
+    let mode = converger.dataplane().announces();
+    let (election_tx, election) = watch::channel(Election::default());
+    let (passes, pass) = watch::channel(crate::director_record::Pass::default());
+    let _record = crate::AbortOnDrop(tokio::spawn(crate::director_record::run(
+        client.clone(),
+        config.name.clone(),
+        DirectorSpec {
+            announce: mode,
+            interface: config.announce_interface.clone(),
+        },
+        crate::director_record::Sources {
+            open: converger.open(),
+            announced: converger.announced(),
+            election,
+            pass,
+        },
+        services.clone(),
+        Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        shutdown.clone(),
+    )));
+    // Elected through Leases in L2 mode; the Lease task ends after the controller, once it
+    // has withdrawn and deleted the Lease.
+    let leases = (mode == Announce::L2).then(|| {
+        let elect = {
+            let converger = converger.clone();
+            move |election: Election| {
+                election_tx.send_replace(election.clone());
+                let converger = converger.clone();
+                async move { elect(converger, election).await }
+            }
+        };
+        tokio::spawn(crate::peers::run(
+            client.clone(),
+            crate::peers::Config {
+                namespace: config.lease_namespace.clone(),
+                me: config.name.clone(),
+                timings: config.l2_lease,
+            },
+            converger.open(),
+            elect,
+            shutdown.clone(),
+        ))
+    });
     let ctx = Arc::new(Context {
-        converger: Arc::new(Converger::new(dataplane, config.drain_grace)),
+        converger,
         config,
         services: services.clone(),
         cluster: cluster.clone(),
@@ -187,6 +240,7 @@ pub async fn run<D: Dataplane>(
         checks,
         exported: Default::default(),
         told: Default::default(),
+        passes,
     });
 
     let on_delete = ctx.clone();
@@ -266,6 +320,30 @@ pub async fn run<D: Dataplane>(
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
     .run(reconcile, error_policy, ctx);
     crate::drive("director", results, &health).await;
+    if let Some(leases) = leases {
+        let _ = leases.await;
+    }
+}
+
+/// Makes the announcements follow `election`, on a blocking thread.
+async fn elect<D: Dataplane>(converger: Arc<Converger<D>>, election: Election) {
+    let outcome = tokio::task::spawn_blocking(move || converger.elect(election))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match outcome {
+        Ok(report) if report.announced + report.withdrawn > 0 => {
+            info!(
+                announced = report.announced,
+                withdrawn = report.withdrawn,
+                "L2 announcements follow the director Leases"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "following the director Leases failed; the next full pass retries")
+        }
+    }
 }
 
 /// `name`'s part of a plan.
@@ -511,10 +589,19 @@ async fn full_passes<D: Dataplane>(ctx: Arc<Context<D>>, mut shutdown: watch::Re
         "director full pass",
         ctx.config.resync * 2 + Duration::from_secs(60),
     );
+    let mut repairs = 0;
+    let mut first = true;
     loop {
         heartbeat.beat();
         match ctx.full_pass().await {
             Ok(report) => {
+                if !first {
+                    repairs += report.ops.values().sum::<usize>()
+                        + report.addresses_added
+                        + report.addresses_removed;
+                }
+                first = false;
+                ctx.report_pass(&report, repairs as u64);
                 info!(ops = ?report.ops, added = report.addresses_added, removed = report.addresses_removed, refused = report.failures.len(), "full pass done");
                 // A refused virtual service is its Service's problem, said on that Service:
                 // the director serves every other one and is ready.
@@ -693,6 +780,18 @@ impl<D: Dataplane> Context<D> {
             );
         }
         Ok(report)
+    }
+
+    /// Tells the Director resource what a full pass found.
+    fn report_pass(&self, report: &Report, repairs: u64) {
+        let (vips, virtual_services) = self.converger.held().unwrap_or_default();
+        self.passes.send_replace(crate::director_record::Pass {
+            vips: vips as u64,
+            virtual_services: virtual_services as u64,
+            destinations: report.counters.len() as u64,
+            finished: Some(k8s_openapi::jiff::Timestamp::now()),
+            repairs,
+        });
     }
 
     /// Requeues the Services whose part of the plan a converge may have made stale.

@@ -117,6 +117,22 @@ pub struct RunArgs {
     /// `--interface` regardless, so IPVS serves the packets still on their way.
     #[arg(long, env = "IPVSLB_ANNOUNCE_INTERFACE")]
     announce_interface: Option<String>,
+    /// Announce the VIPs of `L2` pools on this existing interface of the host (the clients'
+    /// segment, `eth1` in the write-up): one director per VIP, elected through a Lease per
+    /// director in the lease namespace, answers ARP and NDP for it there and sends gratuitous
+    /// ARP and unsolicited neighbour advertisements when it takes it over. Sets the
+    /// interface's `arp_ignore=1` and `arp_announce=2`, so no other VIP is answered for there.
+    #[arg(
+        long,
+        env = "IPVSLB_L2_INTERFACE",
+        conflicts_with = "announce_interface"
+    )]
+    l2_interface: Option<String>,
+    /// How long the other directors wait, after they last saw this director renew its Lease,
+    /// before taking over its L2 VIPs (it renews every third of this, and stops announcing
+    /// two thirds of it after its last renewal seen back).
+    #[arg(long, env = "IPVSLB_L2_LEASE_DURATION", default_value = "1500ms", value_parser = parse_duration)]
+    l2_lease_duration: Duration,
     /// On SIGTERM, first withdraw every announcement, then go on serving for this long, so
     /// routers move the flows to the other directors before this one stops (0: stop at once).
     #[arg(long, env = "IPVSLB_DRAIN_ON_STOP", default_value = "0s", value_parser = parse_duration)]
@@ -151,7 +167,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             args.interface
         ));
     }
-    if !args.drain_on_stop.is_zero() && args.announce_interface.is_none() {
+    if args.l2_interface.as_deref() == Some(args.interface.as_str()) {
+        return Err(format!(
+            "--l2-interface must differ from --interface ({}): it is the host's interface on the clients' segment",
+            args.interface
+        ));
+    }
+    let l2_lease = crate::peers::Timings::new(args.l2_lease_duration)
+        .map_err(|e| format!("--l2-lease-duration: {e}"))?;
+    if !args.drain_on_stop.is_zero()
+        && args.announce_interface.is_none()
+        && args.l2_interface.is_none()
+    {
         warn!(
             "--drain-on-stop without --announce-interface: a stop waits, but nothing tells the routers to move the flows"
         );
@@ -239,6 +266,12 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             name: args.director_name.clone().unwrap_or_else(host_name),
             max_destination_metrics: args.max_destination_metrics,
             withdraw,
+            announce_interface: args
+                .announce_interface
+                .clone()
+                .or_else(|| args.l2_interface.clone()),
+            lease_namespace: args.lease_namespace.clone(),
+            l2_lease,
         };
         let subscription = services.subscribe();
         let director = match args.dataplane {
@@ -263,20 +296,27 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
                     })?;
                     info!(%interface, sync_id = args.sync_id, started = started.len(), "IPVS connection sync daemons run");
                 }
-                let kernel = match &args.announce_interface {
-                    Some(announce) => {
-                        info!(interface = %announce, "announcing the VIPs this director can serve");
+                let kernel = match (&args.announce_interface, &args.l2_interface) {
+                    (Some(announce), _) => {
+                        info!(interface = %announce, "announcing the VIPs of BGP pools this director can serve");
                         kernel.announcing_on(announce).map_err(|e| e.to_string())?
                     }
-                    None => kernel,
+                    (None, Some(segment)) => {
+                        info!(interface = %segment, lease = ?args.l2_lease_duration, "answering ARP and NDP for the VIPs of L2 pools this director is elected for");
+                        kernel
+                            .announcing_l2_on(segment)
+                            .map_err(|e| e.to_string())?
+                    }
+                    (None, None) => kernel,
                 };
                 spawn_director(&client, config, subscription, kernel, &metrics, &shutdown)
             }
             DataplaneKind::Memory => {
                 info!(interface = %args.interface, "in-memory data plane: the kernel is not touched");
-                let memory = match args.announce_interface {
-                    Some(_) => Memory::announcing(),
-                    None => Memory::default(),
+                let memory = match (&args.announce_interface, &args.l2_interface) {
+                    (Some(_), _) => Memory::announcing(),
+                    (None, Some(_)) => Memory::announcing_in(ipvslb_api::Announce::L2),
+                    (None, None) => Memory::default(),
                 };
                 spawn_director(&client, config, subscription, memory, &metrics, &shutdown)
             }

@@ -410,13 +410,13 @@ impl Cluster {
     fn make_view(&self) -> View {
         // This installation's pools only: another class's addresses are never ours to touch.
         // An invalid pool still explains its holders' VIPs, which keep being served.
-        let pools: Vec<_> = self
+        let (pools, modes): (Vec<_>, Vec<_>) = self
             .pools
             .state()
             .iter()
-            .map(|p| translate::pool_for(p, &self.classes).0)
-            .filter(|p| !matches!(p.role, PoolRole::Foreign(_)))
-            .collect();
+            .map(|p| (translate::pool_for(p, &self.classes).0, p.spec.announce))
+            .filter(|(p, _)| !matches!(p.role, PoolRole::Foreign(_)))
+            .unzip();
         let node_sets = self
             .node_sets
             .state()
@@ -433,12 +433,18 @@ impl Cluster {
             .iter()
             .map(|n| translate::node(n))
             .collect();
+        let announce = pools
+            .iter()
+            .zip(modes)
+            .flat_map(|(p, mode)| p.ranges.iter().map(move |r| (*r, mode)))
+            .collect();
         let owned = Owned::new(
             pools
                 .iter()
                 .flat_map(|p| p.ranges.iter().copied())
                 .collect(),
-        );
+        )
+        .announcing(announce);
         View {
             topology: Topology::new(pools, node_sets, nodes),
             owned,

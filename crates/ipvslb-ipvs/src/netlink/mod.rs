@@ -1,5 +1,6 @@
-//! The kernel half: IPVS over generic netlink ([`Ipvs`]) and the VIP addresses on a dummy
-//! interface over rtnetlink ([`Vips`]). Linux only.
+//! The kernel half: IPVS over generic netlink ([`Ipvs`]), the VIP addresses on a dummy
+//! interface over rtnetlink ([`Vips`]), and the gratuitous ARP and Neighbor Advertisement frames
+//! that announce a VIP on a segment ([`Announcer`]). Linux only.
 //!
 //! Every request and reply goes through one socket wrapper (`socket.rs`); encoding and decoding of
 //! IPVS attributes live apart from the handles (`codec.rs`), with all numbers from
@@ -7,6 +8,7 @@
 
 mod codec;
 mod ipvs;
+mod neighbour;
 mod socket;
 mod vip;
 
@@ -16,6 +18,7 @@ use std::io;
 use crate::diff::OpKind;
 
 pub use ipvs::{EncodedBatch, Info, Ipvs, SyncReport};
+pub use neighbour::{Announcer, arp_announcement, hardware_address, neighbour_advertisement};
 pub use vip::{DEFAULT_INTERFACE, INTERFACE_ALIAS, Vips};
 
 /// `type Result<T, E = Error>` for the kernel handles.

@@ -34,6 +34,8 @@ pub struct Vips {
     conn: Conn,
     name: String,
     index: u32,
+    /// An interface of the host's ([`Vips::open_shared`]), not ipvslb's own.
+    shared: bool,
 }
 
 impl Vips {
@@ -49,17 +51,38 @@ impl Vips {
         Self::open_with(name, false)
     }
 
-    fn open_with(name: &str, create: bool) -> Result<Self> {
+    /// Opens rtnetlink over an existing interface of the host's, of any kind (the segment a
+    /// director answers ARP and NDP on): never created, adopted or set up, and only its host
+    /// addresses (/32, /128) are listed, so its own subnet addresses are never taken for VIPs.
+    /// Returns it with its hardware address.
+    pub fn open_shared(name: &str) -> Result<(Self, Option<[u8; 6]>)> {
+        let mut vips = Self::connect(name)?;
+        vips.shared = true;
+        let link = vips.link_named(name)?;
+        vips.index = u32::try_from(*link.ifi_index()).map_err(|_| Error::Decode {
+            op: Request::Link,
+            key: name.to_owned(),
+            reason: format!("interface index {}", link.ifi_index()),
+        })?;
+        Ok((vips, link_hardware_address(&link)))
+    }
+
+    fn connect(name: &str) -> Result<Self> {
         let conn = Conn::open(NlFamily::Route, TIMEOUT).map_err(|source| Error::Socket {
             op: Request::Open,
             key: String::new(),
             source,
         })?;
-        let mut vips = Self {
+        Ok(Self {
             conn,
             name: name.to_owned(),
             index: 0,
-        };
+            shared: false,
+        })
+    }
+
+    fn open_with(name: &str, create: bool) -> Result<Self> {
+        let mut vips = Self::connect(name)?;
         vips.index = match vips.link() {
             Ok((index, alias)) => {
                 if alias.as_deref() != Some(INTERFACE_ALIAS) {
@@ -123,7 +146,9 @@ impl Vips {
             .filter(|a| *a.ifa_index() == self.index)
             // The kernel's own link-local address is not a VIP.
             .filter(|a| *a.ifa_scope() == RtScope::Universe)
-            .filter_map(address_of)
+            .filter_map(|a| Some((address_of(a)?, *a.ifa_prefixlen())))
+            .filter(|(address, prefix)| !self.shared || *prefix == host_prefix(address))
+            .map(|(address, _)| address)
             .collect())
     }
 
@@ -186,6 +211,23 @@ impl Vips {
                 RtattrBuilder::default()
                     .rta_type(kind)
                     .rta_payload(Buffer::from(bytes.clone()))
+                    .build()
+                    .map_err(|e| self.codec(op, e))?,
+            );
+        }
+        if self.shared && address.is_ipv6() {
+            // Deprecated from the start (preferred lifetime 0, valid forever): still answered
+            // for and served, but never chosen as the source of this host's own IPv6 traffic
+            // on the segment (RFC 6724 rule 3), where a shared VIP as source would send the
+            // answers to whichever director holds it then.
+            let mut cacheinfo = Vec::with_capacity(16);
+            for value in [0u32, u32::MAX, 0, 0] {
+                cacheinfo.extend_from_slice(&value.to_ne_bytes());
+            }
+            attrs.push(
+                RtattrBuilder::default()
+                    .rta_type(Ifa::Cacheinfo)
+                    .rta_payload(Buffer::from(cacheinfo))
                     .build()
                     .map_err(|e| self.codec(op, e))?,
             );
@@ -399,6 +441,15 @@ fn address_of(message: &Ifaddrmsg) -> Option<IpAddr> {
         }
         _ => None,
     }
+}
+
+/// The `IFLA_ADDRESS` of a link, when it is an Ethernet address.
+fn link_hardware_address(link: &Ifinfomsg) -> Option<[u8; 6]> {
+    let address = link
+        .rtattrs()
+        .iter()
+        .find(|a| *a.rta_type() == Ifla::Address)?;
+    address.payload().as_ref().try_into().ok()
 }
 
 /// The `IFLA_IFALIAS` of a link, if it has one.

@@ -227,6 +227,9 @@ impl Controllers {
             name: "test-director".to_owned(),
             max_destination_metrics: 100,
             withdraw: tokio::sync::watch::channel(false).1,
+            announce_interface: None,
+            lease_namespace: "default".to_owned(),
+            l2_lease: ipvslb::peers::Timings::DEFAULT,
         };
         tasks.push(tokio::spawn(director::run(
             client.clone(),

@@ -1,0 +1,527 @@
+//! Director Leases: which directors are live, for the election of `L2` announcers
+//! ([`crate::election`]). ipvslb builds no membership protocol: each director in `L2` mode
+//! holds one `coordination.k8s.io/v1` Lease of its own (`ipvslb-director-<name>`, labelled
+//! [`LABEL_DIRECTOR_LEASE`]), renewed every third of its duration, and watches the others'.
+//!
+//! The rules are those of client-go's leader election, per director instead of per group:
+//!
+//! - A peer is live until its Lease's duration has passed since this director *saw* it renewed,
+//!   on this director's own monotonic clock (clock skew between hosts does not matter).
+//! - This director counts itself live only until two thirds of its duration after the start of
+//!   its latest renewal that it has seen come back through the same watch: a director that
+//!   cannot write its Lease, or whose watch no longer delivers (it would no longer see the
+//!   others leave or join), stops announcing before any peer can take its Lease for expired.
+//! - A director that stops withdraws its announcements first and then deletes its Lease, so its
+//!   peers take over at once instead of after the Lease's duration.
+//! - A director renews its Lease only while it is fit to serve (a full pass has programmed the
+//!   kernel, and it is not stopping); otherwise it deletes it and its VIPs move.
+//!
+//! The durations are whole seconds in `spec.leaseDurationSeconds` (rounded up, for other
+//! readers) and exact in the annotation [`ANNOTATION_LEASE_DURATION`], which peers read first.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::election::Election;
+
+/// The label of every director Lease; its value is the director's name.
+pub const LABEL_DIRECTOR_LEASE: &str = "ipvslb.io/director-lease";
+
+/// The exact lease duration (`1500ms`), which `spec.leaseDurationSeconds` can only round.
+pub const ANNOTATION_LEASE_DURATION: &str = "ipvslb.io/lease-duration";
+
+/// The field manager of the director's Lease writes.
+const MANAGER: &str = "ipvslb-director";
+
+/// The name of a director's Lease.
+pub fn lease_name(director: &str) -> String {
+    format!("ipvslb-director-{director}")
+}
+
+/// Lease timings of one director.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    /// How long peers wait, from seeing a renewal, before taking the Lease for expired.
+    pub lease: Duration,
+}
+
+impl Timings {
+    /// The default: peers take over 1.5 s after the last renewal they saw at most.
+    pub const DEFAULT: Self = Self {
+        lease: Duration::from_millis(1500),
+    };
+
+    /// Timings for `lease`, which must leave a renewal every third of it at least 100 ms.
+    pub fn new(lease: Duration) -> Result<Self, String> {
+        if lease < Duration::from_millis(300) {
+            return Err(format!("{lease:?} is below 300ms"));
+        }
+        Ok(Self { lease })
+    }
+
+    /// How often the Lease is renewed.
+    pub fn renew(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// How long after the start of its last renewal seen back a director stops announcing:
+    /// a third of the lease before any peer may take over.
+    pub fn deadline(&self) -> Duration {
+        self.lease.mul_f64(2.0 / 3.0)
+    }
+}
+
+/// What one director has seen of the director Leases, without I/O or clock: times come in as
+/// arguments.
+#[derive(Debug)]
+pub struct Membership {
+    me: String,
+    timings: Timings,
+    /// Each peer's latest renewal and when this director saw it change.
+    peers: BTreeMap<String, Seen>,
+    /// The renewals this director sent, by their `renewTime`, with when each write started.
+    sent: BTreeMap<Timestamp, Instant>,
+    /// Until when this director counts itself live.
+    fresh_until: Option<Instant>,
+    /// The peers seen during the relist under way, if one is.
+    relisting: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    renewed: Option<Timestamp>,
+    at: Instant,
+    lease: Duration,
+}
+
+impl Membership {
+    /// Nothing seen yet.
+    pub fn new(me: &str, timings: Timings) -> Self {
+        Self {
+            me: me.to_owned(),
+            timings,
+            peers: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            fresh_until: None,
+            relisting: None,
+        }
+    }
+
+    /// A renewal with `renewed` as its `renewTime` is being written, from `started`.
+    pub fn sending(&mut self, renewed: Timestamp, started: Instant) {
+        self.sent.insert(renewed, started);
+        // A write that never came back is forgotten after a few newer ones.
+        while self.sent.len() > 8 {
+            self.sent.pop_first();
+        }
+    }
+
+    /// This director gave up its Lease (unfit, or stopping): it is not live from now on.
+    pub fn resigned(&mut self) {
+        self.fresh_until = None;
+        self.sent.clear();
+    }
+
+    /// A watch event.
+    pub fn observe(&mut self, event: &watcher::Event<Lease>, now: Instant) {
+        match event {
+            watcher::Event::Apply(lease) => self.applied(lease, now),
+            watcher::Event::Delete(lease) => self.deleted(lease),
+            watcher::Event::Init => self.relisting = Some(Vec::new()),
+            watcher::Event::InitApply(lease) => {
+                self.applied(lease, now);
+                if let (Some(seen), Some(name)) = (self.relisting.as_mut(), director_of(lease)) {
+                    seen.push(name);
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = self.relisting.take() {
+                    self.peers.retain(|name, _| seen.contains(name));
+                }
+            }
+        }
+    }
+
+    fn applied(&mut self, lease: &Lease, now: Instant) {
+        let Some(name) = director_of(lease) else {
+            return;
+        };
+        let renewed = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.renew_time.as_ref())
+            .map(|t| t.0);
+        if name == self.me {
+            if let Some(started) = renewed.and_then(|r| self.sent.get(&r).copied()) {
+                let until = started + self.timings.deadline();
+                self.fresh_until = Some(self.fresh_until.map_or(until, |u| u.max(until)));
+                self.sent.retain(|_, s| *s > started);
+            }
+            return;
+        }
+        let lease_duration = duration_of(lease);
+        let changed = self
+            .peers
+            .get(&name)
+            .is_none_or(|seen| seen.renewed != renewed);
+        if changed {
+            self.peers.insert(
+                name,
+                Seen {
+                    renewed,
+                    at: now,
+                    lease: lease_duration,
+                },
+            );
+        }
+    }
+
+    fn deleted(&mut self, lease: &Lease) {
+        if let Some(name) = director_of(lease)
+            && name != self.me
+        {
+            self.peers.remove(&name);
+        }
+    }
+
+    /// The live directors at `now`.
+    pub fn election(&self, now: Instant) -> Election {
+        let mut live: std::collections::BTreeSet<String> = self
+            .peers
+            .iter()
+            .filter(|(_, seen)| seen.at + seen.lease > now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if self.fresh_until.is_some_and(|until| until > now) {
+            live.insert(self.me.clone());
+        }
+        Election {
+            me: self.me.clone(),
+            live,
+        }
+    }
+
+    /// The next moment the election may change by the clock alone (a Lease expiring).
+    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        self.peers
+            .values()
+            .map(|seen| seen.at + seen.lease)
+            .chain(self.fresh_until)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
+/// The director a Lease is of, by its label.
+fn director_of(lease: &Lease) -> Option<String> {
+    lease.labels().get(LABEL_DIRECTOR_LEASE).cloned()
+}
+
+/// A Lease's duration: the exact annotation, else the whole seconds of its spec, else the
+/// default (a Lease without either was not written by ipvslb: it still counts for as long).
+fn duration_of(lease: &Lease) -> Duration {
+    lease
+        .annotations()
+        .get(ANNOTATION_LEASE_DURATION)
+        .and_then(|text| humantime::parse_duration(text).ok())
+        .or_else(|| {
+            lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.lease_duration_seconds)
+                .and_then(|s| u64::try_from(s).ok())
+                .map(Duration::from_secs)
+        })
+        .unwrap_or(Timings::DEFAULT.lease)
+}
+
+/// The settings of [`run`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the Leases are (the release's namespace).
+    pub namespace: String,
+    /// This director's name.
+    pub me: String,
+    /// Its Lease timings.
+    pub timings: Timings,
+}
+
+/// Holds this director's Lease while `fit` says it can serve, watches its peers', and hands
+/// every change of the live set to `elect` (which returns once the announcements follow it).
+/// At `shutdown` it hands over an election without itself, then deletes its Lease.
+pub async fn run<E, F>(
+    client: Client,
+    config: Config,
+    mut fit: watch::Receiver<bool>,
+    elect: E,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    E: Fn(Election) -> F,
+    F: Future<Output = ()>,
+{
+    let api: Api<Lease> = Api::namespaced(client, &config.namespace);
+    let name = lease_name(&config.me);
+    let mut membership = Membership::new(&config.me, config.timings);
+    let mut leases = watcher(
+        api.clone(),
+        watcher::Config::default().labels(LABEL_DIRECTOR_LEASE),
+    )
+    .default_backoff()
+    .boxed();
+    let mut renewals = tokio::time::interval(config.timings.renew());
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut applied = Election {
+        me: config.me.clone(),
+        ..Election::default()
+    };
+    elect(applied.clone()).await;
+    let mut holding = false;
+    loop {
+        let wake = membership
+            .next_expiry(Instant::now())
+            .map(tokio::time::Instant::from_std);
+        let woke = tokio::select! {
+            _ = renewals.tick() => Wake::Renewal,
+            event = leases.next() => match event {
+                Some(event) => Wake::Lease(Box::new(event)),
+                None => return,
+            },
+            _ = sleep_until(wake) => Wake::Clock,
+            _ = fit.changed() => Wake::Fitness,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let serving = *fit.borrow_and_update();
+        match woke {
+            Wake::Renewal if serving => {
+                holding = true;
+                renew(&api, &name, &config, &mut membership).await;
+            }
+            Wake::Renewal if holding => {
+                holding = false;
+                membership.resigned();
+                give_up(&api, &name, &config.me, &applied, &elect).await;
+            }
+            Wake::Lease(event) => match *event {
+                Ok(event) => membership.observe(&event, Instant::now()),
+                Err(e) => {
+                    warn!(lease = %name, error = %e, "watching the director Leases failed; retrying");
+                }
+            },
+            Wake::Fitness if !serving => membership.resigned(),
+            Wake::Renewal | Wake::Fitness | Wake::Clock => {}
+        }
+        let now = membership.election(Instant::now());
+        if now != applied {
+            info!(live = ?now.live, announcing = now.is_live(), "director Leases changed");
+            elect(now.clone()).await;
+            applied = now;
+        }
+    }
+    membership.resigned();
+    give_up(&api, &name, &config.me, &applied, &elect).await;
+}
+
+/// Withdraws this director's announcements, then deletes its Lease: peers take over only once
+/// it has stopped answering.
+async fn give_up<E, F>(api: &Api<Lease>, name: &str, me: &str, applied: &Election, elect: &E)
+where
+    E: Fn(Election) -> F,
+    F: Future<Output = ()>,
+{
+    let mut without = applied.clone();
+    without.live.remove(me);
+    elect(without).await;
+    let params = DeleteParams::default();
+    match tokio::time::timeout(Duration::from_secs(5), api.delete(name, &params)).await {
+        Ok(Ok(_)) => {
+            info!(lease = %name, "director Lease deleted: its VIPs move to the other directors now")
+        }
+        Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+        Ok(Err(e)) => {
+            warn!(lease = %name, error = %e, "deleting the director Lease failed: the other directors take over when it expires")
+        }
+        Err(_) => {
+            warn!(lease = %name, "deleting the director Lease timed out: the other directors take over when it expires")
+        }
+    }
+}
+
+/// Writes a renewal of this director's Lease (created if absent), bounded by the renewal period.
+async fn renew(api: &Api<Lease>, name: &str, config: &Config, membership: &mut Membership) {
+    // Microseconds, as the API server keeps a MicroTime: the watch must give back this value.
+    let now = Timestamp::now();
+    let renewed = Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now);
+    let started = Instant::now();
+    membership.sending(renewed, started);
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some([(LABEL_DIRECTOR_LEASE.to_owned(), config.me.clone())].into()),
+            annotations: Some(
+                [(
+                    ANNOTATION_LEASE_DURATION.to_owned(),
+                    humantime::format_duration(config.timings.lease).to_string(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(config.me.clone()),
+            lease_duration_seconds: Some(
+                i32::try_from(config.timings.lease.as_secs_f64().ceil() as u64).unwrap_or(i32::MAX),
+            ),
+            renew_time: Some(MicroTime(renewed)),
+            ..LeaseSpec::default()
+        }),
+    };
+    let (params, patch) = (PatchParams::apply(MANAGER).force(), Patch::Apply(&lease));
+    match tokio::time::timeout(config.timings.renew(), api.patch(name, &params, &patch)).await {
+        Ok(Ok(_)) => debug!(lease = %name, "director Lease renewed"),
+        Ok(Err(e)) => warn!(lease = %name, error = %e, "renewing the director Lease failed"),
+        Err(_) => warn!(lease = %name, "renewing the director Lease timed out"),
+    }
+}
+
+/// What woke the Lease loop.
+enum Wake {
+    Renewal,
+    Lease(Box<Result<watcher::Event<Lease>, watcher::Error>>),
+    Clock,
+    Fitness,
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(director: &str, renewed: Timestamp, duration: Option<&str>) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(director)),
+                labels: Some([(LABEL_DIRECTOR_LEASE.to_owned(), director.to_owned())].into()),
+                annotations: duration
+                    .map(|d| [(ANNOTATION_LEASE_DURATION.to_owned(), d.to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                lease_duration_seconds: Some(2),
+                renew_time: Some(MicroTime(renewed)),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
+    }
+
+    fn live(m: &Membership, now: Instant) -> Vec<String> {
+        m.election(now).live.into_iter().collect()
+    }
+
+    #[test]
+    fn a_peer_is_live_for_its_duration_after_it_was_seen_renewed_on_this_clock() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("dir1", Timings::DEFAULT);
+        // Its renewTime is an hour off this host's clock: only when it was seen counts.
+        m.observe(
+            &watcher::Event::Apply(lease("dir2", at(3600), Some("1500ms"))),
+            t0,
+        );
+        assert_eq!(live(&m, t0 + Duration::from_millis(1400)), ["dir2"]);
+        assert!(live(&m, t0 + Duration::from_millis(1500)).is_empty());
+        assert_eq!(m.next_expiry(t0), Some(t0 + Duration::from_millis(1500)));
+        // The same record again (a relist) does not renew it.
+        m.observe(
+            &watcher::Event::Apply(lease("dir2", at(3600), Some("1500ms"))),
+            t0 + Duration::from_secs(1),
+        );
+        assert!(live(&m, t0 + Duration::from_millis(1600)).is_empty());
+        // A new renewal does; without the annotation the spec's whole seconds count.
+        m.observe(
+            &watcher::Event::Apply(lease("dir2", at(3601), None)),
+            t0 + Duration::from_secs(2),
+        );
+        assert_eq!(live(&m, t0 + Duration::from_millis(3900)), ["dir2"]);
+        assert!(live(&m, t0 + Duration::from_secs(4)).is_empty());
+    }
+
+    #[test]
+    fn this_director_is_live_only_until_two_thirds_after_a_renewal_it_saw_come_back() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("dir1", Timings::DEFAULT);
+        m.sending(at(10), t0);
+        // Written, not yet seen through the watch: not live.
+        assert!(live(&m, t0 + Duration::from_millis(100)).is_empty());
+        m.observe(
+            &watcher::Event::Apply(lease("dir1", at(10), None)),
+            t0 + Duration::from_millis(300),
+        );
+        assert_eq!(live(&m, t0 + Duration::from_millis(999)), ["dir1"]);
+        // Timed from the write's start, not from when it came back: peers wait 1.5 s from
+        // when they saw it, which is later.
+        assert!(live(&m, t0 + Duration::from_millis(1000)).is_empty());
+        // A Lease record this director never wrote (another process of the same name) gives
+        // it nothing.
+        m.observe(
+            &watcher::Event::Apply(lease("dir1", at(11), None)),
+            t0 + Duration::from_millis(1100),
+        );
+        assert!(live(&m, t0 + Duration::from_millis(1200)).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_lease_leaves_at_once_and_a_relist_drops_the_leases_gone_meanwhile() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("dir1", Timings::DEFAULT);
+        m.observe(&watcher::Event::Apply(lease("dir2", at(1), None)), t0);
+        m.observe(&watcher::Event::Apply(lease("dir3", at(1), None)), t0);
+        m.observe(&watcher::Event::Delete(lease("dir2", at(1), None)), t0);
+        assert_eq!(live(&m, t0), ["dir3"]);
+        m.observe(&watcher::Event::Apply(lease("dir2", at(2), None)), t0);
+        m.observe(&watcher::Event::Init, t0);
+        m.observe(&watcher::Event::InitApply(lease("dir3", at(1), None)), t0);
+        m.observe(&watcher::Event::InitDone, t0);
+        assert_eq!(live(&m, t0), ["dir3"]);
+    }
+
+    #[test]
+    fn resigning_ends_this_directors_liveness_at_once() {
+        let t0 = Instant::now();
+        let mut m = Membership::new("dir1", Timings::DEFAULT);
+        m.sending(at(10), t0);
+        m.observe(&watcher::Event::Apply(lease("dir1", at(10), None)), t0);
+        assert_eq!(live(&m, t0), ["dir1"]);
+        m.resigned();
+        assert!(live(&m, t0).is_empty());
+    }
+
+    #[test]
+    fn timings_refuse_a_lease_too_short_to_renew() {
+        assert!(Timings::new(Duration::from_millis(200)).is_err());
+        let t = Timings::new(Duration::from_secs(3)).unwrap();
+        assert_eq!(
+            (t.renew(), t.deadline()),
+            (Duration::from_secs(1), Duration::from_secs(2))
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The `L2` announcement channel: the host's own interface on the clients' segment.
+//!
+//! Every VIP sits on ipvslb's dummy interface, where IPVS serves it; Linux would answer ARP
+//! for it on every interface of the host, so two directors on one segment would both claim
+//! every VIP. On the segment's interface ipvslb therefore sets `arp_ignore=1` (answer ARP only
+//! for an address configured on the interface the request came in on) and `arp_announce=2`
+//! (never use a VIP as the source of this host's own ARP requests, which would claim it
+//! too), and puts there only the VIPs this director is elected for, as host addresses. IPv6
+//! needs no setting: Linux answers a neighbour solicitation only for an address on the asking
+//! interface. A VIP put there is announced at once with a gratuitous ARP or an unsolicited
+//! neighbour advertisement, and again [`REPEATS`] later, as long as this director holds it, so
+//! that a host that missed one packet (or whose cache was mid-probe) still moves.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipvslb_ipvs::netlink::{Announcer, Vips};
+use tracing::warn;
+
+use crate::dataplane::Error;
+
+/// The delays between the announcements of a VIP after the first one (keepalived sends five
+/// gratuitous ARPs by default; these spread four more over 3.75 s).
+pub const REPEATS: [Duration; 4] = [
+    Duration::from_millis(250),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// The `net.ipv4.conf.<interface>` settings of the segment's interface, and why.
+pub const ARP_SYSCTLS: [(&str, &str); 2] = [("arp_ignore", "1"), ("arp_announce", "2")];
+
+/// The host's interface on the segment, and what is announced on it.
+pub struct Segment {
+    addresses: Mutex<Vips>,
+    /// The VIPs this director holds on the segment now: the repeats stop once one is released.
+    held: Arc<Mutex<BTreeSet<IpAddr>>>,
+    neighbours: Arc<Announcer>,
+    repeats: mpsc::Sender<IpAddr>,
+    interface: String,
+}
+
+impl Segment {
+    /// Opens the existing interface `interface` and sets its ARP behaviour.
+    pub fn open(interface: &str) -> Result<Self, Error> {
+        let failed = |message: String| Error::Address {
+            address: None,
+            message: format!("l2 interface {interface}: {message}"),
+        };
+        let (vips, mac) = Vips::open_shared(interface).map_err(|e| failed(e.to_string()))?;
+        let mac = mac.ok_or_else(|| failed("it has no Ethernet address".to_owned()))?;
+        for (name, value) in ARP_SYSCTLS {
+            let path = format!("/proc/sys/net/ipv4/conf/{interface}/{name}");
+            std::fs::write(&path, value)
+                .map_err(|e| failed(format!("writing {value} to {path}: {e}")))?;
+        }
+        // arp_ignore takes the highest of `all` and the interface's: 2 and above would answer
+        // only senders inside the VIP's own /32, that is nobody.
+        if let Ok(all) = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/arp_ignore")
+            && all.trim().parse::<u8>().is_ok_and(|v| v > 1)
+        {
+            warn!(all = all.trim(), %interface, "net.ipv4.conf.all.arp_ignore is above 1: no director will answer ARP for the VIPs; set it to 0 or 1");
+        }
+        let neighbours = Arc::new(
+            Announcer::open(vips.index(), mac)
+                .map_err(|e| failed(format!("opening a packet socket: {e}")))?,
+        );
+        let held = Arc::new(Mutex::new(BTreeSet::new()));
+        let (repeats, pending) = mpsc::channel();
+        let (who, what) = (neighbours.clone(), held.clone());
+        let name = interface.to_owned();
+        std::thread::Builder::new()
+            .name("ipvslb-garp".to_owned())
+            .spawn(move || repeat(&who, &what, &pending, &name))
+            .map_err(|e| failed(format!("starting the announcement thread: {e}")))?;
+        Ok(Self {
+            addresses: Mutex::new(vips),
+            held,
+            neighbours,
+            repeats,
+            interface: interface.to_owned(),
+        })
+    }
+
+    /// The interface's addresses.
+    pub fn addresses(&self) -> &Mutex<Vips> {
+        &self.addresses
+    }
+
+    /// `vip` was just put on the interface: tells the segment at once, and again later.
+    pub fn claimed(&self, vip: IpAddr) {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(vip);
+        }
+        if let Err(e) = self.neighbours.announce(vip) {
+            warn!(%vip, interface = %self.interface, error = %e, "sending the neighbour announcement failed");
+        }
+        let _ = self.repeats.send(vip);
+    }
+
+    /// `vip` is about to leave the interface: no more announcements of it.
+    pub fn released(&self, vip: IpAddr) {
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(&vip);
+        }
+    }
+}
+
+/// Sends the later announcements of each VIP received on `pending`, while it is held; ends
+/// when the segment is dropped.
+fn repeat(
+    neighbours: &Announcer,
+    held: &Mutex<BTreeSet<IpAddr>>,
+    pending: &mpsc::Receiver<IpAddr>,
+    interface: &str,
+) {
+    // (when, VIP, how many repeats are done)
+    let mut due: Vec<(Instant, IpAddr, usize)> = Vec::new();
+    loop {
+        let next = due.iter().map(|(at, _, _)| *at).min();
+        let received = match next {
+            None => pending
+                .recv()
+                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(at) => pending.recv_timeout(at.saturating_duration_since(Instant::now())),
+        };
+        match received {
+            Ok(vip) => due.push((Instant::now() + REPEATS[0], vip, 0)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        let mut later = Vec::with_capacity(due.len());
+        for (at, vip, done) in due.drain(..) {
+            if at > now {
+                later.push((at, vip, done));
+                continue;
+            }
+            if !held.lock().is_ok_and(|h| h.contains(&vip)) {
+                continue;
+            }
+            if let Err(e) = neighbours.announce(vip) {
+                warn!(%vip, %interface, error = %e, "sending the neighbour announcement failed");
+            }
+            if let Some(delay) = REPEATS.get(done + 1) {
+                later.push((now + *delay, vip, done + 1));
+            }
+        }
+        due = later;
+    }
+}
