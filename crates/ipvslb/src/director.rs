@@ -104,6 +104,8 @@ pub struct Config {
     /// Turns true when the director is to withdraw every announced VIP for good (a stop
     /// with a drain): it goes on serving what still reaches it.
     pub withdraw: watch::Receiver<bool>,
+    /// The interface the VIPs are on (`--interface`), for `ipvslb status`.
+    pub interface: String,
     /// The interface the VIPs are announced on, if any (for the Director resource).
     pub announce_interface: Option<String>,
     /// Where the director Leases of `L2` mode are, and their timings.
@@ -187,6 +189,7 @@ pub async fn run<D: Dataplane>(
     let converger = Arc::new(Converger::new(dataplane, config.drain_grace));
     let mode = converger.dataplane().announces();
     let (election_tx, election) = watch::channel(Election::default());
+    let elected = election.clone();
     let (passes, pass) = watch::channel(crate::director_record::Pass::default());
     let _record = crate::AbortOnDrop(tokio::spawn(crate::director_record::run(
         client.clone(),
@@ -243,6 +246,10 @@ pub async fn run<D: Dataplane>(
         passes,
     });
 
+    ctx.metrics.status.set({
+        let ctx = Arc::downgrade(&ctx);
+        Arc::new(move || Some(ctx.upgrade()?.host_state(&elected.borrow())))
+    });
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
         // Until the pools are known, nothing a deleted Service held is known to be ours.
@@ -780,6 +787,46 @@ impl<D: Dataplane> Context<D> {
             );
         }
         Ok(report)
+    }
+
+    /// What this director wants and knows now, for `ipvslb status`.
+    fn host_state(&self, election: &Election) -> crate::status::HostState {
+        let down = self.checks.down();
+        let (view, plan) = self.cluster.plan_all(&down);
+        let vips: BTreeSet<IpAddr> = plan
+            .table
+            .services
+            .keys()
+            .filter_map(|k| k.address())
+            .collect();
+        let dataplane = self.converger.dataplane();
+        crate::status::HostState {
+            director: self.config.name.clone(),
+            ready: *self.converger.open().borrow(),
+            interface: self.config.interface.clone(),
+            announce: dataplane.announces(),
+            announce_interface: self.config.announce_interface.clone(),
+            vips: vips
+                .iter()
+                .map(|vip| {
+                    let mode = view.owned.announce_of(vip);
+                    crate::status::VipState {
+                        vip: *vip,
+                        mode,
+                        elected: (mode == Announce::L2)
+                            .then(|| election.winner(vip).map(str::to_owned))
+                            .flatten(),
+                    }
+                })
+                .collect(),
+            desired: plan.table,
+            announced: self.converger.announced().borrow().clone(),
+            live: election.live.iter().cloned().collect(),
+            backends_down: down
+                .iter()
+                .map(|t| format!("{}", std::net::SocketAddr::new(t.address, t.port)))
+                .collect(),
+        }
     }
 
     /// Tells the Director resource what a full pass found.

@@ -24,6 +24,7 @@ pub mod run;
 pub mod segment;
 pub mod server;
 pub mod shared;
+pub mod status;
 pub mod translate;
 pub mod view;
 

@@ -25,6 +25,9 @@ enum Command {
     Plan(PlanArgs),
     /// Print ipvslb's CustomResourceDefinitions as YAML.
     Crds,
+    /// Show this host's director: the table it wants next to the kernel's, in sync or not,
+    /// its VIPs and whether this host announces each, and the backends down.
+    Status(ipvslb::status::StatusArgs),
     /// Act on this host's director.
     Director {
         #[command(subcommand)]
@@ -67,6 +70,11 @@ fn main() -> ExitCode {
         Command::Crds => ipvslb_api::crds_yaml()
             .map(|yaml| print(&yaml))
             .map_err(|e| format!("rendering the CRDs: {e}")),
+        Command::Status(args) => runtime().and_then(|r| {
+            r.block_on(ipvslb::status::status(args))
+                .map(|text| print(&text))
+                .map_err(|e| e.to_string())
+        }),
         Command::Director {
             command: DirectorCommand::Retire(args),
         } => runtime().and_then(|r| r.block_on(retire::retire(args)).map(|text| print(&text))),

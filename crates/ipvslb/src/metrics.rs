@@ -54,6 +54,8 @@ pub struct Metrics {
     ready: Gauge,
     /// Liveness and readiness. Here because every loop already holds the metrics.
     pub health: Health,
+    /// The director's own account of what it wants, for `/status`.
+    pub status: crate::status::Board,
 }
 
 /// The kernel's counters of one destination, by the name each has in `ipvslb_destination`.
@@ -232,6 +234,7 @@ impl Metrics {
             dataplane_ops,
             leader,
             health: Health::default(),
+            status: crate::status::Board::default(),
         }
     }
 

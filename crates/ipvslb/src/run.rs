@@ -266,6 +266,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             name: args.director_name.clone().unwrap_or_else(host_name),
             max_destination_metrics: args.max_destination_metrics,
             withdraw,
+            interface: args.interface.clone(),
             announce_interface: args
                 .announce_interface
                 .clone()

@@ -55,8 +55,15 @@ impl Segment {
         let mac = mac.ok_or_else(|| failed("it has no Ethernet address".to_owned()))?;
         for (name, value) in ARP_SYSCTLS {
             let path = format!("/proc/sys/net/ipv4/conf/{interface}/{name}");
-            std::fs::write(&path, value)
-                .map_err(|e| failed(format!("writing {value} to {path}: {e}")))?;
+            // Already set (by the host, where /proc/sys is read-only to ipvslb): nothing to do.
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+                continue;
+            }
+            std::fs::write(&path, value).map_err(|e| {
+                failed(format!(
+                    "writing {value} to {path}: {e} (set net.ipv4.conf.{interface}.{name}={value} on the host)"
+                ))
+            })?;
         }
         // arp_ignore takes the highest of `all` and the interface's: 2 and above would answer
         // only senders inside the VIP's own /32, that is nobody.

@@ -629,11 +629,12 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
         &["10.250.6.10-10.250.6.20"],
         &["rbac"],
     ));
+    // In L2 mode, so that its Lease and its Director resource are written with these rules too.
     let ipvslb = Ipvslb::spawn(
         &kubeconfig,
         class,
         "rbac-test",
-        &[],
+        &["--l2-interface", "seg0", "--director-name", "rbac-director"],
         "",
         cluster.dir.join("rbac-ipvslb.log"),
     );
@@ -667,6 +668,29 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "ipvslb-system");
+    let directors: Api<ipvslb_api::Director> = Api::all(client.clone());
+    eventually(
+        "the director's Lease and its Director resource, ready",
+        20 * SECOND,
+        || async {
+            leases.get("ipvslb-director-rbac-director").await.ok()?;
+            directors
+                .get("rbac-director")
+                .await
+                .ok()?
+                .status?
+                .ready
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        !logs().contains("forbidden"),
+        "no permission was missing:\n{}",
+        logs()
+    );
 
     // Take away the status write: the next assignment fails with a line naming what and why.
     let full = common::Cluster::chart_role().1;

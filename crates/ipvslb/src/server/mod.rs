@@ -124,6 +124,13 @@ fn answer(request: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes
         "/healthz" => verdict(metrics.health.live(), "ok"),
         "/readyz" => verdict(metrics.health.ready(), "ready"),
         "/metrics" => (StatusCode::OK, metrics.render()),
+        "/status" => match metrics.status.render() {
+            Some(json) => (StatusCode::OK, json),
+            None => (
+                StatusCode::NOT_FOUND,
+                "no director runs in this process\n".to_owned(),
+            ),
+        },
         _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -227,6 +227,7 @@ impl Controllers {
             name: "test-director".to_owned(),
             max_destination_metrics: 100,
             withdraw: tokio::sync::watch::channel(false).1,
+            interface: "ipvslb0".to_owned(),
             announce_interface: None,
             lease_namespace: "default".to_owned(),
             l2_lease: ipvslb::peers::Timings::DEFAULT,
@@ -409,13 +410,13 @@ impl Cluster {
     }
 
     /// ClusterRole `ipvslb` holding every rule of the chart (the allocator's, the director's
-    /// and the Lease Role's, read from `charts/ipvslb/rbac/`), for `ipvslb run --role all`, as
+    /// and the two Lease Roles', read from `charts/ipvslb/rbac/`), for `ipvslb run --role all`, as
     /// a file and as text.
     pub fn chart_role() -> (PathBuf, String) {
         let mut text = String::from(
             "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: ipvslb\nrules:\n",
         );
-        for file in ["allocator", "director", "lease"] {
+        for file in ["allocator", "director", "lease", "director-lease"] {
             text.push_str(&chart_rules(file));
         }
         // In the cluster's folder, which the watchdog removes.
