@@ -27,6 +27,7 @@ pub struct HostState {
     /// The interface it announces on, if any.
     pub announce_interface: Option<String>,
     /// The table it wants in the kernel, as planned from its caches now.
+    #[serde(with = "as_list")]
     pub desired: Table,
     /// The VIPs it announces.
     pub announced: BTreeSet<IpAddr>,
@@ -98,6 +99,7 @@ pub struct Report {
     /// The director's own account.
     pub host: HostState,
     /// The kernel's table: the virtual services on the director's VIPs.
+    #[serde(with = "as_list")]
     pub kernel: Table,
     /// The addresses on the VIP interface.
     pub interface_addresses: BTreeSet<IpAddr>,
@@ -349,6 +351,44 @@ impl Report {
         let _ = write!(out, "\nDesired:\n{}", self.host.desired.listing());
         let _ = write!(out, "\nKernel:\n{}", self.kernel.listing());
         out
+    }
+}
+
+/// A table in JSON: a list of virtual services, each with a list of its destinations (JSON
+/// object keys can only be strings).
+mod as_list {
+    use ipvslb_ipvs::{Destination, Table, VirtualService};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Service {
+        service: VirtualService,
+        destinations: Vec<Destination>,
+    }
+
+    pub fn serialize<S: Serializer>(table: &Table, serializer: S) -> Result<S::Ok, S::Error> {
+        let services: Vec<Service> = table
+            .services
+            .values()
+            .map(|entry| Service {
+                service: entry.service.clone(),
+                destinations: entry.destinations.values().cloned().collect(),
+            })
+            .collect();
+        services.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Table, D::Error> {
+        let services = Vec::<Service>::deserialize(deserializer)?;
+        let mut table = Table::new();
+        for Service {
+            service,
+            destinations,
+        } in services
+        {
+            table.insert(service, destinations);
+        }
+        Ok(table)
     }
 }
 
