@@ -9,7 +9,13 @@
 //! needs no setting: Linux answers a neighbour solicitation only for an address on the asking
 //! interface. A VIP put there is announced at once with a gratuitous ARP or an unsolicited
 //! neighbour advertisement, and again [`REPEATS`] later, as long as this director holds it, so
-//! that a host that missed one packet (or whose cache was mid-probe) still moves.
+//! that a host that missed one packet (or whose cache was mid-probe) still moves (Linux ignores
+//! a gratuitous ARP that comes within `locktime`, 1 s, of the entry's last update).
+//!
+//! The addresses on the segment live [`LIFETIME`] unless refreshed, and a thread refreshes
+//! them every [`REFRESH`] while this process holds them: a director killed outright stops
+//! answering for its VIPs within about two seconds by the kernel's own hand, as its peers take
+//! over its Lease, instead of answering beside them until someone cleans up.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -31,12 +37,19 @@ pub const REPEATS: [Duration; 4] = [
     Duration::from_secs(2),
 ];
 
+/// How long a VIP stays on the segment's interface without a refresh, in seconds (the
+/// kernel checks lifetimes to the second).
+pub const LIFETIME: u32 = 1;
+
+/// How often the VIPs held are refreshed.
+pub const REFRESH: Duration = Duration::from_millis(250);
+
 /// The `net.ipv4.conf.<interface>` settings of the segment's interface, and why.
 pub const ARP_SYSCTLS: [(&str, &str); 2] = [("arp_ignore", "1"), ("arp_announce", "2")];
 
 /// The host's interface on the segment, and what is announced on it.
 pub struct Segment {
-    addresses: Mutex<Vips>,
+    addresses: Arc<Mutex<Vips>>,
     /// The VIPs this director holds on the segment now: the repeats stop once one is released.
     held: Arc<Mutex<BTreeSet<IpAddr>>>,
     neighbours: Arc<Announcer>,
@@ -51,7 +64,8 @@ impl Segment {
             address: None,
             message: format!("l2 interface {interface}: {message}"),
         };
-        let (vips, mac) = Vips::open_shared(interface).map_err(|e| failed(e.to_string()))?;
+        let (vips, mac) =
+            Vips::open_shared(interface, LIFETIME).map_err(|e| failed(e.to_string()))?;
         let mac = mac.ok_or_else(|| failed("it has no Ethernet address".to_owned()))?;
         for (name, value) in ARP_SYSCTLS {
             let path = format!("/proc/sys/net/ipv4/conf/{interface}/{name}");
@@ -78,14 +92,19 @@ impl Segment {
         );
         let held = Arc::new(Mutex::new(BTreeSet::new()));
         let (repeats, pending) = mpsc::channel();
-        let (who, what) = (neighbours.clone(), held.clone());
-        let name = interface.to_owned();
+        let addresses = Arc::new(Mutex::new(vips));
+        let keeper = Keeper {
+            neighbours: neighbours.clone(),
+            held: held.clone(),
+            addresses: addresses.clone(),
+            interface: interface.to_owned(),
+        };
         std::thread::Builder::new()
-            .name("ipvslb-garp".to_owned())
-            .spawn(move || repeat(&who, &what, &pending, &name))
+            .name("ipvslb-segment".to_owned())
+            .spawn(move || keeper.run(&pending))
             .map_err(|e| failed(format!("starting the announcement thread: {e}")))?;
         Ok(Self {
-            addresses: Mutex::new(vips),
+            addresses,
             held,
             neighbours,
             repeats,
@@ -109,7 +128,8 @@ impl Segment {
         let _ = self.repeats.send(vip);
     }
 
-    /// `vip` is about to leave the interface: no more announcements of it.
+    /// `vip` is about to leave the interface: no more announcements or refreshes of it (once
+    /// this returns, no refresh under way can put it back).
     pub fn released(&self, vip: IpAddr) {
         if let Ok(mut held) = self.held.lock() {
             held.remove(&vip);
@@ -117,46 +137,69 @@ impl Segment {
     }
 }
 
-/// Sends the later announcements of each VIP received on `pending`, while it is held; ends
-/// when the segment is dropped.
-fn repeat(
-    neighbours: &Announcer,
-    held: &Mutex<BTreeSet<IpAddr>>,
-    pending: &mpsc::Receiver<IpAddr>,
-    interface: &str,
-) {
-    // (when, VIP, how many repeats are done)
-    let mut due: Vec<(Instant, IpAddr, usize)> = Vec::new();
-    loop {
-        let next = due.iter().map(|(at, _, _)| *at).min();
-        let received = match next {
-            None => pending
-                .recv()
-                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(at) => pending.recv_timeout(at.saturating_duration_since(Instant::now())),
+/// The thread that repeats the announcements and refreshes the addresses' lifetimes.
+struct Keeper {
+    neighbours: Arc<Announcer>,
+    held: Arc<Mutex<BTreeSet<IpAddr>>>,
+    addresses: Arc<Mutex<Vips>>,
+    interface: String,
+}
+
+impl Keeper {
+    /// Runs until the segment is dropped.
+    fn run(&self, pending: &mpsc::Receiver<IpAddr>) {
+        // (when, VIP, how many repeats are done)
+        let mut due: Vec<(Instant, IpAddr, usize)> = Vec::new();
+        let mut refresh = Instant::now() + REFRESH;
+        loop {
+            let next = due.iter().map(|(at, _, _)| *at).fold(refresh, Instant::min);
+            match pending.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                Ok(vip) => due.push((Instant::now() + REPEATS[0], vip, 0)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            let now = Instant::now();
+            if now >= refresh {
+                self.refresh();
+                refresh = now + REFRESH;
+            }
+            due = due
+                .into_iter()
+                .filter_map(|(at, vip, done)| {
+                    if at > now {
+                        return Some((at, vip, done));
+                    }
+                    if !self.held.lock().is_ok_and(|h| h.contains(&vip)) {
+                        return None;
+                    }
+                    self.announce(vip);
+                    REPEATS
+                        .get(done + 1)
+                        .map(|delay| (now + *delay, vip, done + 1))
+                })
+                .collect();
+        }
+    }
+
+    /// Gives every VIP held another lifetime. The set stays locked meanwhile, so a VIP being
+    /// withdrawn is either refreshed before it goes or not at all.
+    fn refresh(&self) {
+        let Ok(held) = self.held.lock() else {
+            return;
         };
-        match received {
-            Ok(vip) => due.push((Instant::now() + REPEATS[0], vip, 0)),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-        let now = Instant::now();
-        let mut later = Vec::with_capacity(due.len());
-        for (at, vip, done) in due.drain(..) {
-            if at > now {
-                later.push((at, vip, done));
-                continue;
-            }
-            if !held.lock().is_ok_and(|h| h.contains(&vip)) {
-                continue;
-            }
-            if let Err(e) = neighbours.announce(vip) {
-                warn!(%vip, %interface, error = %e, "sending the neighbour announcement failed");
-            }
-            if let Some(delay) = REPEATS.get(done + 1) {
-                later.push((now + *delay, vip, done + 1));
+        let Ok(mut addresses) = self.addresses.lock() else {
+            return;
+        };
+        for vip in held.iter() {
+            if let Err(e) = addresses.refresh(*vip) {
+                warn!(%vip, interface = %self.interface, error = %e, "refreshing the VIP on the segment failed");
             }
         }
-        due = later;
+    }
+
+    fn announce(&self, vip: IpAddr) {
+        if let Err(e) = self.neighbours.announce(vip) {
+            warn!(%vip, interface = %self.interface, error = %e, "sending the neighbour announcement failed");
+        }
     }
 }

@@ -190,7 +190,7 @@ fn read_kernel(host: HostState) -> Result<Report, Error> {
         (Announce::Bgp, Some(interface)) => Vips::open_existing(interface)
             .and_then(|mut v| v.list())
             .map_err(kernel_error)?,
-        (Announce::L2, Some(interface)) => Vips::open_shared(interface)
+        (Announce::L2, Some(interface)) => Vips::open_shared(interface, crate::segment::LIFETIME)
             .and_then(|(mut v, _)| v.list())
             .map_err(kernel_error)?
             .intersection(&interface_addresses)

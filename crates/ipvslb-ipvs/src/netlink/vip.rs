@@ -34,8 +34,10 @@ pub struct Vips {
     conn: Conn,
     name: String,
     index: u32,
-    /// An interface of the host's ([`Vips::open_shared`]), not ipvslb's own.
-    shared: bool,
+    /// On an interface of the host's ([`Vips::open_shared`]): how long an address lives
+    /// unless refreshed, in seconds. `None` on ipvslb's own interface, where addresses live
+    /// until removed.
+    lifetime: Option<u32>,
 }
 
 impl Vips {
@@ -54,10 +56,12 @@ impl Vips {
     /// Opens rtnetlink over an existing interface of the host's, of any kind (the segment a
     /// director answers ARP and NDP on): never created, adopted or set up, and only its host
     /// addresses (/32, /128) are listed, so its own subnet addresses are never taken for VIPs.
-    /// Returns it with its hardware address.
-    pub fn open_shared(name: &str) -> Result<(Self, Option<[u8; 6]>)> {
+    /// The addresses it adds live `lifetime` seconds unless [`Vips::refresh`]ed: the kernel
+    /// removes them by itself when the process that claimed them is gone. Returns it with its
+    /// hardware address.
+    pub fn open_shared(name: &str, lifetime: u32) -> Result<(Self, Option<[u8; 6]>)> {
         let mut vips = Self::connect(name)?;
-        vips.shared = true;
+        vips.lifetime = Some(lifetime.max(1));
         let link = vips.link_named(name)?;
         vips.index = u32::try_from(*link.ifi_index()).map_err(|_| Error::Decode {
             op: Request::Link,
@@ -77,7 +81,7 @@ impl Vips {
             conn,
             name: name.to_owned(),
             index: 0,
-            shared: false,
+            lifetime: None,
         })
     }
 
@@ -147,7 +151,7 @@ impl Vips {
             // The kernel's own link-local address is not a VIP.
             .filter(|a| *a.ifa_scope() == RtScope::Universe)
             .filter_map(|a| Some((address_of(a)?, *a.ifa_prefixlen())))
-            .filter(|(address, prefix)| !self.shared || *prefix == host_prefix(address))
+            .filter(|(address, prefix)| self.lifetime.is_none() || *prefix == host_prefix(address))
             .map(|(address, _)| address)
             .collect())
     }
@@ -166,6 +170,18 @@ impl Vips {
             Err(e) if e.is_exists() => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Puts `address` back for another lifetime (re-added if it expired meanwhile).
+    pub fn refresh(&mut self, address: IpAddr) -> Result<()> {
+        let message = self.address_message(address, Request::AddAddress)?;
+        self.ack(
+            Request::AddAddress,
+            address.to_string(),
+            Rtm::Newaddr,
+            NlmF::CREATE | NlmF::REPLACE,
+            message,
+        )
     }
 
     /// Removes `address`; `false` if it was not there.
@@ -215,13 +231,14 @@ impl Vips {
                     .map_err(|e| self.codec(op, e))?,
             );
         }
-        if self.shared && address.is_ipv6() {
-            // Deprecated from the start (preferred lifetime 0, valid forever): still answered
-            // for and served, but never chosen as the source of this host's own IPv6 traffic
-            // on the segment (RFC 6724 rule 3), where a shared VIP as source would send the
-            // answers to whichever director holds it then.
+        if let Some(valid) = self.lifetime {
+            // IPv6: deprecated from the start (preferred lifetime 0): still answered for and
+            // served, but never chosen as the source of this host's own IPv6 traffic on the
+            // segment (RFC 6724 rule 3), where a shared VIP as source would send the answers
+            // to whichever director holds it then.
+            let preferred = if address.is_ipv6() { 0 } else { valid };
             let mut cacheinfo = Vec::with_capacity(16);
-            for value in [0u32, u32::MAX, 0, 0] {
+            for value in [preferred, valid, 0, 0] {
                 cacheinfo.extend_from_slice(&value.to_ne_bytes());
             }
             attrs.push(
