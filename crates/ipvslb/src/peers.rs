@@ -13,6 +13,9 @@
 //!   others leave or join), stops announcing before any peer can take its Lease for expired.
 //! - A director that stops withdraws its announcements first and then deletes its Lease, so its
 //!   peers take over at once instead of after the Lease's duration.
+//! - A director that (re)joins counts itself live only a renewal period after it first saw its
+//!   Lease back: its peers see the same Lease at about the same moment and withdraw the VIPs
+//!   it wins first, so a VIP moving to it has a moment with no announcer, never one with two.
 //! - A director renews its Lease only while it is fit to serve (a full pass has programmed the
 //!   kernel, and it is not stopping); otherwise it deletes it and its VIPs move.
 //!
@@ -94,6 +97,8 @@ pub struct Membership {
     sent: BTreeMap<Timestamp, Instant>,
     /// Until when this director counts itself live.
     fresh_until: Option<Instant>,
+    /// When it last became fresh after not being so.
+    joined: Option<Instant>,
     /// The peers seen during the relist under way, if one is.
     relisting: Option<Vec<String>>,
 }
@@ -114,6 +119,7 @@ impl Membership {
             peers: BTreeMap::new(),
             sent: BTreeMap::new(),
             fresh_until: None,
+            joined: None,
             relisting: None,
         }
     }
@@ -130,6 +136,7 @@ impl Membership {
     /// This director gave up its Lease (unfit, or stopping): it is not live from now on.
     pub fn resigned(&mut self) {
         self.fresh_until = None;
+        self.joined = None;
         self.sent.clear();
     }
 
@@ -164,6 +171,9 @@ impl Membership {
             .map(|t| t.0);
         if name == self.me {
             if let Some(started) = renewed.and_then(|r| self.sent.get(&r).copied()) {
+                if self.fresh_until.is_none_or(|until| until <= now) {
+                    self.joined = Some(now);
+                }
                 let until = started + self.timings.deadline();
                 self.fresh_until = Some(self.fresh_until.map_or(until, |u| u.max(until)));
                 self.sent.retain(|_, s| *s > started);
@@ -203,7 +213,11 @@ impl Membership {
             .filter(|(_, seen)| seen.at + seen.lease > now)
             .map(|(name, _)| name.clone())
             .collect();
-        if self.fresh_until.is_some_and(|until| until > now) {
+        if self.fresh_until.is_some_and(|until| until > now)
+            && self
+                .joined
+                .is_some_and(|joined| now >= joined + self.timings.renew())
+        {
             live.insert(self.me.clone());
         }
         Election {
@@ -218,6 +232,7 @@ impl Membership {
             .values()
             .map(|seen| seen.at + seen.lease)
             .chain(self.fresh_until)
+            .chain(self.joined.map(|joined| joined + self.timings.renew()))
             .filter(|at| *at > now)
             .min()
     }
@@ -476,6 +491,10 @@ mod tests {
             &watcher::Event::Apply(lease("dir1", at(10), None)),
             t0 + Duration::from_millis(300),
         );
+        // Joining: live a renewal period (500 ms) after it saw itself back, once its peers
+        // had the time to withdraw what it wins.
+        assert!(live(&m, t0 + Duration::from_millis(799)).is_empty());
+        assert_eq!(live(&m, t0 + Duration::from_millis(800)), ["dir1"]);
         assert_eq!(live(&m, t0 + Duration::from_millis(999)), ["dir1"]);
         // Timed from the write's start, not from when it came back: peers wait 1.5 s from
         // when they saw it, which is later.
@@ -510,9 +529,14 @@ mod tests {
         let mut m = Membership::new("dir1", Timings::DEFAULT);
         m.sending(at(10), t0);
         m.observe(&watcher::Event::Apply(lease("dir1", at(10), None)), t0);
-        assert_eq!(live(&m, t0), ["dir1"]);
+        let joined = t0 + Duration::from_millis(500);
+        assert_eq!(live(&m, joined), ["dir1"]);
+        // A renewal that keeps it fresh does not make it join again.
+        m.sending(at(11), joined);
+        m.observe(&watcher::Event::Apply(lease("dir1", at(11), None)), joined);
+        assert_eq!(live(&m, joined), ["dir1"]);
         m.resigned();
-        assert!(live(&m, t0).is_empty());
+        assert!(live(&m, joined).is_empty());
     }
 
     #[test]

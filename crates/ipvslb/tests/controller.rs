@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     Controllers, Ipvslb, Relay, body, classes, cluster, eventually, http_get, ingress,
-    service_yaml, status, turn, wait_ingress,
+    make_nodes_ready, service_yaml, status, turn, wait_ingress,
 };
 use ipvslb_api::IPPool;
 use ipvslb_ipvs::{Protocol, ServiceKey};
@@ -30,41 +30,6 @@ fn pool_yaml(name: &str, class: &str, addresses: &[&str], namespaces: &[&str]) -
     format!(
         "apiVersion: ipvslb.io/v1alpha1\nkind: IPPool\nmetadata:\n  name: {name}\nspec:\n  loadBalancerClass: {class}\n  addresses:\n{addresses}  serviceAllocation:\n    namespaces: [{namespaces}]\n"
     )
-}
-
-const NODES: &str = "
-apiVersion: v1
-kind: Node
-metadata: {name: node1, labels: {ipvslb.io/backend: \"true\"}}
----
-apiVersion: v1
-kind: Node
-metadata: {name: node2, labels: {ipvslb.io/backend: \"true\"}}
-";
-
-/// Nodes get their addresses and Ready condition through the status subresource, as a kubelet
-/// would report them.
-fn make_nodes_ready(cluster: &common::Cluster) {
-    cluster.apply(NODES);
-    for (node, ip) in [("node1", "10.240.0.101"), ("node2", "10.240.0.102")] {
-        let patch = format!(
-            "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}],\"conditions\":[{{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",\"message\":\"ready\",\"lastHeartbeatTime\":\"2026-01-01T00:00:00Z\",\"lastTransitionTime\":\"2026-01-01T00:00:00Z\"}}]}}}}"
-        );
-        let out = cluster.kubectl(&[
-            "patch",
-            "node",
-            node,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &patch,
-        ]);
-        assert!(
-            out.status.success(),
-            "patching {node}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 async fn warning_events(client: &kube::Client, namespace: &str, name: &str) -> Vec<String> {

@@ -259,6 +259,69 @@ impl Controllers {
         }
     }
 
+    /// Starts a director alone, named `name`, in L2 mode on an in-memory data plane, its
+    /// Lease in `lease_namespace`.
+    pub fn start_l2_director(
+        client: &Client,
+        classes: ClassPolicy,
+        name: &str,
+        lease_namespace: &str,
+    ) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let dataplane = Arc::new(Memory::announcing_in(ipvslb_api::Announce::L2));
+        let (shutdown, stop) = watch::channel(false);
+        let mut services = SharedWatch::new();
+        let config = director::Config {
+            classes,
+            resync: Duration::from_secs(2),
+            drain_grace: Duration::ZERO,
+            concurrency: 8,
+            probes: ipvslb::health::Config { max_in_flight: 64 },
+            name: name.to_owned(),
+            max_destination_metrics: 100,
+            withdraw: tokio::sync::watch::channel(false).1,
+            interface: "ipvslb0".to_owned(),
+            announce_interface: Some("eth1".to_owned()),
+            lease_namespace: lease_namespace.to_owned(),
+            l2_lease: ipvslb::peers::Timings::DEFAULT,
+        };
+        let director = tokio::spawn(director::run(
+            client.clone(),
+            config,
+            services.subscribe(),
+            dataplane.clone(),
+            metrics.clone(),
+            stop,
+        ));
+        let watch = tokio::spawn(services.run(
+            client,
+            ipvslb::cached::CachedService::trim,
+            &metrics.health,
+        ));
+        Self {
+            metrics,
+            dataplane,
+            shutdown,
+            tasks: vec![director, watch],
+        }
+    }
+
+    /// Stops them as SIGTERM does: the first task (the director, or the allocator) may
+    /// finish its work for up to `deadline`; then the rest are aborted.
+    pub async fn stop_within(mut self, deadline: Duration) {
+        let _ = self.shutdown.send(true);
+        let mut tasks = self.tasks.drain(..);
+        if let Some(mut first) = tasks.next()
+            && tokio::time::timeout(deadline, &mut first).await.is_err()
+        {
+            first.abort();
+        }
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
     /// Kills the controllers at once, as `kill -9` would: no graceful shutdown.
     pub fn kill(self) {
         drop(self);
@@ -591,4 +654,40 @@ pub fn with_stdin(mut command: Command, input: &str) -> std::process::Output {
         .write_all(input.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// Two Nodes labelled `ipvslb.io/backend: "true"`.
+const NODES: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: node1, labels: {ipvslb.io/backend: \"true\"}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node2, labels: {ipvslb.io/backend: \"true\"}}
+";
+
+/// Nodes get their addresses and Ready condition through the status subresource, as a kubelet
+/// would report them.
+pub fn make_nodes_ready(cluster: &Cluster) {
+    cluster.apply(NODES);
+    for (node, ip) in [("node1", "10.240.0.101"), ("node2", "10.240.0.102")] {
+        let patch = format!(
+            "{{\"status\":{{\"addresses\":[{{\"type\":\"InternalIP\",\"address\":\"{ip}\"}}],\"conditions\":[{{\"type\":\"Ready\",\"status\":\"True\",\"reason\":\"KubeletReady\",\"message\":\"ready\",\"lastHeartbeatTime\":\"2026-01-01T00:00:00Z\",\"lastTransitionTime\":\"2026-01-01T00:00:00Z\"}}]}}}}"
+        );
+        let out = cluster.kubectl(&[
+            "patch",
+            "node",
+            node,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ]);
+        assert!(
+            out.status.success(),
+            "patching {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -10,6 +10,7 @@
 
 mod cluster;
 mod hosts;
+mod l2;
 mod relay;
 mod steps;
 mod tier;

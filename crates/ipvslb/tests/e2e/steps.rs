@@ -32,7 +32,7 @@ struct Run {
 
 type Step = (&'static str, fn(&mut Run) -> Result<(), String>);
 
-const STEPS: [Step; 12] = [
+const STEPS: [Step; 13] = [
     ("apply", apply_the_demo),
     ("round-robin", round_robin),
     ("port-change", port_change),
@@ -45,6 +45,7 @@ const STEPS: [Step; 12] = [
     ("local-traffic-policy", local_traffic_policy),
     ("health", health),
     ("director-tier", director_tier),
+    ("l2", l2),
 ];
 
 /// `e2e run`: the hosts, then every step; fails when any step failed.
@@ -1091,5 +1092,15 @@ fn director_tier(run: &mut Run) -> Result<(), String> {
     let outcome = crate::tier::step(&run.kube, &mut measured);
     // What was measured is printed even when a later part failed.
     run.health.extend(measured.lines);
+    outcome
+}
+
+/// Step 13: two directors on the flat segment in L2 mode: one MAC per VIP, the loss, clean
+/// stop and partition of an announcer, IPv6 included, and `kubectl get directors` and
+/// `ipvslb status` against the kernels.
+fn l2(run: &mut Run) -> Result<(), String> {
+    let mut lines = Vec::new();
+    let outcome = crate::l2::step(&run.kube, &mut lines);
+    run.health.extend(lines);
     outcome
 }

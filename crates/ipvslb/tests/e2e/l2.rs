@@ -1,0 +1,534 @@
+//! L2 announcement on the write-up's flat segment: the directors `dir1` and `dir2` (namespaces on
+//! br0, the nodes' segment) run `ipvslb run --role director --l2-interface eth0`, elect through
+//! their Leases which of them answers ARP and NDP for each VIP of `examples/l2/`, and hand the
+//! VIPs over when one is killed, stops, or loses the API server. The client on the segment
+//! (`client`) reaches the VIPs by ARP and NDP alone, as the write-up's `master1` does.
+//!
+//! The director of the root namespace serves every pool too, without an announcement mode: for
+//! this step its br0 answers ARP only for its own addresses (`arp_ignore=1`), as every director
+//! on an L2 segment must; it answers neighbour solicitations for its own addresses only anyway.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{self, Family, Kube, apply, kubectl, wait_for};
+use crate::hosts::{Background, CLIENT, DIRECTOR_V4, PODS, in_ns, sh};
+use crate::web::{self, now_ms};
+
+/// The L2 directors (the namespaces the tier step made).
+const DIRECTORS: [&str; 2] = ["dir1", "dir2"];
+const POLL: Duration = Duration::from_millis(20);
+
+/// The step's VIPs: `l2-api`'s, `l2-web`'s IPv4 and IPv6 ones.
+struct Vips {
+    api: String,
+    web4: String,
+    web6: String,
+}
+
+impl Vips {
+    fn all(&self) -> [&str; 3] {
+        [&self.api, &self.web4, &self.web6]
+    }
+}
+
+/// `ipvslb run --role director` in `ns`, in L2 mode on its `eth0`.
+fn director(ns: &str) -> Result<Background, String> {
+    Background::start(
+        &format!("ipvslb-l2-{ns}"),
+        Some(ns),
+        "/tests/ipvslb",
+        &[
+            "run",
+            "--role",
+            "director",
+            "--kubeconfig",
+            "/e2e/kubeconfig-node",
+            "--director-name",
+            ns,
+            "--l2-interface",
+            "eth0",
+            "--resync",
+            "3s",
+            "--set-ipvs-sysctls",
+        ],
+    )
+}
+
+/// The directors whose `eth0` holds `vip`: the ones whose kernel answers ARP or NDP for it.
+fn holders(vip: &str) -> Result<Vec<&'static str>, String> {
+    let mut found = Vec::new();
+    for ns in DIRECTORS {
+        let text = in_ns(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])?;
+        if text.contains(&format!(" {vip}/")) {
+            found.push(ns);
+        }
+    }
+    Ok(found)
+}
+
+/// Waits until every VIP has exactly one holder among `live`; returns them.
+fn settled(
+    vips: &Vips,
+    live: &[&str],
+    timeout: Duration,
+) -> Result<BTreeMap<String, &'static str>, String> {
+    wait_for(
+        &format!("one announcer among {live:?} for each L2 VIP"),
+        timeout,
+        Duration::from_millis(100),
+        || {
+            let mut found = BTreeMap::new();
+            for vip in vips.all() {
+                match holders(vip)?.as_slice() {
+                    [one] if live.contains(one) => {
+                        found.insert(vip.to_owned(), *one);
+                    }
+                    other => return Err(format!("{vip} held by {other:?}")),
+                }
+            }
+            Ok(Some(found))
+        },
+    )
+}
+
+/// The MAC address of `eth0` in `ns`.
+fn mac(ns: &str) -> Result<String, String> {
+    let text = in_ns(ns, &["ip", "-o", "link", "show", "dev", "eth0"])?;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "link/ether")
+        .map(|w| w[1].to_owned())
+        .ok_or_else(|| format!("no link/ether in {text}"))
+}
+
+/// The MAC address the client's neighbour table holds for `vip`, if any.
+fn client_neighbour(vip: &str) -> Result<Option<String>, String> {
+    let text = in_ns(CLIENT, &["ip", "neigh", "show", vip, "dev", "eth0"])?;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    Ok(words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_owned()))
+}
+
+/// The distinct MAC addresses that answer an ARP probe for `vip` from the client.
+fn arp_answers(vip: &str) -> Result<Vec<String>, String> {
+    // busybox arping exits non-zero when nobody answers; its output still tells.
+    let text = in_ns(CLIENT, &["arping", "-c", "3", "-w", "3", "-I", "eth0", vip])
+        .or_else(|e| if e.contains("Sent") { Ok(e) } else { Err(e) })?;
+    let mut macs: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("reply from"))
+        .filter_map(|l| Some(l.split('[').nth(1)?.split(']').next()?.to_lowercase()))
+        .collect();
+    macs.sort();
+    macs.dedup();
+    Ok(macs)
+}
+
+/// Requests from the client to `vip`; all must be answered.
+fn answered(vip: &str, count: usize) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let addr = if vip.contains(':') {
+        format!("[{vip}]:80")
+    } else {
+        format!("{vip}:80")
+    };
+    let text = in_ns(
+        CLIENT,
+        &[
+            &exe.to_string_lossy(),
+            "ask",
+            &addr,
+            &count.to_string(),
+            "0",
+        ],
+    )?;
+    let answers = web::parse(&text);
+    let failed = answers.iter().filter(|a| a.outcome.is_err()).count();
+    if answers.len() != count || failed > 0 {
+        return Err(format!(
+            "{addr}: {failed} of {} requests failed:\n{text}",
+            answers.len()
+        ));
+    }
+    Ok(())
+}
+
+/// How a handover went, seen from the client.
+struct Handover {
+    /// From the change until the client's traffic went to the new announcer and was answered.
+    took: Duration,
+    /// Requests that failed meanwhile.
+    failed: usize,
+}
+
+/// Requests every 50 ms from the client to `vip` while `change` happens; how long until the
+/// client's neighbour entry holds `to`'s MAC and a request after that is answered.
+fn handover(
+    vip: &str,
+    to: &str,
+    change: impl FnOnce() -> Result<(), String>,
+) -> Result<Handover, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let addr = if vip.contains(':') {
+        format!("[{vip}]:80")
+    } else {
+        format!("{vip}:80")
+    };
+    let asking = Background::start(
+        &format!("ask-l2-{}", vip.replace(':', "-")),
+        Some(CLIENT),
+        &exe.to_string_lossy(),
+        &["ask", &addr, "0", "50"],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let target = mac(to)?;
+    let started = now_ms();
+    let clock = Instant::now();
+    change()?;
+    let switched = wait_for(
+        &format!("the client's neighbour entry for {vip} to be {to}'s {target}"),
+        Duration::from_secs(15),
+        POLL,
+        || Ok((client_neighbour(vip)?.as_deref() == Some(target.as_str())).then(|| clock.elapsed())),
+    );
+    // A few answers after the switch, then the requests stop.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = std::fs::read_to_string(&asking.log).unwrap_or_default();
+    asking.kill();
+    let switched = switched?;
+    let answers = web::parse(&log);
+    let switched_ms = started + switched.as_millis();
+    let first_after = answers
+        .iter()
+        .find(|a| a.at_ms >= switched_ms && a.outcome.is_ok())
+        .ok_or_else(|| format!("no request to {vip} was answered after the switch:\n{log}"))?;
+    let failed = answers
+        .iter()
+        .filter(|a| a.at_ms >= started && a.at_ms <= first_after.at_ms && a.outcome.is_err())
+        .count();
+    Ok(Handover {
+        took: Duration::from_millis(u64::try_from(first_after.at_ms - started).unwrap_or(u64::MAX)),
+        failed,
+    })
+}
+
+/// Checks `kubectl get directors` and each director's `ipvslb status` against the kernels.
+fn views_agree_with_the_kernels(vips: &Vips) -> Result<(), String> {
+    println!("{}", kubectl(&["get", "directors"])?);
+    wait_for(
+        "each Director's Announcing column to list what its kernel answers for",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            for ns in DIRECTORS {
+                let listed = kubectl(&[
+                    "get",
+                    "director",
+                    ns,
+                    "-o",
+                    "jsonpath={.status.ready} {.status.announcing}",
+                ])?;
+                let mut held: Vec<&str> = vips
+                    .all()
+                    .into_iter()
+                    .filter(|v| holders(v).is_ok_and(|h| h.contains(&ns)))
+                    .collect();
+                held.sort();
+                let (ready, announcing) = listed.split_once(' ').unwrap_or((listed.as_str(), ""));
+                let mut said: Vec<&str> = announcing.split(',').filter(|s| !s.is_empty()).collect();
+                said.sort();
+                if ready != "true" || said != held {
+                    return Err(format!(
+                        "{ns}: ready {ready}, announcing {said:?}, its kernel holds {held:?}"
+                    ));
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
+    for ns in DIRECTORS {
+        let text = in_ns(ns, &["/tests/ipvslb", "status"])?;
+        println!("ipvslb status in {ns}:\n{text}");
+        let json = in_ns(ns, &["/tests/ipvslb", "status", "-o", "json"])?;
+        let report: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| format!("ipvslb status -o json in {ns}: {e}\n{json}"))?;
+        if report["inSync"] != serde_json::Value::Bool(true) {
+            return Err(format!("ipvslb status in {ns} says out of sync:\n{text}"));
+        }
+        let here: Vec<String> = report["announcedInKernel"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for vip in vips.all() {
+            let holds = holders(vip)?.contains(&ns);
+            if holds != here.iter().any(|h| h == vip) {
+                return Err(format!(
+                    "ipvslb status in {ns} says {vip} announced here: {}, its eth0 holds it: {holds}",
+                    !holds
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The step.
+pub fn step(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
+    // The root namespace's director runs without L2 mode: it must not answer ARP on the
+    // segment for the VIPs on its ipvslb0 (see the module's comment).
+    for setting in [
+        "net.ipv4.conf.br0.arp_ignore=1",
+        "net.ipv4.conf.br0.arp_announce=2",
+    ] {
+        sh("sysctl", &["-q", "-w", setting])?;
+    }
+    let outcome = run(kube, lines);
+    for setting in [
+        "net.ipv4.conf.br0.arp_ignore=0",
+        "net.ipv4.conf.br0.arp_announce=0",
+    ] {
+        let _ = sh("sysctl", &["-q", "-w", setting]);
+    }
+    outcome
+}
+
+fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
+    let mut directors: Vec<Option<Background>> = DIRECTORS
+        .iter()
+        .map(|ns| director(ns).map(Some))
+        .collect::<Result<_, _>>()?;
+    kubectl(&["apply", "-f", "/e2e/examples/l2/l2.yaml"])?;
+    for (service, family) in [
+        ("l2-api", Family::V4),
+        ("l2-web", Family::V4),
+        ("l2-web", Family::V6),
+    ] {
+        apply(&cluster::slice_yaml(service, "web", family, &PODS))?;
+    }
+    let ingress = |name: &str, v6: bool| {
+        wait_for(
+            &format!("the EXTERNAL-IP of {name}"),
+            Duration::from_secs(45),
+            Duration::from_millis(100),
+            || {
+                Ok(kube
+                    .ingress(name)?
+                    .into_iter()
+                    .find(|a| a.contains(':') == v6))
+            },
+        )
+    };
+    let vips = Vips {
+        api: ingress("l2-api", false)?,
+        web4: ingress("l2-web", false)?,
+        web6: ingress("l2-web", true)?,
+    };
+    let owners = settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    println!("e2e: L2 announcers: {owners:?}");
+
+    // One MAC answers ARP for each IPv4 VIP: its announcer's. Traffic flows on both families,
+    // and the client's neighbour entries (ARP and NDP) hold the announcer's MAC.
+    for vip in [&vips.api, &vips.web4] {
+        let answers = arp_answers(vip)?;
+        let expected = mac(owners[vip.as_str()])?;
+        if answers != [expected.clone()] {
+            return Err(format!(
+                "ARP for {vip}: answers from {answers:?}, expected only {expected} ({})",
+                owners[vip.as_str()]
+            ));
+        }
+    }
+    for vip in vips.all() {
+        answered(vip, 6)?;
+        let expected = mac(owners[vip])?;
+        let seen = client_neighbour(vip)?;
+        if seen.as_deref() != Some(expected.as_str()) {
+            return Err(format!(
+                "the client's neighbour entry for {vip}: {seen:?}, expected {expected} ({})",
+                owners[vip]
+            ));
+        }
+    }
+    println!("e2e: one MAC answers each VIP, and every VIP answers on both families");
+    views_agree_with_the_kernels(&vips)?;
+    let selector = "involvedObject.name=l2-web,reason=Announced";
+    let events = wait_for(
+        "an Announced Event on l2-web",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            let text = kubectl(&["get", "events", "--field-selector", selector])?;
+            Ok((text.lines().count() > 1).then_some(text))
+        },
+    )?;
+    println!("{events}");
+
+    // Drift on one director: `ipvsadm -C` shows in its `ipvslb status` until the next pass.
+    let drifted = owners[vips.web4.as_str()];
+    in_ns(drifted, &["ipvsadm", "-C"])?;
+    let text = in_ns(drifted, &["/tests/ipvslb", "status"])?;
+    if !text.contains("OUT OF SYNC") {
+        return Err(format!(
+            "after ipvsadm -C in {drifted}, ipvslb status says:\n{text}"
+        ));
+    }
+    wait_for(
+        "the full pass to repair the drift",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || {
+            Ok(in_ns(drifted, &["/tests/ipvslb", "status"])?
+                .contains("IPVS:           in sync")
+                .then_some(()))
+        },
+    )?;
+    println!("e2e: ipvslb status in {drifted} showed the cleared table out of sync, then in sync");
+
+    // SIGKILL of the announcer of l2-web's IPv4 VIP: its peer takes the VIP when the Lease
+    // expires, and the kernel of the dead one drops the VIP from eth0 when its lifetime ends.
+    let lost = owners[vips.web4.as_str()];
+    let other = DIRECTORS
+        .iter()
+        .copied()
+        .find(|d| *d != lost)
+        .unwrap_or(lost);
+    let index = DIRECTORS.iter().position(|d| *d == lost).unwrap_or(0);
+    let killed = handover(&vips.web4, other, || {
+        if let Some(process) = directors[index].take() {
+            process.kill();
+        }
+        Ok(())
+    })?;
+    let gone = wait_for(
+        &format!("{lost}'s kernel to drop {} from eth0", vips.web4),
+        Duration::from_secs(5),
+        POLL,
+        || Ok((!holders(&vips.web4)?.contains(&lost)).then_some(())),
+    );
+    lines.push(format!("l2 failover = {:.2} s", killed.took.as_secs_f64()));
+    println!(
+        "e2e: {lost} killed: {} requests failed before the client's traffic went through {other}",
+        killed.failed
+    );
+    gone?;
+    settled(&vips, &[other], Duration::from_secs(10))?;
+    for vip in vips.all() {
+        answered(vip, 3)?;
+    }
+
+    // It comes back and takes its VIPs back; then it stops cleanly: it withdraws, deletes its
+    // Lease, and its peer takes over at once.
+    directors[index] = Some(director(lost)?);
+    let back = settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    if back != owners {
+        return Err(format!(
+            "after {lost} came back the announcers are {back:?}, not {owners:?} as before"
+        ));
+    }
+    let mut stop_log = String::new();
+    let graceful = handover(&vips.web4, other, || {
+        if let Some(process) = directors[index].take() {
+            stop_log = process.stop(Duration::from_secs(10));
+        }
+        Ok(())
+    })?;
+    lines.push(format!(
+        "l2 graceful failover = {:.2} s",
+        graceful.took.as_secs_f64()
+    ));
+    println!(
+        "e2e: {lost} stopped: {} requests failed meanwhile",
+        graceful.failed
+    );
+    if !stop_log.contains("director Lease deleted") {
+        return Err(format!(
+            "{lost} did not delete its Lease when it stopped:\n{stop_log}"
+        ));
+    }
+
+    // IPv6 the same way: the announcer of l2-web's IPv6 VIP is killed, and the client's
+    // neighbour entry moves by the unsolicited neighbour advertisement.
+    directors[index] = Some(director(lost)?);
+    settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    let lost6 = owners[vips.web6.as_str()];
+    let other6 = DIRECTORS
+        .iter()
+        .copied()
+        .find(|d| *d != lost6)
+        .unwrap_or(lost6);
+    let index6 = DIRECTORS.iter().position(|d| *d == lost6).unwrap_or(0);
+    let killed6 = handover(&vips.web6, other6, || {
+        if let Some(process) = directors[index6].take() {
+            process.kill();
+        }
+        Ok(())
+    })?;
+    lines.push(format!(
+        "l2 ipv6 failover = {:.2} s",
+        killed6.took.as_secs_f64()
+    ));
+    directors[index6] = Some(director(lost6)?);
+    settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+
+    // A director cut off from the API server stops answering before its Lease can expire, and
+    // takes its VIPs back when the API server is back; sampled all along, no VIP ever has two
+    // announcers.
+    let cut = owners[vips.api.as_str()];
+    let block = [
+        "OUTPUT",
+        "-d",
+        DIRECTOR_V4,
+        "-p",
+        "tcp",
+        "--dport",
+        "6443",
+        "-j",
+        "DROP",
+    ];
+    let mut doubles = 0;
+    let mut samples = 0;
+    let mut sample = |until: Instant| -> Result<(), String> {
+        while Instant::now() < until {
+            for vip in vips.all() {
+                if holders(vip)?.len() > 1 {
+                    doubles += 1;
+                }
+            }
+            samples += 1;
+        }
+        Ok(())
+    };
+    sample(Instant::now() + Duration::from_secs(1))?;
+    in_ns(cut, &[&["iptables", "-I"][..], &block].concat())?;
+    let partitioned = Instant::now();
+    sample(partitioned + Duration::from_secs(6))?;
+    let alone = DIRECTORS
+        .iter()
+        .copied()
+        .filter(|d| *d != cut)
+        .collect::<Vec<_>>();
+    let during = settled(&vips, &alone, Duration::from_secs(1));
+    in_ns(cut, &[&["iptables", "-D"][..], &block].concat())?;
+    sample(Instant::now() + Duration::from_secs(8))?;
+    lines.push(format!("double announcers = {doubles}"));
+    println!(
+        "e2e: {cut} cut off from the API server: {samples} samples of every VIP, {doubles} with two announcers"
+    );
+    during?;
+    settled(&vips, &DIRECTORS, Duration::from_secs(30))?;
+    if doubles > 0 {
+        return Err(format!("{doubles} samples found a VIP with two announcers"));
+    }
+    for process in directors.into_iter().flatten() {
+        process.stop(Duration::from_secs(10));
+    }
+    Ok(())
+}
