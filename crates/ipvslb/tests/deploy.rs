@@ -123,3 +123,54 @@ fn the_director_unit_sets_only_variables_and_flags_ipvslb_run_has() {
     }
     assert!(checked >= 5, "only {checked} settings found in the unit");
 }
+
+#[test]
+fn the_l2_drop_in_gives_the_director_a_packet_socket_and_stays_at_an_exposure_of_at_most_two_and_a_half()
+ {
+    let tool = systemd_analyze();
+    let (unit, text) = unit_here();
+    let drop_in =
+        std::fs::read_to_string(repo("deploy/systemd/ipvslb-director.service.d/l2.conf")).unwrap();
+    for line in [
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+    ] {
+        assert!(
+            drop_in.lines().any(|l| l == line),
+            "the drop-in lacks {line}"
+        );
+    }
+    assert!(
+        drop_in.contains("AF_PACKET")
+            && drop_in.contains("arp_ignore=1")
+            && drop_in.contains("arp_announce=2"),
+        "{drop_in}"
+    );
+    // The unit with the drop-in applied: its directives come after the unit's, as systemd
+    // reads them.
+    let merged = unit.with_file_name("ipvslb-director-l2.service");
+    let here = std::fs::read_to_string(&unit).unwrap();
+    std::fs::write(&merged, format!("{here}\n{drop_in}")).unwrap();
+    let verify = Command::new(tool)
+        .arg("verify")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&verify.stderr).contains("Unknown"),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let out = Command::new(tool)
+        .args(["security", "--offline=yes", "--threshold=25"])
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "systemd-analyze security scores the unit with the L2 drop-in above 2.5:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Restart=on-failure"));
+}
