@@ -51,10 +51,13 @@ pub struct DirectorStatus {
     /// How many VIPs it holds (its `--interface`'s addresses).
     #[serde(default)]
     pub vips: u64,
-    /// The VIPs it announces now, comma-separated (the `Announcing` column); empty when it
-    /// announces none.
+    /// The VIPs it announces now, comma-separated (the `Announcing` column): the first 32,
+    /// then `+N more`; empty when it announces none.
     #[serde(default)]
     pub announcing: String,
+    /// How many VIPs it announces.
+    #[serde(default)]
+    pub announced: u64,
     /// The virtual services it owns in the kernel's IPVS table.
     #[serde(default)]
     pub virtual_services: u64,

@@ -72,27 +72,15 @@ pub async fn run(
     loop {
         let status = status_of(&mut sources);
         let announcing = sources.announced.borrow().clone();
-        let what = describe(&spec);
-        for vip in announcing.difference(&told) {
-            tell(
-                &services,
-                &recorder,
-                *vip,
-                "Announced",
-                format!("{vip} announced by director {name} ({what})"),
-            )
-            .await;
-        }
-        for vip in told.difference(&announcing) {
-            tell(
-                &services,
-                &recorder,
-                *vip,
-                "Withdrawn",
-                format!("{vip} no longer announced by director {name}"),
-            )
-            .await;
-        }
+        tell(
+            &services,
+            &recorder,
+            &name,
+            &describe(&spec),
+            &told,
+            &announcing,
+        )
+        .await;
         told = announcing;
         if !spec_written {
             spec_written = write_spec(&api, &name, &spec).await;
@@ -123,17 +111,31 @@ fn status_of(sources: &mut Sources) -> DirectorStatus {
     DirectorStatus {
         ready: *sources.open.borrow_and_update(),
         vips: pass.vips,
-        announcing: announced
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        announcing: listed(&announced),
+        announced: announced.len() as u64,
         virtual_services: pass.virtual_services,
         destinations: pass.destinations,
         last_full_pass: pass.finished.map(Time),
         drift_repaired: pass.repairs,
         peers: election.live.into_iter().collect(),
     }
+}
+
+/// At most this many VIPs are listed in `status.announcing`; the count says how many in all.
+pub const MAX_LISTED: usize = 32;
+
+/// The VIPs, comma-separated, cut at [`MAX_LISTED`] with how many more.
+fn listed(vips: &BTreeSet<IpAddr>) -> String {
+    let mut text = vips
+        .iter()
+        .take(MAX_LISTED)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    if vips.len() > MAX_LISTED {
+        text.push_str(&format!(",+{} more", vips.len() - MAX_LISTED));
+    }
+    text
 }
 
 fn describe(spec: &DirectorSpec) -> String {
@@ -183,30 +185,64 @@ async fn write_status(api: &Api<Director>, name: &str, status: &DirectorStatus) 
     }
 }
 
-/// Publishes a Normal Event on each Service holding `vip`.
+/// Publishes a Normal Event on each Service holding a VIP that this director started
+/// (`announcing` but not `told`) or stopped announcing. One pass over the Services, however
+/// many VIPs changed.
 async fn tell(
     services: &Store<CachedService>,
     recorder: &Recorder,
-    vip: IpAddr,
-    reason: &str,
-    note: String,
+    name: &str,
+    what: &str,
+    told: &BTreeSet<IpAddr>,
+    announcing: &BTreeSet<IpAddr>,
 ) {
-    let holders: Vec<_> = services
-        .state()
-        .iter()
-        .map(|c| c.to_service())
-        .filter(|s| translate::ingress_addresses(s).contains(&vip))
-        .collect();
-    for service in holders {
-        let event = Event {
-            type_: EventType::Normal,
-            reason: reason.to_owned(),
-            note: Some(note.clone()),
-            action: "Announce".to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &service.object_ref(&())).await {
-            warn!(service = %translate::service_name(&service), error = %e, reason, "could not publish an event");
+    let changed: BTreeSet<IpAddr> = told.symmetric_difference(announcing).copied().collect();
+    if changed.is_empty() {
+        return;
+    }
+    for cached in services.state() {
+        let service = cached.to_service();
+        for vip in translate::ingress_addresses(&service)
+            .into_iter()
+            .filter(|v| changed.contains(v))
+        {
+            let (reason, note) = if announcing.contains(&vip) {
+                (
+                    "Announced",
+                    format!("{vip} announced by director {name} ({what})"),
+                )
+            } else {
+                (
+                    "Withdrawn",
+                    format!("{vip} no longer announced by director {name}"),
+                )
+            };
+            let event = Event {
+                type_: EventType::Normal,
+                reason: reason.to_owned(),
+                note: Some(note),
+                action: "Announce".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &service.object_ref(&())).await {
+                warn!(service = %translate::service_name(&service), error = %e, reason, "could not publish an event");
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcing_column_lists_a_few_vips_and_counts_the_rest() {
+        let few: BTreeSet<IpAddr> =
+            ["10.0.0.2".parse().unwrap(), "10.0.0.1".parse().unwrap()].into();
+        assert_eq!(listed(&few), "10.0.0.1,10.0.0.2");
+        let many: BTreeSet<IpAddr> = (0..40u8).map(|i| IpAddr::from([10, 0, 1, i])).collect();
+        let text = listed(&many);
+        assert!(text.ends_with(",+8 more"), "{text}");
+        assert_eq!(text.split(',').count(), MAX_LISTED + 1);
     }
 }
