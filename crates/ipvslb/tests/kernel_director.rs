@@ -277,3 +277,178 @@ fn retiring_removes_the_directors_entries_and_addresses_and_leaves_foreign_ones(
     clean();
     assert!(Kernel::open_existing(INTERFACE).is_err(), "never created");
 }
+
+/// Runs a witness in network namespace `ns`.
+fn in_ns(ns: &str, args: &[&str]) -> String {
+    let net = format!("--net=/run/netns/{ns}");
+    let mut all = vec![net.as_str()];
+    all.extend_from_slice(args);
+    run("nsenter", &all)
+}
+
+/// The MAC address `ns`'s neighbour table holds for `address` on `dev`, if any.
+fn neighbour(ns: &str, dev: &str, address: &str) -> Option<String> {
+    let text = in_ns(ns, &["ip", "neigh", "show", address, "dev", dev]);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_owned())
+}
+
+fn mac_of(dev: &str) -> String {
+    let text = run("ip", &["-o", "link", "show", "dev", dev]);
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "link/ether")
+        .map(|w| w[1].to_owned())
+        .expect("an Ethernet address")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_directors_claims_expire()
+ {
+    use ipvslb::election::Election;
+    use ipvslb_api::Announce;
+    clean();
+    let _ = Command::new("ip").args(["link", "del", "l2a"]).status();
+    let _ = Command::new("ip").args(["netns", "del", "l2peer"]).status();
+    // The segment: l2a here, l2b in the peer's namespace, which takes neighbour entries from
+    // gratuitous ARP and unsolicited advertisements alone (no traffic of its own).
+    run("ip", &["netns", "add", "l2peer"]);
+    run(
+        "ip",
+        &[
+            "link", "add", "l2a", "type", "veth", "peer", "name", "l2b", "netns", "l2peer",
+        ],
+    );
+    run("ip", &["addr", "add", "10.77.0.1/24", "dev", "l2a"]);
+    run(
+        "ip",
+        &["addr", "add", "fd00:77::1/64", "dev", "l2a", "nodad"],
+    );
+    run("ip", &["link", "set", "l2a", "up"]);
+    in_ns(
+        "l2peer",
+        &["ip", "addr", "add", "10.77.0.2/24", "dev", "l2b"],
+    );
+    in_ns(
+        "l2peer",
+        &["ip", "addr", "add", "fd00:77::2/64", "dev", "l2b", "nodad"],
+    );
+    in_ns("l2peer", &["ip", "link", "set", "l2b", "up"]);
+    for setting in [
+        "net.ipv4.conf.l2b.arp_accept=1",
+        "net.ipv6.conf.l2b.accept_untracked_na=1",
+    ] {
+        in_ns("l2peer", &["sysctl", "-q", "-w", setting]);
+    }
+    let kernel = Kernel::open(INTERFACE)
+        .and_then(|k| k.announcing_l2_on("l2a"))
+        .expect("the kernel data plane in L2 mode on l2a");
+    for (name, value) in [("arp_ignore", "1"), ("arp_announce", "2")] {
+        let set = std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/l2a/{name}")).unwrap();
+        assert_eq!(set.trim(), value, "{name}");
+    }
+    let c = Converger::new(kernel, Duration::ZERO);
+    let ranges: Vec<ipvslb_core::IpRange> = vec![
+        "10.77.0.200/29".parse().unwrap(),
+        "fd00:77::200/125".parse().unwrap(),
+    ];
+    let owned =
+        Owned::new(ranges.clone()).announcing(ranges.iter().map(|r| (*r, Announce::L2)).collect());
+    let vips = ["10.77.0.201", "10.77.0.202", "fd00:77::201"];
+    let mut all = Table::new();
+    let mut by_service = BTreeMap::new();
+    for (i, vip) in vips.iter().enumerate() {
+        let part = table(&[(key(vip, 80), Scheduler::Rr)]);
+        all.services.extend(part.services.clone());
+        by_service.insert(
+            svc(&format!("s{i}")),
+            part.services.keys().copied().collect(),
+        );
+    }
+    c.converge_all(
+        &all,
+        by_service,
+        &owned,
+        c.generation().unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    // Programmed, on ipvslb's interface, and answered nowhere until elected.
+    assert_eq!(
+        addresses_on(INTERFACE),
+        vips.iter().map(|v| ip(v)).collect()
+    );
+    assert!(
+        addresses_on("l2a")
+            .iter()
+            .all(|a| !vips.contains(&a.to_string().as_str()))
+    );
+
+    c.elect(Election {
+        me: "d1".into(),
+        live: ["d1".to_owned()].into(),
+    })
+    .unwrap();
+    let here = mac_of("l2a");
+    for vip in vips {
+        assert!(addresses_on("l2a").contains(&ip(vip)), "{vip} on l2a");
+        // Only the announcement can have told the peer: it sent nothing itself.
+        wait_until(
+            &format!("the peer to learn {vip} from the announcement"),
+            Duration::from_secs(3),
+            || neighbour("l2peer", "l2b", vip).as_deref() == Some(here.as_str()),
+        );
+    }
+
+    // Another director wins some: they leave l2a (still served from ipvslb's interface).
+    let both = Election {
+        me: "d1".into(),
+        live: ["d1".to_owned(), "d2".to_owned()].into(),
+    };
+    c.elect(both.clone()).unwrap();
+    for vip in vips {
+        assert_eq!(
+            addresses_on("l2a").contains(&ip(vip)),
+            both.wins(&ip(vip)),
+            "{vip}"
+        );
+        assert!(addresses_on(INTERFACE).contains(&ip(vip)));
+    }
+    let kept: Vec<&str> = vips.iter().copied().filter(|v| both.wins(&ip(v))).collect();
+
+    // The director dies without a word: the kernel drops its claims by itself once their
+    // lifetime ends, and keeps serving them on ipvslb's interface.
+    c.elect(Election {
+        me: "d1".into(),
+        live: ["d1".to_owned()].into(),
+    })
+    .unwrap();
+    drop(c);
+    let died = Instant::now();
+    wait_until("the claims to expire", Duration::from_secs(4), || {
+        vips.iter().all(|v| !addresses_on("l2a").contains(&ip(v)))
+    });
+    println!(
+        "claims expired {:?} after the director was gone (kept before: {kept:?})",
+        died.elapsed()
+    );
+    assert_eq!(
+        addresses_on(INTERFACE),
+        vips.iter().map(|v| ip(v)).collect()
+    );
+    let _ = Command::new("ip").args(["link", "del", "l2a"]).status();
+    let _ = Command::new("ip").args(["netns", "del", "l2peer"]).status();
+    clean();
+}
