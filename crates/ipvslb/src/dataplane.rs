@@ -531,12 +531,14 @@ impl Dataplane for Kernel {
         match &self.announce {
             None => Ok(None),
             Some(Channel::Routed(vips)) => list_on(vips, "announce interface: ").map(Some),
-            // The segment's host addresses that are VIPs of this director: the others are
-            // the host's own, never touched.
+            // The segment's host addresses that are VIPs of this director (on its own
+            // interface, or claimed by this process and perhaps removed from there since):
+            // the others are the host's own, never touched.
             Some(Channel::Segment(segment)) => {
                 let on = list_on(segment.addresses(), "l2 interface: ")?;
-                let vips = self.addresses()?;
-                Ok(Some(on.intersection(&vips).copied().collect()))
+                let mut ours = self.addresses()?;
+                ours.extend(segment.held());
+                Ok(Some(on.intersection(&ours).copied().collect()))
             }
         }
     }

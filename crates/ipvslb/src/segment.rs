@@ -117,6 +117,11 @@ impl Segment {
         &self.addresses
     }
 
+    /// The VIPs this process put on the interface and has not released.
+    pub fn held(&self) -> BTreeSet<IpAddr> {
+        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
     /// `vip` was just put on the interface: tells the segment at once, and again later.
     pub fn claimed(&self, vip: IpAddr) {
         if let Ok(mut held) = self.held.lock() {

@@ -320,10 +320,18 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
     use ipvslb::election::Election;
     use ipvslb_api::Announce;
     clean();
-    let _ = Command::new("ip").args(["link", "del", "l2a"]).status();
-    let _ = Command::new("ip").args(["netns", "del", "l2peer"]).status();
-    // The segment: l2a here, l2b in the peer's namespace, which takes neighbour entries from
-    // gratuitous ARP and unsolicited advertisements alone (no traffic of its own).
+    let _ = Command::new("ip")
+        .args(["link", "del", "l2a"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", "l2peer"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    // The segment: l2a here, l2b in the peer's namespace, whose neighbour entries for the VIPs
+    // point elsewhere (as a client's do after another director held them): only the
+    // announcements (gratuitous ARP, an advertisement with the override flag) can move them,
+    // for the peer sends nothing itself.
     run("ip", &["netns", "add", "l2peer"]);
     run(
         "ip",
@@ -346,11 +354,22 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
         &["ip", "addr", "add", "fd00:77::2/64", "dev", "l2b", "nodad"],
     );
     in_ns("l2peer", &["ip", "link", "set", "l2b", "up"]);
-    for setting in [
-        "net.ipv4.conf.l2b.arp_accept=1",
-        "net.ipv6.conf.l2b.accept_untracked_na=1",
-    ] {
-        in_ns("l2peer", &["sysctl", "-q", "-w", setting]);
+    for vip in ["10.77.0.201", "10.77.0.202", "fd00:77::201"] {
+        in_ns(
+            "l2peer",
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                vip,
+                "lladdr",
+                "02:00:00:00:00:99",
+                "dev",
+                "l2b",
+                "nud",
+                "stale",
+            ],
+        );
     }
     let kernel = Kernel::open(INTERFACE)
         .and_then(|k| k.announcing_l2_on("l2a"))
@@ -370,7 +389,22 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
     let mut all = Table::new();
     let mut by_service = BTreeMap::new();
     for (i, vip) in vips.iter().enumerate() {
-        let part = table(&[(key(vip, 80), Scheduler::Rr)]);
+        // A destination of the VIP's own family, or the kernel refuses the service.
+        let backend = if vip.contains(':') {
+            "fd00:77::10"
+        } else {
+            "10.77.0.10"
+        };
+        let mut part = Table::new();
+        part.insert(
+            VirtualService::new(key(vip, 80), Scheduler::Rr),
+            [Destination::new(
+                ip(backend),
+                80,
+                ForwardingMethod::Route,
+                1,
+            )],
+        );
         all.services.extend(part.services.clone());
         by_service.insert(
             svc(&format!("s{i}")),
@@ -428,6 +462,36 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
     }
     let kept: Vec<&str> = vips.iter().copied().filter(|v| both.wins(&ip(v))).collect();
 
+    // Alone again, then a Service goes in a full pass: its VIP leaves ipvslb's interface and
+    // the segment both (the full pass removes the address before it reconsiders the
+    // announcements, so the segment must still know the VIP as its own).
+    c.elect(Election {
+        me: "d1".into(),
+        live: ["d1".to_owned()].into(),
+    })
+    .unwrap();
+    let mut fewer = all.clone();
+    fewer.services.remove(&key(vips[0], 80));
+    let mut by_service = BTreeMap::new();
+    for (i, vip) in vips.iter().enumerate().skip(1) {
+        by_service.insert(svc(&format!("s{i}")), vec![key(vip, 80)]);
+    }
+    c.converge_all(
+        &fewer,
+        by_service,
+        &owned,
+        c.generation().unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(!addresses_on(INTERFACE).contains(&ip(vips[0])));
+    assert!(
+        !addresses_on("l2a").contains(&ip(vips[0])),
+        "{} left on the segment",
+        vips[0]
+    );
+    let vips = &vips[1..];
+
     // The director dies without a word: the kernel drops its claims by itself once their
     // lifetime ends, and keeps serving them on ipvslb's interface.
     c.elect(Election {
@@ -448,7 +512,13 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
         addresses_on(INTERFACE),
         vips.iter().map(|v| ip(v)).collect()
     );
-    let _ = Command::new("ip").args(["link", "del", "l2a"]).status();
-    let _ = Command::new("ip").args(["netns", "del", "l2peer"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", "l2a"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", "l2peer"])
+        .stderr(std::process::Stdio::null())
+        .status();
     clean();
 }
