@@ -208,8 +208,8 @@ pub async fn run<D: Dataplane>(
         Recorder::new(client.clone(), Reporter::from(MANAGER)),
         shutdown.clone(),
     )));
-    // Elected through Leases in L2 mode; the Lease task ends after the controller, once it
-    // has withdrawn and deleted the Lease.
+    // Elected through Leases in L2 mode; at a stop the Lease task ends after the controller,
+    // once it has withdrawn and deleted the Lease.
     let leases = (mode == Announce::L2).then(|| {
         let elect = {
             let converger = converger.clone();
@@ -219,7 +219,7 @@ pub async fn run<D: Dataplane>(
                 async move { elect(converger, election).await }
             }
         };
-        tokio::spawn(crate::peers::run(
+        crate::AbortOnDrop(tokio::spawn(crate::peers::run(
             client.clone(),
             crate::peers::Config {
                 namespace: config.lease_namespace.clone(),
@@ -229,7 +229,7 @@ pub async fn run<D: Dataplane>(
             converger.open(),
             elect,
             shutdown.clone(),
-        ))
+        )))
     });
     let ctx = Arc::new(Context {
         converger,
@@ -327,8 +327,10 @@ pub async fn run<D: Dataplane>(
     .graceful_shutdown_on(crate::stopped(shutdown.clone()))
     .run(reconcile, error_policy, ctx);
     crate::drive("director", results, &health).await;
-    if let Some(leases) = leases {
-        let _ = leases.await;
+    // Aborted with this future otherwise: a director that dies takes its Lease task along,
+    // and its Lease expires as a crashed process's does.
+    if let Some(mut leases) = leases {
+        let _ = (&mut leases.0).await;
     }
 }
 
