@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ipvslb_api::{Director, DirectorSpec, DirectorStatus};
+use ipvslb_api::{Announce, Director, DirectorSpec, DirectorStatus};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -65,7 +66,7 @@ pub async fn run(
     recorder: Recorder,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<Director> = Api::all(client);
+    let api: Api<Director> = Api::all(client.clone());
     let mut written: Option<DirectorStatus> = None;
     let mut spec_written = false;
     let mut told: BTreeSet<IpAddr> = BTreeSet::new();
@@ -73,8 +74,10 @@ pub async fn run(
         let status = status_of(&mut sources);
         let announcing = sources.announced.borrow().clone();
         tell(
+            &client,
             &services,
             &recorder,
+            spec.announce,
             &name,
             &describe(&spec),
             &told,
@@ -188,9 +191,15 @@ async fn write_status(api: &Api<Director>, name: &str, status: &DirectorStatus) 
 /// Publishes a Normal Event on each Service holding a VIP that this director started
 /// (`announcing` but not `told`) or stopped announcing. One pass over the Services, however
 /// many VIPs changed.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the Events and the condition share one pass"
+)]
 async fn tell(
+    client: &Client,
     services: &Store<CachedService>,
     recorder: &Recorder,
+    mode: Announce,
     name: &str,
     what: &str,
     told: &BTreeSet<IpAddr>,
@@ -228,12 +237,184 @@ async fn tell(
                 warn!(service = %translate::service_name(&service), error = %e, reason, "could not publish an event");
             }
         }
+        let mine: Vec<(IpAddr, bool)> = translate::ingress_addresses(&service)
+            .into_iter()
+            .filter(|v| changed.contains(v))
+            .map(|v| (v, announcing.contains(&v)))
+            .collect();
+        if !mine.is_empty() {
+            set_condition(client, &service, name, mode, &mine).await;
+        }
+    }
+}
+
+/// The Service condition saying which directors announce its VIPs.
+pub const CONDITION: &str = "ipvslb.io/Announced";
+
+/// Who announces each VIP, as the condition's message says it: `10.240.0.225 by dir1;
+/// fd00:240::224 by dir2, dir3` (sorted), or `none` when no VIP is announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Announcers(std::collections::BTreeMap<IpAddr, BTreeSet<String>>);
+
+impl Announcers {
+    /// Reads a message this module wrote; anything else reads as nobody.
+    pub fn parse(message: &str) -> Self {
+        let mut map = std::collections::BTreeMap::new();
+        for part in message.split("; ") {
+            let Some((vip, directors)) = part.split_once(" by ") else {
+                continue;
+            };
+            let Ok(vip) = vip.parse::<IpAddr>() else {
+                continue;
+            };
+            let names: BTreeSet<String> = directors
+                .split(", ")
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if !names.is_empty() {
+                map.insert(vip, names);
+            }
+        }
+        Self(map)
+    }
+
+    /// `director` now announces `vip` (`true`) or not. In L2 mode it is the only one: whoever
+    /// was named before (a director that died, say) is not any more.
+    pub fn set(&mut self, vip: IpAddr, director: &str, announces: bool, mode: Announce) {
+        let names = self.0.entry(vip).or_default();
+        if announces {
+            if mode == Announce::L2 {
+                names.clear();
+            }
+            names.insert(director.to_owned());
+        } else {
+            names.remove(director);
+        }
+        if names.is_empty() {
+            self.0.remove(&vip);
+        }
+    }
+
+    /// Whether some VIP is announced.
+    pub fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// The message.
+    pub fn message(&self) -> String {
+        if self.0.is_empty() {
+            return "none".to_owned();
+        }
+        self.0
+            .iter()
+            .map(|(vip, names)| {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                format!("{vip} by {}", names.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Updates the condition of `service` for the VIPs of `changes`: read, changed and written
+/// under its resourceVersion, so that two directors never lose each other's part.
+async fn set_condition(
+    client: &Client,
+    service: &Service,
+    director: &str,
+    mode: Announce,
+    changes: &[(IpAddr, bool)],
+) {
+    let (Some(namespace), Some(name)) = (
+        service.metadata.namespace.as_deref(),
+        service.metadata.name.as_deref(),
+    ) else {
+        return;
+    };
+    let api: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let failed = |what: &str, e: &kube::Error| {
+        warn!(service = %format!("{namespace}/{name}"), error = %e, "{what} the Service's Announced condition failed");
+    };
+    // A conflict is another director's write in between: read again.
+    for _ in 0..5 {
+        let current = match api.get_status(name).await {
+            Ok(current) => current,
+            Err(e) => return failed("reading", &e),
+        };
+        let conditions = current
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let before = conditions.iter().find(|c| c.type_ == CONDITION);
+        let mut announcers = before
+            .map(|c| Announcers::parse(&c.message))
+            .unwrap_or_default();
+        for (vip, announces) in changes {
+            announcers.set(*vip, director, *announces, mode);
+        }
+        let status = if announcers.any() { "True" } else { "False" };
+        let message = announcers.message();
+        if before.is_some_and(|c| c.status == status && c.message == message) {
+            return;
+        }
+        let since = match before {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => Time(Timestamp::now()),
+        };
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": current.metadata.resource_version },
+            "status": { "conditions": [{
+                "type": CONDITION,
+                "status": status,
+                "reason": if announcers.any() { "Announced" } else { "NotAnnounced" },
+                "message": message,
+                "lastTransitionTime": since,
+                "observedGeneration": current.metadata.generation,
+            }]},
+        });
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return failed("writing", &e),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_condition_names_each_vips_announcers_and_l2_keeps_only_the_latest() {
+        let v4: IpAddr = "10.240.0.225".parse().unwrap();
+        let v6: IpAddr = "fd00:240::224".parse().unwrap();
+        let mut a = Announcers::default();
+        assert_eq!(a.message(), "none");
+        a.set(v4, "dir1", true, Announce::L2);
+        a.set(v6, "dir2", true, Announce::L2);
+        assert_eq!(a.message(), "10.240.0.225 by dir1; fd00:240::224 by dir2");
+        assert_eq!(Announcers::parse(&a.message()), a);
+        // dir1 died and dir2 took its VIP over: dir2 alone is named.
+        a.set(v4, "dir2", true, Announce::L2);
+        assert_eq!(a.message(), "10.240.0.225 by dir2; fd00:240::224 by dir2");
+        // Over BGP every director serving a VIP announces it.
+        let mut b = Announcers::default();
+        b.set(v4, "dir1", true, Announce::Bgp);
+        b.set(v4, "dir2", true, Announce::Bgp);
+        assert_eq!(b.message(), "10.240.0.225 by dir1, dir2");
+        b.set(v4, "dir1", false, Announce::Bgp);
+        b.set(v4, "dir2", false, Announce::Bgp);
+        assert!(!b.any());
+        assert_eq!(
+            Announcers::parse("written by someone else"),
+            Announcers::default()
+        );
+    }
 
     #[test]
     fn the_announcing_column_lists_a_few_vips_and_counts_the_rest() {

@@ -119,6 +119,28 @@ async fn directors_elect_one_announcer_per_vip_and_hand_over_on_stop_and_on_deat
     })
     .await;
 
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), NAMESPACE);
+    let condition = |service: String, wanted: String| {
+        let services = services.clone();
+        async move {
+            eventually(
+                &format!("{service}'s Announced condition to say {wanted}"),
+                10 * SECOND,
+                || async {
+                    let svc = services.get_status(&service).await.ok()?;
+                    let conditions = svc.status?.conditions?;
+                    let c = conditions
+                        .iter()
+                        .find(|c| c.type_ == "ipvslb.io/Announced")?;
+                    (c.status == "True" && c.message == wanted).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    condition(format!("s{holder}"), format!("{first} by dir-a")).await;
+
     // dir-a stops cleanly: it withdraws and deletes its Lease, and dir-b takes every VIP at
     // once, well within the Lease duration.
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
@@ -131,6 +153,7 @@ async fn directors_elect_one_announcer_per_vip_and_hand_over_on_stop_and_on_deat
     );
     one_announcer_each("dir-b to announce every VIP", &vips, &[&b], 10 * SECOND).await;
     let graceful = stopped.elapsed();
+    condition(format!("s{holder}"), format!("{first} by dir-b")).await;
     println!("graceful handover: {graceful:?}");
     assert!(
         graceful < Duration::from_millis(1500),
