@@ -1243,20 +1243,7 @@ mod tests {
     }
 
     fn full_pass(c: &Converger<Memory>, services: &[(&str, &Table)]) -> Report {
-        let mut all = Table::new();
-        let mut by_service = BTreeMap::new();
-        for (name, part) in services {
-            all.services.extend(part.services.clone());
-            by_service.insert(svc(name), part.services.keys().copied().collect());
-        }
-        c.converge_all(
-            &all,
-            by_service,
-            &owned(),
-            c.generation().unwrap(),
-            Instant::now(),
-        )
-        .unwrap()
+        pass_with(c, &owned(), services)
     }
 
     #[test]

@@ -278,6 +278,16 @@ fn retiring_removes_the_directors_entries_and_addresses_and_leaves_foreign_ones(
     assert!(Kernel::open_existing(INTERFACE).is_err(), "never created");
 }
 
+/// No L2 test segment: neither `l2a` nor the peer's namespace.
+fn remove_segment() {
+    for args in [["link", "del", "l2a"], ["netns", "del", "l2peer"]] {
+        let _ = Command::new("ip")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// Runs a witness in network namespace `ns`.
 fn in_ns(ns: &str, args: &[&str]) -> String {
     let net = format!("--net=/run/netns/{ns}");
@@ -320,14 +330,7 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
     use ipvslb::election::Election;
     use ipvslb_api::Announce;
     clean();
-    let _ = Command::new("ip")
-        .args(["link", "del", "l2a"])
-        .stderr(std::process::Stdio::null())
-        .status();
-    let _ = Command::new("ip")
-        .args(["netns", "del", "l2peer"])
-        .stderr(std::process::Stdio::null())
-        .status();
+    remove_segment();
     // The segment: l2a here, l2b in the peer's namespace, whose neighbour entries for the VIPs
     // point elsewhere (as a client's do after another director held them): only the
     // announcements (gratuitous ARP, an advertisement with the override flag) can move them,
@@ -512,13 +515,6 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
         addresses_on(INTERFACE),
         vips.iter().map(|v| ip(v)).collect()
     );
-    let _ = Command::new("ip")
-        .args(["link", "del", "l2a"])
-        .stderr(std::process::Stdio::null())
-        .status();
-    let _ = Command::new("ip")
-        .args(["netns", "del", "l2peer"])
-        .stderr(std::process::Stdio::null())
-        .status();
+    remove_segment();
     clean();
 }

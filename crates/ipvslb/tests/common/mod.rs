@@ -177,6 +177,29 @@ pub struct Controllers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// The test director's settings: a quick resync, no drain.
+fn director_config(
+    classes: ClassPolicy,
+    name: &str,
+    lease_namespace: &str,
+    announce_interface: Option<&str>,
+) -> director::Config {
+    director::Config {
+        classes,
+        resync: Duration::from_secs(2),
+        drain_grace: Duration::ZERO,
+        concurrency: 8,
+        probes: ipvslb::health::Config { max_in_flight: 64 },
+        name: name.to_owned(),
+        max_destination_metrics: 100,
+        withdraw: tokio::sync::watch::channel(false).1,
+        interface: "ipvslb0".to_owned(),
+        announce_interface: announce_interface.map(str::to_owned),
+        lease_namespace: lease_namespace.to_owned(),
+        l2_lease: ipvslb::peers::Timings::DEFAULT,
+    }
+}
+
 /// Which Services the test controllers serve: only their class, so a stray Service of another
 /// test is never touched.
 pub fn classes(class: &str) -> ClassPolicy {
@@ -218,20 +241,7 @@ impl Controllers {
             leading,
             stop.clone(),
         )));
-        let config = director::Config {
-            classes,
-            resync: Duration::from_secs(2),
-            drain_grace: Duration::ZERO,
-            concurrency: 8,
-            probes: ipvslb::health::Config { max_in_flight: 64 },
-            name: "test-director".to_owned(),
-            max_destination_metrics: 100,
-            withdraw: tokio::sync::watch::channel(false).1,
-            interface: "ipvslb0".to_owned(),
-            announce_interface: None,
-            lease_namespace: "default".to_owned(),
-            l2_lease: ipvslb::peers::Timings::DEFAULT,
-        };
+        let config = director_config(classes, "test-director", "default", None);
         tasks.push(tokio::spawn(director::run(
             client.clone(),
             config,
@@ -271,20 +281,7 @@ impl Controllers {
         let dataplane = Arc::new(Memory::announcing_in(ipvslb_api::Announce::L2));
         let (shutdown, stop) = watch::channel(false);
         let mut services = SharedWatch::new();
-        let config = director::Config {
-            classes,
-            resync: Duration::from_secs(2),
-            drain_grace: Duration::ZERO,
-            concurrency: 8,
-            probes: ipvslb::health::Config { max_in_flight: 64 },
-            name: name.to_owned(),
-            max_destination_metrics: 100,
-            withdraw: tokio::sync::watch::channel(false).1,
-            interface: "ipvslb0".to_owned(),
-            announce_interface: Some("eth1".to_owned()),
-            lease_namespace: lease_namespace.to_owned(),
-            l2_lease: ipvslb::peers::Timings::DEFAULT,
-        };
+        let config = director_config(classes, name, lease_namespace, Some("eth1"));
         let director = tokio::spawn(director::run(
             client.clone(),
             config,

@@ -216,6 +216,19 @@ fn handover(
     })
 }
 
+/// `announcer`, the other director, and the announcer's index in [`DIRECTORS`].
+fn roles(announcer: &'static str) -> (&'static str, &'static str, usize) {
+    let index = DIRECTORS.iter().position(|d| *d == announcer).unwrap_or(0);
+    (announcer, DIRECTORS[1 - index], index)
+}
+
+/// SIGKILL, as a crash ends a process.
+fn kill(slot: &mut Option<Background>) {
+    if let Some(process) = slot.take() {
+        process.kill();
+    }
+}
+
 /// Checks `kubectl get directors` and each director's `ipvslb status` against the kernels.
 fn views_agree_with_the_kernels(vips: &Vips) -> Result<(), String> {
     println!("{}", kubectl(&["get", "directors"])?);
@@ -394,17 +407,9 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
 
     // SIGKILL of the announcer of l2-web's IPv4 VIP: its peer takes the VIP when the Lease
     // expires, and the kernel of the dead one drops the VIP from eth0 when its lifetime ends.
-    let lost = owners[vips.web4.as_str()];
-    let other = DIRECTORS
-        .iter()
-        .copied()
-        .find(|d| *d != lost)
-        .unwrap_or(lost);
-    let index = DIRECTORS.iter().position(|d| *d == lost).unwrap_or(0);
+    let (lost, other, index) = roles(owners[vips.web4.as_str()]);
     let killed = handover(&vips.web4, other, || {
-        if let Some(process) = directors[index].take() {
-            process.kill();
-        }
+        kill(&mut directors[index]);
         Ok(())
     })?;
     let gone = wait_for(
@@ -458,17 +463,9 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     // neighbour entry moves by the unsolicited neighbour advertisement.
     directors[index] = Some(director(lost)?);
     settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
-    let lost6 = owners[vips.web6.as_str()];
-    let other6 = DIRECTORS
-        .iter()
-        .copied()
-        .find(|d| *d != lost6)
-        .unwrap_or(lost6);
-    let index6 = DIRECTORS.iter().position(|d| *d == lost6).unwrap_or(0);
+    let (lost6, other6, index6) = roles(owners[vips.web6.as_str()]);
     let killed6 = handover(&vips.web6, other6, || {
-        if let Some(process) = directors[index6].take() {
-            process.kill();
-        }
+        kill(&mut directors[index6]);
         Ok(())
     })?;
     lines.push(format!(
