@@ -26,6 +26,9 @@ use crate::translate;
 /// The field manager of the director's writes of its record.
 const MANAGER: &str = "ipvslb-director";
 
+/// How long a refused write waits before it is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
 /// How long changes are gathered into one write.
 pub const COALESCE: Duration = Duration::from_millis(200);
 
@@ -88,19 +91,28 @@ pub async fn run(
         if !spec_written {
             spec_written = write_spec(&api, &name, &spec).await;
         }
-        if spec_written
-            && written.as_ref() != Some(&status)
-            && write_status(&api, &name, &status).await
-        {
-            written = Some(status);
+        let mut refused = !spec_written;
+        if spec_written && written.as_ref() != Some(&status) {
+            if write_status(&api, &name, &status).await {
+                written = Some(status);
+            } else {
+                refused = true;
+            }
         }
-        let retry = !spec_written || written.is_none();
+        // A refused write waits a while, whatever changes meanwhile: one warning every few
+        // seconds, not one per change.
+        if refused {
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
         tokio::select! {
             _ = sources.open.changed() => {}
             _ = sources.announced.changed() => {}
             _ = sources.election.changed() => {}
             _ = sources.pass.changed() => {}
-            _ = tokio::time::sleep(Duration::from_secs(5)), if retry => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         tokio::time::sleep(COALESCE).await;

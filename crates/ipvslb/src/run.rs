@@ -98,7 +98,8 @@ pub struct RunArgs {
     /// `ipvslb_destination_total` series (five each; refreshed by each full pass).
     #[arg(long, env = "IPVSLB_MAX_DESTINATION_METRICS", default_value_t = 1000)]
     max_destination_metrics: usize,
-    /// This director's name in NodeSet statuses (default: the host name).
+    /// This director's name: of its `Director` resource and L2 Lease, and in NodeSet statuses
+    /// (default: the host name, lowercased). It must be a lowercase RFC 1123 subdomain.
     #[arg(long, env = "IPVSLB_DIRECTOR_NAME")]
     director_name: Option<String>,
     /// Set the IPVS sysctls that draining relies on (`expire_nodest_conn`,
@@ -263,7 +264,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             probes: crate::health::Config {
                 max_in_flight: args.max_probes as usize,
             },
-            name: args.director_name.clone().unwrap_or_else(host_name),
+            name: director_name(args.director_name.clone())?,
             max_destination_metrics: args.max_destination_metrics,
             withdraw,
             interface: args.interface.clone(),
@@ -422,6 +423,37 @@ fn default_identity() -> String {
     format!("{}-{}", host_name(), std::process::id())
 }
 
+/// The director's name, checked: it names Kubernetes objects (its `Director`, its Lease).
+fn director_name(given: Option<String>) -> Result<String, String> {
+    let (name, source) = match given {
+        Some(name) => (name, "--director-name"),
+        None => (
+            host_name().to_lowercase(),
+            "the host name (set --director-name)",
+        ),
+    };
+    if is_subdomain(&name) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "director name {name:?}, from {source}, is not a valid Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ))
+    }
+}
+
+/// Whether `name` is a lowercase RFC 1123 subdomain, as Kubernetes object names must be.
+fn is_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| alnum(c) || c == '-')
+                && label.starts_with(alnum)
+                && label.ends_with(alnum)
+        })
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -478,6 +510,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_director_name_must_name_a_kubernetes_object() {
+        assert_eq!(
+            director_name(Some("dir-1.rack2".into())),
+            Ok("dir-1.rack2".into())
+        );
+        for bad in ["(none)", "Dir1", "-dir", "dir-", "a..b", ""] {
+            let error = director_name(Some(bad.into())).unwrap_err();
+            assert!(error.contains("--director-name"), "{error}");
+        }
+    }
 
     #[test]
     fn durations_parse_with_their_units_and_bad_ones_say_why() {

@@ -92,6 +92,45 @@ fn settled(
     )
 }
 
+/// Whom the election gives each VIP while both directors are live.
+fn elected(vips: &Vips) -> BTreeMap<String, &'static str> {
+    let election = ipvslb::election::Election {
+        me: DIRECTORS[0].to_owned(),
+        live: DIRECTORS.iter().map(|d| (*d).to_owned()).collect(),
+    };
+    vips.all()
+        .into_iter()
+        .map(|vip| {
+            let winner = vip
+                .parse()
+                .ok()
+                .and_then(|v| election.winner(&v).map(str::to_owned));
+            let director = DIRECTORS
+                .into_iter()
+                .find(|d| winner.as_deref() == Some(*d))
+                .unwrap_or(DIRECTORS[0]);
+            (vip.to_owned(), director)
+        })
+        .collect()
+}
+
+/// Waits until each VIP is announced by the director `owners` says, and by no other.
+fn back_to(vips: &Vips, owners: &BTreeMap<String, &'static str>) -> Result<(), String> {
+    wait_for(
+        &format!("the announcers to be {owners:?}"),
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || {
+            let now = settled(vips, &DIRECTORS, Duration::ZERO)?;
+            if &now == owners {
+                Ok(Some(()))
+            } else {
+                Err(format!("announcers {now:?}"))
+            }
+        },
+    )
+}
+
 /// The MAC address of `eth0` in `ns`.
 fn mac(ns: &str) -> Result<String, String> {
     let text = in_ns(ns, &["ip", "-o", "link", "show", "dev", "eth0"])?;
@@ -344,7 +383,9 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         web4: ingress("l2-web", false)?,
         web6: ingress("l2-web", true)?,
     };
-    let owners = settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    // Both live, the announcers must be those the election gives, VIP by VIP.
+    let owners = elected(&vips);
+    back_to(&vips, &owners)?;
     println!("e2e: L2 announcers: {owners:?}");
 
     // One MAC answers ARP for each IPv4 VIP: its announcer's. Traffic flows on both families,
@@ -439,12 +480,7 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     // It comes back and takes its VIPs back; then it stops cleanly: it withdraws, deletes its
     // Lease, and its peer takes over at once.
     directors[index] = Some(director(lost)?);
-    let back = settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
-    if back != owners {
-        return Err(format!(
-            "after {lost} came back the announcers are {back:?}, not {owners:?} as before"
-        ));
-    }
+    back_to(&vips, &owners)?;
     let mut stop_log = String::new();
     let graceful = handover(&vips.web4, other, || {
         if let Some(process) = directors[index].take() {
@@ -469,7 +505,7 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     // IPv6 the same way: the announcer of l2-web's IPv6 VIP is killed, and the client's
     // neighbour entry moves by the unsolicited neighbour advertisement.
     directors[index] = Some(director(lost)?);
-    settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    back_to(&vips, &owners)?;
     let (lost6, other6, index6) = roles(owners[vips.web6.as_str()]);
     let killed6 = handover(&vips.web6, other6, || {
         kill(&mut directors[index6]);
@@ -480,7 +516,7 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         killed6.took.as_secs_f64()
     ));
     directors[index6] = Some(director(lost6)?);
-    settled(&vips, &DIRECTORS, Duration::from_secs(60))?;
+    back_to(&vips, &owners)?;
 
     // A director cut off from the API server stops answering before its Lease can expire, and
     // takes its VIPs back when the API server is back; sampled all along, no VIP ever has two
@@ -527,7 +563,7 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         "e2e: {cut} cut off from the API server: {samples} samples of every VIP, {doubles} with two announcers"
     );
     during?;
-    settled(&vips, &DIRECTORS, Duration::from_secs(30))?;
+    back_to(&vips, &owners)?;
     if doubles > 0 {
         return Err(format!("{doubles} samples found a VIP with two announcers"));
     }

@@ -226,6 +226,9 @@ fn apply_the_demo(run: &mut Run) -> Result<(), String> {
             "127.0.0.1:9090",
             "--identity",
             "director1",
+            // The VM's host name, "(none)", names no Kubernetes object.
+            "--director-name",
+            "director",
             "--set-ipvs-sysctls",
         ],
     )?);
