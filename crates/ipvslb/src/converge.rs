@@ -369,7 +369,8 @@ impl<D: Dataplane> Converger<D> {
     pub fn elect(&self, election: Election) -> Result<Report, dataplane::Error> {
         let mut state = self.lock()?;
         let mut report = Report::default();
-        if state.election.as_ref() == Some(&election) {
+        // The same election again: nothing to do, unless the last try could not finish.
+        if state.election.as_ref() == Some(&election) && state.announced.is_some() {
             return Ok(report);
         }
         state.election = Some(election);

@@ -122,6 +122,9 @@ pub trait Dataplane: Send + Sync + 'static {
     fn announce(&self, address: IpAddr) -> Result<(), Error>;
     /// Withdraws a VIP's announcement.
     fn withdraw(&self, address: IpAddr) -> Result<(), Error>;
+    /// Until when this director may announce in L2 mode (its Lease's deadline; `None`: not
+    /// at all): past it, the data plane withdraws by itself, whatever else is stuck.
+    fn hold_until(&self, _until: Option<std::time::Instant>) {}
     /// How many write requests were sent so far (to prove idempotence: a repeated sync adds 0).
     fn writes(&self) -> u64;
 }
@@ -332,6 +335,10 @@ impl<D: Dataplane> Dataplane for std::sync::Arc<D> {
 
     fn announces(&self) -> Announce {
         (**self).announces()
+    }
+
+    fn hold_until(&self, until: Option<std::time::Instant>) {
+        (**self).hold_until(until);
     }
 
     fn announced(&self) -> Result<Option<BTreeSet<IpAddr>>, Error> {
@@ -548,14 +555,11 @@ impl Dataplane for Kernel {
             None => Ok(()),
             Some(Channel::Routed(vips)) => self.change(vips, Change::Add, address, "announcing: "),
             Some(Channel::Segment(segment)) => {
-                self.change(
-                    segment.addresses(),
-                    Change::Add,
-                    address,
-                    "announcing on the segment: ",
-                )?;
-                segment.claimed(address);
-                Ok(())
+                self.address_writes.fetch_add(1, Ordering::Relaxed);
+                segment.claim(address).map_err(|message| Error::Address {
+                    address: Some(address),
+                    message: format!("announcing on the segment: {message}"),
+                })
             }
         }
     }
@@ -567,14 +571,18 @@ impl Dataplane for Kernel {
                 self.change(vips, Change::Remove, address, "withdrawing: ")
             }
             Some(Channel::Segment(segment)) => {
-                segment.released(address);
-                self.change(
-                    segment.addresses(),
-                    Change::Remove,
-                    address,
-                    "withdrawing from the segment: ",
-                )
+                self.address_writes.fetch_add(1, Ordering::Relaxed);
+                segment.release(address).map_err(|message| Error::Address {
+                    address: Some(address),
+                    message: format!("withdrawing from the segment: {message}"),
+                })
             }
+        }
+    }
+
+    fn hold_until(&self, until: Option<std::time::Instant>) {
+        if let Some(Channel::Segment(segment)) = &self.announce {
+            segment.hold_until(until);
         }
     }
 

@@ -228,6 +228,10 @@ pub async fn run<D: Dataplane>(
             },
             converger.open(),
             elect,
+            {
+                let converger = converger.clone();
+                move |until| converger.dataplane().hold_until(until)
+            },
             shutdown.clone(),
         )))
     });

@@ -13,9 +13,13 @@
 //!   others leave or join), stops announcing before any peer can take its Lease for expired.
 //! - A director that stops withdraws its announcements first and then deletes its Lease, so its
 //!   peers take over at once instead of after the Lease's duration.
-//! - A director that (re)joins counts itself live only a renewal period after it first saw its
-//!   Lease back: its peers see the same Lease at about the same moment and withdraw the VIPs
-//!   it wins first, so a VIP moving to it has a moment with no announcer, never one with two.
+//! - A director that (re)joins counts itself live only the deadline (two thirds of its
+//!   duration) after it first saw its Lease back: a peer still counting itself live by then
+//!   has seen a renewal of its own written later, and so (a watch delivers in commit order)
+//!   the joiner's Lease before it, and has withdrawn what the joiner wins. A VIP moving to a
+//!   joiner has a moment with no announcer, not one with two.
+//! - The deadline also bounds the data plane: it withdraws by itself once it passes
+//!   ([`crate::dataplane::Dataplane::hold_until`]), even if this task is stuck or gone.
 //! - A director renews its Lease only while it is fit to serve (a full pass has programmed the
 //!   kernel, and it is not stopping); otherwise it deletes it and its VIPs move.
 //!
@@ -43,6 +47,9 @@ pub const LABEL_DIRECTOR_LEASE: &str = "ipvslb.io/director-lease";
 
 /// The exact lease duration (`1500ms`), which `spec.leaseDurationSeconds` can only round.
 pub const ANNOTATION_LEASE_DURATION: &str = "ipvslb.io/lease-duration";
+
+/// The longest Lease duration taken from a Lease.
+const MAX_LEASE: Duration = Duration::from_secs(3600);
 
 /// The field manager of the director's Lease writes.
 const MANAGER: &str = "ipvslb-director";
@@ -198,11 +205,22 @@ impl Membership {
     }
 
     fn deleted(&mut self, lease: &Lease) {
-        if let Some(name) = director_of(lease)
-            && name != self.me
-        {
-            self.peers.remove(&name);
+        match director_of(lease) {
+            // Deleted by someone else: peers take its VIPs at once, so it lets go at once.
+            Some(name) if name == self.me => self.resigned(),
+            Some(name) => {
+                self.peers.remove(&name);
+            }
+            None => {}
         }
+    }
+
+    /// Until when this director may announce: the end of its freshness once it has joined.
+    pub fn claim_until(&self, now: Instant) -> Option<Instant> {
+        self.election(now)
+            .is_live()
+            .then_some(self.fresh_until)
+            .flatten()
     }
 
     /// The live directors at `now`.
@@ -216,7 +234,7 @@ impl Membership {
         if self.fresh_until.is_some_and(|until| until > now)
             && self
                 .joined
-                .is_some_and(|joined| now >= joined + self.timings.renew())
+                .is_some_and(|joined| now >= joined + self.timings.deadline())
         {
             live.insert(self.me.clone());
         }
@@ -232,7 +250,7 @@ impl Membership {
             .values()
             .map(|seen| seen.at + seen.lease)
             .chain(self.fresh_until)
-            .chain(self.joined.map(|joined| joined + self.timings.renew()))
+            .chain(self.joined.map(|joined| joined + self.timings.deadline()))
             .filter(|at| *at > now)
             .min()
     }
@@ -250,13 +268,15 @@ fn duration_of(lease: &Lease) -> Duration {
         .annotations()
         .get(ANNOTATION_LEASE_DURATION)
         .and_then(|text| humantime::parse_duration(text).ok())
+        // A duration nobody meant (years) must not overflow the clock.
+        .map(|d| d.min(MAX_LEASE))
         .or_else(|| {
             lease
                 .spec
                 .as_ref()
                 .and_then(|s| s.lease_duration_seconds)
                 .and_then(|s| u64::try_from(s).ok())
-                .map(Duration::from_secs)
+                .map(|s| Duration::from_secs(s).min(MAX_LEASE))
         })
         .unwrap_or(Timings::DEFAULT.lease)
 }
@@ -275,15 +295,17 @@ pub struct Config {
 /// Holds this director's Lease while `fit` says it can serve, watches its peers', and hands
 /// every change of the live set to `elect` (which returns once the announcements follow it).
 /// At `shutdown` it hands over an election without itself, then deletes its Lease.
-pub async fn run<E, F>(
+pub async fn run<E, F, H>(
     client: Client,
     config: Config,
     mut fit: watch::Receiver<bool>,
     elect: E,
+    hold: H,
     mut shutdown: watch::Receiver<bool>,
 ) where
     E: Fn(Election) -> F,
     F: Future<Output = ()>,
+    H: Fn(Option<Instant>),
 {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let name = lease_name(&config.me);
@@ -336,13 +358,24 @@ pub async fn run<E, F>(
             Wake::Fitness if !serving => membership.resigned(),
             Wake::Renewal | Wake::Fitness | Wake::Clock => {}
         }
-        let now = membership.election(Instant::now());
+        let at = Instant::now();
+        let now = membership.election(at);
+        // The data plane's own deadline first when the claim grows, so that it keeps what
+        // the election is about to give it; after the election when the claim ends.
+        let until = membership.claim_until(at);
+        if until.is_some() {
+            hold(until);
+        }
         if now != applied {
             info!(live = ?now.live, announcing = now.is_live(), "director Leases changed");
             elect(now.clone()).await;
             applied = now;
         }
+        if until.is_none() {
+            hold(None);
+        }
     }
+    hold(None);
     membership.resigned();
     give_up(&api, &name, &config.me, &applied, &elect).await;
 }
@@ -402,7 +435,16 @@ async fn renew(api: &Api<Lease>, name: &str, config: &Config, membership: &mut M
         }),
     };
     let (params, patch) = (PatchParams::apply(MANAGER).force(), Patch::Apply(&lease));
-    match tokio::time::timeout(config.timings.renew(), api.patch(name, &params, &patch)).await {
+    // Never past the end of this director's freshness: the loop must be back by then to
+    // withdraw, rather than wait on a slow API server.
+    let bound = membership
+        .claim_until(started)
+        .map_or(config.timings.renew(), |until| {
+            until
+                .saturating_duration_since(started)
+                .min(config.timings.renew())
+        });
+    match tokio::time::timeout(bound, api.patch(name, &params, &patch)).await {
         Ok(Ok(_)) => debug!(lease = %name, "director Lease renewed"),
         Ok(Err(e)) => warn!(lease = %name, error = %e, "renewing the director Lease failed"),
         Err(_) => warn!(lease = %name, "renewing the director Lease timed out"),
@@ -483,29 +525,37 @@ mod tests {
     #[test]
     fn this_director_is_live_only_until_two_thirds_after_a_renewal_it_saw_come_back() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let mut m = Membership::new("dir1", Timings::DEFAULT);
         m.sending(at(10), t0);
         // Written, not yet seen through the watch: not live.
-        assert!(live(&m, t0 + Duration::from_millis(100)).is_empty());
+        assert!(live(&m, t0 + ms(100)).is_empty());
         m.observe(
             &watcher::Event::Apply(lease("dir1", at(10), None)),
-            t0 + Duration::from_millis(300),
+            t0 + ms(300),
         );
-        // Joining: live a renewal period (500 ms) after it saw itself back, once its peers
-        // had the time to withdraw what it wins.
-        assert!(live(&m, t0 + Duration::from_millis(799)).is_empty());
-        assert_eq!(live(&m, t0 + Duration::from_millis(800)), ["dir1"]);
-        assert_eq!(live(&m, t0 + Duration::from_millis(999)), ["dir1"]);
-        // Timed from the write's start, not from when it came back: peers wait 1.5 s from
-        // when they saw it, which is later.
-        assert!(live(&m, t0 + Duration::from_millis(1000)).is_empty());
+        m.sending(at(11), t0 + ms(500));
+        m.observe(
+            &watcher::Event::Apply(lease("dir1", at(11), None)),
+            t0 + ms(600),
+        );
+        // Joining: live the deadline (1 s) after it first saw itself back, once every peer
+        // still live has seen it and let go of what it wins.
+        assert!(live(&m, t0 + ms(1299)).is_empty());
+        assert_eq!(live(&m, t0 + ms(1300)), ["dir1"]);
+        assert_eq!(m.claim_until(t0 + ms(1300)), Some(t0 + ms(1500)));
+        // Timed from the last write's start, not from when it came back: peers wait 1.5 s
+        // from when they saw it, which is later.
+        assert_eq!(live(&m, t0 + ms(1499)), ["dir1"]);
+        assert!(live(&m, t0 + ms(1500)).is_empty());
+        assert_eq!(m.claim_until(t0 + ms(1500)), None);
         // A Lease record this director never wrote (another process of the same name) gives
         // it nothing.
         m.observe(
-            &watcher::Event::Apply(lease("dir1", at(11), None)),
-            t0 + Duration::from_millis(1100),
+            &watcher::Event::Apply(lease("dir1", at(12), None)),
+            t0 + ms(1600),
         );
-        assert!(live(&m, t0 + Duration::from_millis(1200)).is_empty());
+        assert!(live(&m, t0 + ms(1700)).is_empty());
     }
 
     #[test]
@@ -524,19 +574,46 @@ mod tests {
     }
 
     #[test]
-    fn resigning_ends_this_directors_liveness_at_once() {
+    fn resigning_or_its_lease_deleted_ends_this_directors_liveness_at_once() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = Membership::new("dir1", Timings::DEFAULT);
+        let renew = |m: &mut Membership, n: i64, at_ms: u64| {
+            m.sending(at(n), t0 + ms(at_ms));
+            m.observe(
+                &watcher::Event::Apply(lease("dir1", at(n), None)),
+                t0 + ms(at_ms),
+            );
+        };
+        for (n, at_ms) in [(10, 0), (11, 500), (12, 1000)] {
+            renew(&mut m, n, at_ms);
+        }
+        assert_eq!(live(&m, t0 + ms(1000)), ["dir1"]);
+        m.resigned();
+        assert!(live(&m, t0 + ms(1000)).is_empty());
+        // Back, then its Lease deleted by someone else: peers take its VIPs at once, so it
+        // lets go at once too.
+        for (n, at_ms) in [(13, 1500), (14, 2000), (15, 2500)] {
+            renew(&mut m, n, at_ms);
+        }
+        assert_eq!(live(&m, t0 + ms(2500)), ["dir1"]);
+        m.observe(
+            &watcher::Event::Delete(lease("dir1", at(15), None)),
+            t0 + ms(2600),
+        );
+        assert!(live(&m, t0 + ms(2600)).is_empty());
+    }
+
+    #[test]
+    fn an_absurd_lease_duration_does_not_overflow_the_clock() {
         let t0 = Instant::now();
         let mut m = Membership::new("dir1", Timings::DEFAULT);
-        m.sending(at(10), t0);
-        m.observe(&watcher::Event::Apply(lease("dir1", at(10), None)), t0);
-        let joined = t0 + Duration::from_millis(500);
-        assert_eq!(live(&m, joined), ["dir1"]);
-        // A renewal that keeps it fresh does not make it join again.
-        m.sending(at(11), joined);
-        m.observe(&watcher::Event::Apply(lease("dir1", at(11), None)), joined);
-        assert_eq!(live(&m, joined), ["dir1"]);
-        m.resigned();
-        assert!(live(&m, joined).is_empty());
+        m.observe(
+            &watcher::Event::Apply(lease("dir2", at(1), Some("300000000000years"))),
+            t0,
+        );
+        assert_eq!(live(&m, t0 + Duration::from_secs(3599)), ["dir2"]);
+        assert!(live(&m, t0 + Duration::from_secs(3600)).is_empty());
     }
 
     #[test]

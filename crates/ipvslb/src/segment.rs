@@ -50,6 +50,9 @@ pub const ARP_SYSCTLS: [(&str, &str); 2] = [("arp_ignore", "1"), ("arp_announce"
 /// The host's interface on the segment, and what is announced on it.
 pub struct Segment {
     addresses: Arc<Mutex<Vips>>,
+    /// Until when this director may answer for its VIPs (its Lease's deadline): past it, the
+    /// keeper withdraws them itself, whatever else is stuck.
+    valid_until: Arc<Mutex<Option<Instant>>>,
     /// The VIPs this director holds on the segment now: the repeats stop once one is released.
     held: Arc<Mutex<BTreeSet<IpAddr>>>,
     neighbours: Arc<Announcer>,
@@ -93,10 +96,12 @@ impl Segment {
         let held = Arc::new(Mutex::new(BTreeSet::new()));
         let (repeats, pending) = mpsc::channel();
         let addresses = Arc::new(Mutex::new(vips));
+        let valid_until = Arc::new(Mutex::new(None));
         let keeper = Keeper {
             neighbours: neighbours.clone(),
             held: held.clone(),
             addresses: addresses.clone(),
+            valid_until: valid_until.clone(),
             interface: interface.to_owned(),
         };
         std::thread::Builder::new()
@@ -105,6 +110,7 @@ impl Segment {
             .map_err(|e| failed(format!("starting the announcement thread: {e}")))?;
         Ok(Self {
             addresses,
+            valid_until,
             held,
             neighbours,
             repeats,
@@ -122,8 +128,29 @@ impl Segment {
         self.held.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
-    /// `vip` was just put on the interface: tells the segment at once, and again later.
-    pub fn claimed(&self, vip: IpAddr) {
+    /// Until when this director may answer (`None`: not at all).
+    pub fn hold_until(&self, until: Option<Instant>) {
+        if let Ok(mut valid) = self.valid_until.lock() {
+            *valid = until;
+        }
+    }
+
+    /// Puts `vip` on the interface and tells the segment at once, and again later. An address
+    /// the host itself has there (permanent) is refused, never taken over.
+    pub fn claim(&self, vip: IpAddr) -> Result<(), String> {
+        {
+            let mut addresses = self.addresses.lock().map_err(|_| "poisoned".to_owned())?;
+            if !addresses.add(vip).map_err(|e| e.to_string())? {
+                if !addresses.list().map_err(|e| e.to_string())?.contains(&vip) {
+                    return Err(format!(
+                        "{vip} is an address of the host's own on {}: not taken over",
+                        self.interface
+                    ));
+                }
+                // Left by an earlier process, about to expire: a lifetime of its own now.
+                addresses.refresh(vip).map_err(|e| e.to_string())?;
+            }
+        }
         if let Ok(mut held) = self.held.lock() {
             held.insert(vip);
         }
@@ -131,14 +158,17 @@ impl Segment {
             warn!(%vip, interface = %self.interface, error = %e, "sending the neighbour announcement failed");
         }
         let _ = self.repeats.send(vip);
+        Ok(())
     }
 
-    /// `vip` is about to leave the interface: no more announcements or refreshes of it (once
-    /// this returns, no refresh under way can put it back).
-    pub fn released(&self, vip: IpAddr) {
+    /// Takes `vip` off the interface; first no more announcements or refreshes of it (once
+    /// those stop, none under way can put it back).
+    pub fn release(&self, vip: IpAddr) -> Result<(), String> {
         if let Ok(mut held) = self.held.lock() {
             held.remove(&vip);
         }
+        let mut addresses = self.addresses.lock().map_err(|_| "poisoned".to_owned())?;
+        addresses.remove(vip).map(drop).map_err(|e| e.to_string())
     }
 }
 
@@ -147,6 +177,7 @@ struct Keeper {
     neighbours: Arc<Announcer>,
     held: Arc<Mutex<BTreeSet<IpAddr>>>,
     addresses: Arc<Mutex<Vips>>,
+    valid_until: Arc<Mutex<Option<Instant>>>,
     interface: String,
 }
 
@@ -186,15 +217,32 @@ impl Keeper {
         }
     }
 
-    /// Gives every VIP held another lifetime. The set stays locked meanwhile, so a VIP being
-    /// withdrawn is either refreshed before it goes or not at all.
+    /// Gives every VIP held another lifetime, or, once this director's claim has lapsed
+    /// (its Lease could not be renewed, the task keeping it is gone), takes them all off. The
+    /// set stays locked meanwhile, so a VIP being withdrawn is either refreshed before it goes
+    /// or not at all.
     fn refresh(&self) {
-        let Ok(held) = self.held.lock() else {
+        let Ok(mut held) = self.held.lock() else {
             return;
         };
         let Ok(mut addresses) = self.addresses.lock() else {
             return;
         };
+        let valid = self
+            .valid_until
+            .lock()
+            .is_ok_and(|v| v.is_some_and(|until| Instant::now() < until));
+        if !valid {
+            if !held.is_empty() {
+                warn!(vips = ?*held, interface = %self.interface, "this director's claim lapsed: no longer answering for its VIPs");
+            }
+            for vip in std::mem::take(&mut *held) {
+                if let Err(e) = addresses.remove(vip) {
+                    warn!(%vip, interface = %self.interface, error = %e, "taking the VIP off the segment failed; it expires by itself");
+                }
+            }
+            return;
+        }
         for vip in held.iter() {
             if let Err(e) = addresses.refresh(*vip) {
                 warn!(%vip, interface = %self.interface, error = %e, "refreshing the VIP on the segment failed");

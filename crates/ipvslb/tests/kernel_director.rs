@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipvslb::converge::{Converger, Owned};
-use ipvslb::dataplane::Kernel;
+use ipvslb::dataplane::{Dataplane, Kernel};
 use ipvslb_core::ServiceName;
 use ipvslb_ipvs::{
     Destination, ForwardingMethod, Protocol, Scheduler, ServiceKey, Table, VirtualService,
@@ -382,6 +382,9 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
         assert_eq!(set.trim(), value, "{name}");
     }
     let c = Converger::new(kernel, Duration::ZERO);
+    // The claim's deadline, which the Lease task keeps pushing forward in a running director.
+    let far = || Some(Instant::now() + Duration::from_secs(3600));
+    c.dataplane().hold_until(far());
     let ranges: Vec<ipvslb_core::IpRange> = vec![
         "10.77.0.200/29".parse().unwrap(),
         "fd00:77::200/125".parse().unwrap(),
@@ -494,6 +497,34 @@ fn in_l2_mode_only_the_elected_vips_are_answered_the_segment_is_told_and_a_dead_
         vips[0]
     );
     let vips = &vips[1..];
+
+    // The claim's deadline passes (the Lease task is stuck, or gone) while the converger
+    // still counts itself elected: the data plane lets go by itself, within a refresh.
+    c.dataplane().hold_until(Some(Instant::now()));
+    let lapsed = Instant::now();
+    wait_until(
+        "the lapsed claim to be withdrawn",
+        Duration::from_secs(1),
+        || vips.iter().all(|v| !addresses_on("l2a").contains(&ip(v))),
+    );
+    println!("a lapsed claim withdrawn after {:?}", lapsed.elapsed());
+    // A new deadline, and the next full pass announces them again.
+    c.dataplane().hold_until(far());
+    c.converge_all(
+        &fewer,
+        {
+            let mut by_service = BTreeMap::new();
+            for (i, vip) in vips.iter().enumerate() {
+                by_service.insert(svc(&format!("s{}", i + 1)), vec![key(vip, 80)]);
+            }
+            by_service
+        },
+        &owned,
+        c.generation().unwrap(),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(vips.iter().all(|v| addresses_on("l2a").contains(&ip(v))));
 
     // The director dies without a word: the kernel drops its claims by itself once their
     // lifetime ends, and keeps serving them on ipvslb's interface.

@@ -130,7 +130,8 @@ impl Vips {
     }
 
     /// Every address of global scope on the interface (the kernel's IPv6 link-local one is not
-    /// listed, and never removed).
+    /// listed, and never removed); on a shared interface, only host addresses with a lifetime,
+    /// never the host's own permanent ones.
     pub fn list(&mut self) -> Result<BTreeSet<IpAddr>> {
         let request = IfaddrmsgBuilder::default()
             .ifa_family(RtAddrFamily::Unspecified)
@@ -150,6 +151,9 @@ impl Vips {
             .filter(|a| *a.ifa_index() == self.index)
             // The kernel's own link-local address is not a VIP.
             .filter(|a| *a.ifa_scope() == RtScope::Universe)
+            // On the host's interface, its own addresses are permanent; the VIPs ipvslb puts
+            // there have a lifetime.
+            .filter(|a| self.lifetime.is_none() || !a.ifa_flags().contains(IfaF::PERMANENT))
             .filter_map(|a| Some((address_of(a)?, *a.ifa_prefixlen())))
             .filter(|(address, prefix)| self.lifetime.is_none() || *prefix == host_prefix(address))
             .map(|(address, _)| address)
