@@ -659,24 +659,7 @@ async fn the_charts_cluster_role_is_enough_and_a_missing_permission_is_a_clear_l
 
     // Take away the status write: the next assignment fails with a line naming what and why.
     let full = common::Cluster::chart_role().1;
-    // Both roles' rules for it: this one ClusterRole holds the director's (which patches the
-    // Announced condition) as well as the allocator's.
-    let narrowed = full
-        .replace(
-            "  resources: [services/status]\n  verbs: [patch]",
-            "  resources: [services/status]\n  verbs: [get]",
-        )
-        .replace(
-            "  resources: [services/status]\n  verbs: [get, patch]",
-            "  resources: [services/status]\n  verbs: [get]",
-        );
-    assert_eq!(
-        narrowed
-            .matches("  resources: [services/status]\n  verbs: [get]")
-            .count(),
-        2,
-        "the chart's rules for Service status moved"
-    );
+    let narrowed = common::without_service_status_writes(&full);
     let out = cluster.kubectl_stdin(&["apply", "-f", "-"], &narrowed);
     assert!(
         out.status.success(),

@@ -486,6 +486,29 @@ impl Cluster {
     }
 }
 
+/// `role` (the chart's rules in one ClusterRole) without the right to write Service status:
+/// both the allocator's rule and the director's (which patches the Announced condition) lose
+/// `patch`.
+pub fn without_service_status_writes(role: &str) -> String {
+    let narrowed = role
+        .replace(
+            "  resources: [services/status]\n  verbs: [patch]",
+            "  resources: [services/status]\n  verbs: [get]",
+        )
+        .replace(
+            "  resources: [services/status]\n  verbs: [get, patch]",
+            "  resources: [services/status]\n  verbs: [get]",
+        );
+    assert_eq!(
+        narrowed
+            .matches("  resources: [services/status]\n  verbs: [get]")
+            .count(),
+        2,
+        "the chart's rules for Service status moved"
+    );
+    narrowed
+}
+
 /// The rules of `charts/ipvslb/rbac/<file>.yaml`, the very text the chart's roles include.
 pub fn chart_rules(file: &str) -> String {
     let path =
