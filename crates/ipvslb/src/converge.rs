@@ -671,7 +671,11 @@ impl<D: Dataplane> Converger<D> {
         vips: Vec<IpAddr>,
         report: &mut Report,
     ) -> Result<(), dataplane::Error> {
-        if vips.is_empty() || state.announcing != Announcing::Open {
+        // Nothing to announce through: every per-Service converge passes here.
+        if vips.is_empty()
+            || state.announcing != Announcing::Open
+            || self.dataplane.announces() == Announce::None
+        {
             return Ok(());
         }
         let mut announced = match state.announced.take() {

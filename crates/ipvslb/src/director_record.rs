@@ -89,11 +89,11 @@ pub async fn run(
         .await;
         told = announcing;
         if !spec_written {
-            spec_written = write_spec(&api, &name, &spec).await;
+            spec_written = write(&api, &name, Part::Spec, serde_json::json!(spec)).await;
         }
         let mut refused = !spec_written;
         if spec_written && written.as_ref() != Some(&status) {
-            if write_status(&api, &name, &status).await {
+            if write(&api, &name, Part::Status, serde_json::json!(status)).await {
                 written = Some(status);
             } else {
                 refused = true;
@@ -160,41 +160,38 @@ fn describe(spec: &DirectorSpec) -> String {
     }
 }
 
-async fn write_spec(api: &Api<Director>, name: &str, spec: &DirectorSpec) -> bool {
-    let object = serde_json::json!({
-        "apiVersion": "ipvslb.io/v1alpha1",
-        "kind": "Director",
-        "metadata": { "name": name },
-        "spec": spec,
-    });
-    let params = PatchParams::apply(MANAGER).force();
-    match api.patch(name, &params, &Patch::Apply(&object)).await {
-        Ok(_) => true,
-        Err(e) => {
-            warn!(director = %name, error = %e, "writing the Director resource failed; retrying");
-            false
-        }
-    }
+/// The part of the Director one write applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Spec,
+    Status,
 }
 
-async fn write_status(api: &Api<Director>, name: &str, status: &DirectorStatus) -> bool {
+/// Applies `value` as the Director's `part` (server-side apply, this director's field
+/// manager); whether it took.
+async fn write(api: &Api<Director>, name: &str, part: Part, value: serde_json::Value) -> bool {
+    let field = match part {
+        Part::Spec => "spec",
+        Part::Status => "status",
+    };
     let object = serde_json::json!({
         "apiVersion": "ipvslb.io/v1alpha1",
         "kind": "Director",
         "metadata": { "name": name },
-        "status": status,
+        field: value,
     });
-    let params = PatchParams::apply(MANAGER).force();
-    match api
-        .patch_status(name, &params, &Patch::Apply(&object))
-        .await
-    {
+    let (params, patch) = (PatchParams::apply(MANAGER).force(), Patch::Apply(&object));
+    let written = match part {
+        Part::Spec => api.patch(name, &params, &patch).await,
+        Part::Status => api.patch_status(name, &params, &patch).await,
+    };
+    match written {
         Ok(_) => {
-            debug!(director = %name, "Director status written");
+            debug!(director = %name, field, "Director written");
             true
         }
         Err(e) => {
-            warn!(director = %name, error = %e, "writing the Director status failed; retrying");
+            warn!(director = %name, field, error = %e, "writing the Director resource failed; retrying");
             false
         }
     }
