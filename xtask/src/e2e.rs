@@ -117,6 +117,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 "withdrawal = ",
                 "flows broken = ",
                 "flow share = ",
+                "l2 failover = ",
+                "l2 graceful failover = ",
+                "l2 ipv6 failover = ",
+                "double announcers = ",
+                "skipped ",
             ]
             .iter()
             .any(|p| l.starts_with(p))
@@ -239,8 +244,9 @@ fn boot_guest(
         modules: MODULES.iter().map(|m| (*m).to_owned()).collect(),
         module_dirs: MODULE_DIRS.iter().map(|d| (*d).to_owned()).collect(),
         run: format!(
-            "for m in {}; do modprobe $m || echo \"vm: modprobe $m failed\"; done\n/tests/e2e run || status=$?\n",
-            LOADED.join(" ")
+            "for m in {}; do modprobe $m || echo \"vm: modprobe $m failed\"; done\n{}/tests/e2e run || status=$?\n",
+            LOADED.join(" "),
+            chosen_steps()?
         ),
     };
     let initrd = initramfs::build(cache, kernel, &contents)?;
@@ -272,6 +278,24 @@ fn boot_guest(
         .and_then(|s| s.parse().ok())
         .unwrap_or(1500);
     boot::run(&kernel.vmlinuz, &initrd, &machine, timeout)
+}
+
+/// `IPVSLB_E2E_STEPS` (some steps only, while working on them) carried into the guest's run.
+fn chosen_steps() -> Result<String, String> {
+    const VAR: &str = "IPVSLB_E2E_STEPS";
+    match std::env::var(VAR) {
+        Err(_) => Ok(String::new()),
+        Ok(list)
+            if list
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-' || c == ',') =>
+        {
+            Ok(format!("export {VAR}={list}\n"))
+        }
+        Ok(list) => Err(format!(
+            "{VAR}={list:?}: step names separated by commas only"
+        )),
+    }
 }
 
 /// `kubeconfig` with its server `from` replaced by `to`, and a `tls-server-name` when given.

@@ -445,7 +445,7 @@ async fn renew(api: &Api<Lease>, name: &str, config: &Config, membership: &mut M
                 .min(config.timings.renew())
         });
     match tokio::time::timeout(bound, api.patch(name, &params, &patch)).await {
-        Ok(Ok(_)) => debug!(lease = %name, "director Lease renewed"),
+        Ok(Ok(_)) => debug!(lease = %name, took = ?started.elapsed(), "director Lease renewed"),
         Ok(Err(e)) => warn!(lease = %name, error = %e, "renewing the director Lease failed"),
         Err(_) => warn!(lease = %name, "renewing the director Lease timed out"),
     }

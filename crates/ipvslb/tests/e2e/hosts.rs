@@ -299,6 +299,17 @@ impl Background {
         program: &str,
         args: &[&str],
     ) -> Result<Self, String> {
+        Self::start_with(name, ns, program, args, &[])
+    }
+
+    /// [`Background::start`] with `env` added to its environment.
+    pub fn start_with(
+        name: &str,
+        ns: Option<&str>,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let log = PathBuf::from(format!("/tmp/{name}.log"));
         let out = File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let err = out
@@ -316,6 +327,7 @@ impl Background {
             .args(args)
             // Plain log lines, for reading back.
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -32,9 +32,10 @@ impl Vips {
     }
 }
 
-/// `ipvslb run --role director` in `ns`, in L2 mode on its `eth0`.
+/// `ipvslb run --role director` in `ns`, in L2 mode on its `eth0`; its log has every Lease
+/// renewal, for reading a failure.
 fn director(ns: &str) -> Result<Background, String> {
-    Background::start(
+    Background::start_with(
         &format!("ipvslb-l2-{ns}"),
         Some(ns),
         "/tests/ipvslb",
@@ -52,6 +53,7 @@ fn director(ns: &str) -> Result<Background, String> {
             "3s",
             "--set-ipvs-sysctls",
         ],
+        &[("RUST_LOG", "info,ipvslb::peers=debug")],
     )
 }
 
@@ -343,6 +345,17 @@ pub fn step(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         sh("sysctl", &["-q", "-w", setting])?;
     }
     let outcome = run(kube, lines);
+    for ns in DIRECTORS {
+        println!("e2e: {ns}'s Lease renewals: {}", renewals(ns));
+    }
+    if outcome.is_err() {
+        for ns in DIRECTORS {
+            println!(
+                "--- {ns}'s Lease and announcement lines:\n{}",
+                lease_lines(ns, 80)
+            );
+        }
+    }
     for setting in [
         "net.ipv4.conf.br0.arp_ignore=0",
         "net.ipv4.conf.br0.arp_announce=0",
@@ -350,6 +363,48 @@ pub fn step(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         let _ = sh("sysctl", &["-q", "-w", setting]);
     }
     outcome
+}
+
+/// The last `count` lines of `ns`'s director log that tell how its election went.
+fn lease_lines(ns: &str, count: usize) -> String {
+    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    let kept: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            ["Lease", "L2 ", "claim", " WARN ", " ERROR "]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    kept[kept.len().saturating_sub(count)..].join("\n")
+}
+
+/// How the Lease renewals of `ns`'s latest director process went: how many, how long the
+/// writes took, how many timed out or failed.
+fn renewals(ns: &str) -> String {
+    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    let mut took: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("director Lease renewed"))
+        .filter_map(|l| {
+            let value = l.split("took=").nth(1)?.split_whitespace().next()?;
+            let (number, scale) = [("ms", 1.0), ("µs", 1e-3), ("ns", 1e-6), ("s", 1e3)]
+                .iter()
+                .find_map(|(unit, scale)| Some((value.strip_suffix(unit)?, *scale)))?;
+            Some(number.parse::<f64>().ok()? * scale)
+        })
+        .collect();
+    took.sort_by(f64::total_cmp);
+    let count = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    format!(
+        "{} written, median {:.0} ms, slowest {:.0} ms; {} timed out, {} failed; {} changes of the live set",
+        took.len(),
+        took.get(took.len() / 2).copied().unwrap_or(0.0),
+        took.last().copied().unwrap_or(0.0),
+        count("renewing the director Lease timed out"),
+        count("renewing the director Lease failed"),
+        count("director Leases changed"),
+    )
 }
 
 fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {

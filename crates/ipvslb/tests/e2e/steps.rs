@@ -50,6 +50,7 @@ const STEPS: [Step; 13] = [
 
 /// `e2e run`: the hosts, then every step; fails when any step failed.
 pub fn run() -> Result<(), String> {
+    let chosen = chosen_steps()?;
     let mut run = match setup() {
         Ok(run) => run,
         Err(why) => {
@@ -63,8 +64,14 @@ pub fn run() -> Result<(), String> {
     };
     let mut passed = 0;
     let mut failed = 0;
+    let mut skipped = 0;
     let mut broken: Option<&str> = None;
     for (name, step) in STEPS {
+        if chosen.as_ref().is_some_and(|c| !c.contains(&name)) {
+            skipped += 1;
+            println!("skipped {name}: not in {STEPS_VAR}");
+            continue;
+        }
         let outcome = match broken {
             Some(first) => Err(format!("not run: step {first} failed and the rest need it")),
             None => {
@@ -106,12 +113,36 @@ pub fn run() -> Result<(), String> {
             println!("ipvslb log: {line}");
         }
     }
-    println!("{passed} passed, {failed} failed");
+    if skipped > 0 {
+        println!("{passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
     if failed == 0 {
         Ok(())
     } else {
         Err(format!("{failed} of {} steps failed", STEPS.len()))
     }
+}
+
+/// Names some steps to run, for working on one: `apply` and the named ones (the others
+/// build on `apply`'s director). Never set by `cargo xtask test`.
+const STEPS_VAR: &str = "IPVSLB_E2E_STEPS";
+
+/// The steps [`STEPS_VAR`] names, if it is set; an unknown name is an error.
+fn chosen_steps() -> Result<Option<Vec<&'static str>>, String> {
+    let Ok(list) = std::env::var(STEPS_VAR) else {
+        return Ok(None);
+    };
+    let mut chosen = vec!["apply"];
+    for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let (name, _) = STEPS
+            .iter()
+            .find(|(name, _)| *name == word)
+            .ok_or_else(|| format!("{STEPS_VAR}: no step {word}"))?;
+        chosen.push(*name);
+    }
+    Ok(Some(chosen))
 }
 
 /// What helps to read a failure: processes that ended, the last words of the director and of
