@@ -288,7 +288,7 @@ fn chosen_steps() -> Result<String, String> {
         Ok(list)
             if list
                 .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '-' || c == ',') =>
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == ',') =>
         {
             Ok(format!("export {VAR}={list}\n"))
         }

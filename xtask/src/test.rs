@@ -24,7 +24,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     build::ensure_promql_check(&build::prometheus_version())?;
     build::clean_go_caches()?;
     println!("== systemd-analyze, for the director unit's tests");
-    crate::vm::install_missing("test", &[("/usr/bin/systemd-analyze", "systemd")])?;
+    // `systemd-analyze verify` looks up the unit's `Documentation=man:ipvsadm(8)` too.
+    crate::vm::install_missing(
+        "test",
+        &[
+            ("/usr/bin/systemd-analyze", "systemd"),
+            ("/usr/sbin/ipvsadm", "ipvsadm"),
+        ],
+    )?;
     println!("== BIRD and FRR, for the routing daemons' configurations");
     install_routing_daemons()?;
     println!("== cargo test --workspace");

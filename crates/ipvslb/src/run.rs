@@ -130,8 +130,8 @@ pub struct RunArgs {
     )]
     l2_interface: Option<String>,
     /// How long the other directors wait, after they last saw this director renew its Lease,
-    /// before taking over its L2 VIPs (it renews every third of this, and stops announcing
-    /// two thirds of it after its last renewal seen back).
+    /// before taking over its L2 VIPs (it renews every sixth of this, and stops announcing
+    /// two thirds of it after its last renewal seen back); at least 600ms.
     #[arg(long, env = "IPVSLB_L2_LEASE_DURATION", default_value = "1500ms", value_parser = parse_duration)]
     l2_lease_duration: Duration,
     /// On SIGTERM, first withdraw every announcement, then go on serving for this long, so

@@ -347,6 +347,7 @@ pub fn step(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     let outcome = run(kube, lines);
     for ns in DIRECTORS {
         println!("e2e: {ns}'s Lease renewals: {}", renewals(ns));
+        println!("{ns}'s live sets:\n{}", live_sets(ns));
     }
     if outcome.is_err() {
         for ns in DIRECTORS {
@@ -405,6 +406,20 @@ fn renewals(ns: &str) -> String {
         count("renewing the director Lease failed"),
         count("director Leases changed"),
     )
+}
+
+/// Each change of the live set `ns`'s latest director process saw: when, and what.
+fn live_sets(ns: &str) -> String {
+    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("director Leases changed"))
+        .map(|l| {
+            let at = l.split_whitespace().next().unwrap_or_default();
+            let what = l.split("changed").nth(1).unwrap_or_default().trim();
+            format!("  {at} {what}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
@@ -610,7 +625,9 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         .copied()
         .filter(|d| *d != cut)
         .collect::<Vec<_>>();
-    let during = settled(&vips, &alone, Duration::from_secs(1));
+    // Still cut off, the other holds every VIP (within a few seconds more: a stall of the VM
+    // longer than its deadline makes even the healthy director let go for a moment).
+    let during = settled(&vips, &alone, Duration::from_secs(10));
     in_ns(cut, &[&["iptables", "-D"][..], &block].concat())?;
     sample(Instant::now() + Duration::from_secs(8))?;
     lines.push(format!("double announcers = {doubles}"));
