@@ -17,6 +17,12 @@ use xtask::apiserver::build;
 
 /// Runs the steps in order and stops at the first failure.
 pub fn run(args: &[String]) -> Result<(), String> {
+    if std::env::var_os("IPVSLB_E2E_STEPS").is_some_and(|v| !v.is_empty()) {
+        return Err(
+            "IPVSLB_E2E_STEPS is set: cargo xtask test runs every end-to-end step; unset it"
+                .to_owned(),
+        );
+    }
     println!("== building (or reusing) kube-apiserver, etcd, kubectl and kube-proxy");
     build::ensure_kube_proxy(&build::Versions::from_env())?;
     println!("== building (or reusing) helm, for the chart's tests");
@@ -29,7 +35,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "test",
         &[
             ("/usr/bin/systemd-analyze", "systemd"),
-            ("/usr/sbin/ipvsadm", "ipvsadm"),
+            ("/usr/share/man/man8/ipvsadm.8.gz", "ipvsadm"),
         ],
     )?;
     println!("== BIRD and FRR, for the routing daemons' configurations");

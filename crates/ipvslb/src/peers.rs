@@ -50,9 +50,9 @@ pub const LABEL_DIRECTOR_LEASE: &str = "ipvslb.io/director-lease";
 /// The exact lease duration (`1500ms`), which `spec.leaseDurationSeconds` can only round.
 pub const ANNOTATION_LEASE_DURATION: &str = "ipvslb.io/lease-duration";
 
-/// The most renewals under way at once: a Lease's duration is six renewal periods, and a
-/// renewal gives up after one.
-const IN_FLIGHT: usize = 6;
+/// The most renewals changing the Lease under way at once: each gives up at the deadline,
+/// which is four renewal periods.
+const IN_FLIGHT: usize = 4;
 
 /// The longest Lease duration taken from a Lease.
 const MAX_LEASE: Duration = Duration::from_secs(3600);
@@ -78,10 +78,14 @@ impl Timings {
         lease: Duration::from_millis(1500),
     };
 
-    /// Timings for `lease`, which must leave a renewal every sixth of it at least 100 ms.
+    /// Timings for `lease`, which must leave a renewal every sixth of it at least 100 ms, and
+    /// be no longer than peers take one to be.
     pub fn new(lease: Duration) -> Result<Self, String> {
         if lease < Duration::from_millis(600) {
             return Err(format!("{lease:?} is below 600ms"));
+        }
+        if lease > MAX_LEASE {
+            return Err(format!("{lease:?} is above {MAX_LEASE:?}"));
         }
         Ok(Self { lease })
     }
@@ -327,13 +331,7 @@ pub async fn run<E, F, H>(
     .boxed();
     let mut renewals = tokio::time::interval(config.timings.renew());
     renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Renewals under way, each a task of its own: a slow one neither delays the next nor,
-    // cancelled, takes its connection down with it (HTTP/1.1 cannot abort a request
-    // otherwise), which under load would make every renewal after it pay for a new one.
-    let mut renewing = JoinSet::new();
-    // Whether the Lease is known to exist: then a renewal only changes it (a merge patch, which
-    // cannot bring back a Lease deleted meanwhile); else it creates it (server-side apply).
-    let mut exists = false;
+    let mut writes = Writes::default();
     let mut applied = Election {
         me: config.me.clone(),
         ..Election::default()
@@ -346,9 +344,7 @@ pub async fn run<E, F, H>(
             .map(tokio::time::Instant::from_std);
         let woke = tokio::select! {
             _ = renewals.tick() => Wake::Renewal,
-            Some(done) = renewing.join_next(), if !renewing.is_empty() => {
-                Wake::Renewed(done.unwrap_or(Renewed::Failed))
-            }
+            () = writes.next() => Wake::Renewed,
             event = leases.next() => match event {
                 Some(event) => Wake::Lease(Box::new(event)),
                 None => return,
@@ -361,28 +357,25 @@ pub async fn run<E, F, H>(
         match woke {
             Wake::Renewal if serving => {
                 holding = true;
-                // As many under way as fit in a Lease's duration: past it, one more is no use.
-                if renewing.len() < IN_FLIGHT {
-                    let write = renewal(&api, &name, &config, &mut membership, exists);
-                    renewing.spawn(write);
+                if writes.room() {
+                    let creates = writes.creates();
+                    let write = renewal(&api, &name, &config, &mut membership, creates);
+                    writes.spawn(write);
                 } else {
-                    warn!(lease = %name, "{IN_FLIGHT} renewals of the director Lease are still under way; this one is left out");
+                    warn!(lease = %name, "the director Lease's earlier renewals are still under way; this one is left out");
                 }
             }
             Wake::Renewal if holding => {
                 holding = false;
                 membership.resigned();
-                exists = false;
-                give_up(&api, &name, &config.me, &applied, &elect, &mut renewing).await;
+                give_up(&api, &name, &config.me, &applied, &elect, &mut writes).await;
             }
-            Wake::Renewed(Renewed::Written) => exists = true,
-            Wake::Renewed(Renewed::Missing) => exists = false,
             Wake::Lease(event) => match *event {
                 Ok(event) => {
                     if let watcher::Event::Delete(lease) = &event
                         && lease.name_any() == name
                     {
-                        exists = false;
+                        writes.lost();
                     }
                     membership.observe(&event, Instant::now());
                 }
@@ -391,7 +384,7 @@ pub async fn run<E, F, H>(
                 }
             },
             Wake::Fitness if !serving => membership.resigned(),
-            Wake::Renewal | Wake::Renewed(Renewed::Failed) | Wake::Fitness | Wake::Clock => {}
+            Wake::Renewal | Wake::Renewed | Wake::Fitness | Wake::Clock => {}
         }
         let at = Instant::now();
         let now = membership.election(at);
@@ -412,20 +405,99 @@ pub async fn run<E, F, H>(
     }
     hold(None);
     membership.resigned();
-    give_up(&api, &name, &config.me, &applied, &elect, &mut renewing).await;
+    give_up(&api, &name, &config.me, &applied, &elect, &mut writes).await;
 }
 
-/// Withdraws this director's announcements, stops the renewals under way, then deletes its
-/// Lease: peers take over only once it has stopped answering. A renewal that changes the
-/// Lease cannot bring it back after the delete; one that creates it is written only until
-/// the Lease is first seen to exist.
+/// The renewals under way, each a task of its own: a slow one delays none after it, and is
+/// cut off only once it could no longer keep this director live (a cancelled request costs
+/// its HTTP/1.1 connection, which under load made the next renewals pay for new ones).
+#[derive(Default)]
+struct Writes {
+    /// Whether the Lease is known to exist (a renewal wrote it): then a renewal only changes
+    /// it, with a merge patch that cannot bring it back once deleted; else it creates it.
+    exists: bool,
+    /// Renewals that create the Lease (server-side apply), one at a time: a delete waits
+    /// for it, which it could otherwise undo.
+    creating: JoinSet<Renewed>,
+    /// Renewals that only change it, cut off before a delete.
+    changing: JoinSet<Renewed>,
+}
+
+impl Writes {
+    /// Whether another renewal may start now: one creating at a time; as many changing as
+    /// can still come back within the deadline.
+    fn room(&mut self) -> bool {
+        while let Some(done) = self
+            .creating
+            .try_join_next()
+            .or_else(|| self.changing.try_join_next())
+        {
+            self.finished(done);
+        }
+        if self.exists {
+            self.changing.len() < IN_FLIGHT
+        } else {
+            self.creating.is_empty()
+        }
+    }
+
+    /// Whether the next renewal must create the Lease.
+    fn creates(&self) -> bool {
+        !self.exists
+    }
+
+    fn spawn(&mut self, write: impl Future<Output = Renewed> + Send + 'static) {
+        if self.exists {
+            self.changing.spawn(write);
+        } else {
+            self.creating.spawn(write);
+        }
+    }
+
+    /// Waits for a renewal to end (forever when none is under way).
+    async fn next(&mut self) {
+        let done = tokio::select! {
+            Some(done) = self.creating.join_next() => done,
+            Some(done) = self.changing.join_next() => done,
+            else => std::future::pending().await,
+        };
+        self.finished(done);
+    }
+
+    fn finished(&mut self, done: Result<Renewed, tokio::task::JoinError>) {
+        match done {
+            Ok(Renewed::Written) => self.exists = true,
+            Ok(Renewed::Missing) => self.exists = false,
+            Ok(Renewed::Failed) => {}
+            Err(e) => warn!(error = %e, "a renewal of the director Lease ended abnormally"),
+        }
+    }
+
+    /// The Lease was deleted.
+    fn lost(&mut self) {
+        self.exists = false;
+    }
+
+    /// Before a delete: the changing renewals cut off, the creating one waited for.
+    async fn settle(&mut self) {
+        self.changing.shutdown().await;
+        while let Some(done) = self.creating.join_next().await {
+            self.finished(done);
+        }
+        self.exists = false;
+    }
+}
+
+/// Withdraws this director's announcements, settles the renewals under way (one that changes
+/// the Lease cannot bring it back after the delete; one that creates it is waited for), then
+/// deletes its Lease: peers take over only once it has stopped answering.
 async fn give_up<E, F>(
     api: &Api<Lease>,
     name: &str,
     me: &str,
     applied: &Election,
     elect: &E,
-    renewing: &mut JoinSet<Renewed>,
+    writes: &mut Writes,
 ) where
     E: Fn(Election) -> F,
     F: Future<Output = ()>,
@@ -433,7 +505,7 @@ async fn give_up<E, F>(
     let mut without = applied.clone();
     without.live.remove(me);
     elect(without).await;
-    renewing.shutdown().await;
+    writes.settle().await;
     let params = DeleteParams::default();
     match tokio::time::timeout(Duration::from_secs(5), api.delete(name, &params)).await {
         Ok(Ok(_)) => {
@@ -457,15 +529,15 @@ enum Renewed {
     Failed,
 }
 
-/// A renewal of this director's Lease, recorded as sent: the write (creating the Lease when
-/// `exists` is false, else changing it only), to run as a task of its own, gives up after a
-/// Lease's duration, when it could no longer count.
+/// A renewal of this director's Lease, recorded as sent: the write (creating the Lease, or
+/// only changing it), to run as a task of its own, gives up at the deadline, past which it
+/// could no longer keep this director live.
 fn renewal(
     api: &Api<Lease>,
     name: &str,
     config: &Config,
     membership: &mut Membership,
-    exists: bool,
+    creates: bool,
 ) -> impl Future<Output = Renewed> + Send + 'static {
     // Microseconds, as the API server keeps a MicroTime: the watch must give back this value.
     let now = Timestamp::now();
@@ -494,9 +566,9 @@ fn renewal(
             ..LeaseSpec::default()
         }),
     };
-    let (api, name, bound) = (api.clone(), name.to_owned(), config.timings.lease);
+    let (api, name, bound) = (api.clone(), name.to_owned(), config.timings.deadline());
     async move {
-        let written = if exists {
+        let written = if !creates {
             let params = PatchParams {
                 field_manager: Some(MANAGER.to_owned()),
                 ..PatchParams::default()
@@ -530,7 +602,7 @@ fn renewal(
 /// What woke the Lease loop.
 enum Wake {
     Renewal,
-    Renewed(Renewed),
+    Renewed,
     Lease(Box<Result<watcher::Event<Lease>, watcher::Error>>),
     Clock,
     Fitness,
@@ -734,6 +806,7 @@ mod tests {
     #[test]
     fn timings_refuse_a_lease_too_short_to_renew() {
         assert!(Timings::new(Duration::from_millis(500)).is_err());
+        assert!(Timings::new(MAX_LEASE + Duration::from_secs(1)).is_err());
         let t = Timings::new(Duration::from_secs(3)).unwrap();
         assert_eq!(
             (t.renew(), t.deadline()),

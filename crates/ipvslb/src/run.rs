@@ -131,7 +131,7 @@ pub struct RunArgs {
     l2_interface: Option<String>,
     /// How long the other directors wait, after they last saw this director renew its Lease,
     /// before taking over its L2 VIPs (it renews every sixth of this, and stops announcing
-    /// two thirds of it after its last renewal seen back); at least 600ms.
+    /// two thirds of it after its last renewal seen back); from 600ms to 1h.
     #[arg(long, env = "IPVSLB_L2_LEASE_DURATION", default_value = "1500ms", value_parser = parse_duration)]
     l2_lease_duration: Duration,
     /// On SIGTERM, first withdraw every announcement, then go on serving for this long, so
@@ -496,11 +496,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 500ms"))?;
+    let seconds = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too long"))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "s" | "" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
         _ => Err(format!(
             "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
         )),
@@ -510,6 +515,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_too_long_to_count_is_refused_not_wrapped() {
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("18446744073709551615h").is_err());
+        assert!(parse_duration("18446744073709551615m").is_err());
+    }
 
     #[test]
     fn a_director_name_must_name_a_kubernetes_object() {

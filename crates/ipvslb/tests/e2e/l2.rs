@@ -603,37 +603,61 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
         "-j",
         "DROP",
     ];
-    let mut doubles = 0;
-    let mut samples = 0;
-    let mut sample = |until: Instant| -> Result<(), String> {
-        while Instant::now() < until {
-            for vip in vips.all() {
-                if holders(vip)?.len() > 1 {
-                    doubles += 1;
-                }
-            }
-            samples += 1;
-        }
-        Ok(())
-    };
-    sample(Instant::now() + Duration::from_secs(1))?;
-    in_ns(cut, &[&["iptables", "-I"][..], &block].concat())?;
-    let partitioned = Instant::now();
-    sample(partitioned + Duration::from_secs(6))?;
     let alone = DIRECTORS
         .iter()
         .copied()
         .filter(|d| *d != cut)
         .collect::<Vec<_>>();
-    // Still cut off, the other holds every VIP (within a few seconds more: a stall of the VM
-    // longer than its deadline makes even the healthy director let go for a moment).
-    let during = settled(&vips, &alone, Duration::from_secs(10));
+    let mut doubles = 0;
+    let mut samples = 0;
+    // One sample of every VIP: counts those with two holders; whether `alone` holds each.
+    let mut sample = || -> Result<bool, String> {
+        let mut all_alone = true;
+        for vip in vips.all() {
+            let held = holders(vip)?;
+            if held.len() > 1 {
+                doubles += 1;
+            }
+            all_alone &= matches!(held.as_slice(), [one] if alone.contains(one));
+        }
+        samples += 1;
+        Ok(all_alone)
+    };
+    let before = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < before {
+        sample()?;
+    }
+    in_ns(cut, &[&["iptables", "-I"][..], &block].concat())?;
+    let partitioned = Instant::now();
+    // Six seconds cut off at least, and then until the other holds every VIP (a stall of the
+    // VM longer than its deadline makes even a healthy director let go for a moment).
+    let mut took_over = None;
+    let held_alone = loop {
+        let all = sample()?;
+        let elapsed = partitioned.elapsed();
+        if all && took_over.is_none() {
+            took_over = Some(elapsed);
+        }
+        if (all && elapsed >= Duration::from_secs(6)) || elapsed >= Duration::from_secs(16) {
+            break all;
+        }
+    };
     in_ns(cut, &[&["iptables", "-D"][..], &block].concat())?;
-    sample(Instant::now() + Duration::from_secs(8))?;
+    let after = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < after {
+        sample()?;
+    }
     lines.push(format!("double announcers = {doubles}"));
     println!(
-        "e2e: {cut} cut off from the API server: {samples} samples of every VIP, {doubles} with two announcers"
+        "e2e: {cut} cut off from the API server: {samples} samples of every VIP, {doubles} with two announcers; {alone:?} held every VIP {took_over:.2?} after the cut"
     );
+    let during = if held_alone {
+        Ok(())
+    } else {
+        Err(format!(
+            "cut off for 16 s, {cut} left VIPs that {alone:?} did not hold alone"
+        ))
+    };
     during?;
     back_to(&vips, &owners)?;
     if doubles > 0 {

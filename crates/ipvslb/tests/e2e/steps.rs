@@ -131,7 +131,7 @@ const STEPS_VAR: &str = "IPVSLB_E2E_STEPS";
 
 /// The steps [`STEPS_VAR`] names, if it is set; an unknown name is an error.
 fn chosen_steps() -> Result<Option<Vec<&'static str>>, String> {
-    let Ok(list) = std::env::var(STEPS_VAR) else {
+    let Some(list) = std::env::var(STEPS_VAR).ok().filter(|l| !l.is_empty()) else {
         return Ok(None);
     };
     let mut chosen = vec!["apply"];
