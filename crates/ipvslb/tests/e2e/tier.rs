@@ -257,6 +257,45 @@ fn connections(ns: &str) -> Result<u64, String> {
 }
 
 /// Downloads running from the client while `change` happens to the tier; how many broke.
+/// The longest this guest's threads went unscheduled while watched: a thread that sleeps
+/// 20 ms at a time and keeps the longest oversleep. Under TCG the whole guest stalls at
+/// times, which reads as a network outage to every connection at once.
+struct Stalls {
+    longest_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stalls {
+    fn watch() -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stalls = Self {
+            longest_ms: Default::default(),
+            stop: Default::default(),
+        };
+        let (longest, stop) = (stalls.longest_ms.clone(), stalls.stop.clone());
+        std::thread::spawn(move || {
+            let tick = Duration::from_millis(20);
+            while !stop.load(Relaxed) {
+                let before = Instant::now();
+                std::thread::sleep(tick);
+                let over = before.elapsed().saturating_sub(tick);
+                longest.fetch_max(u64::try_from(over.as_millis()).unwrap_or(u64::MAX), Relaxed);
+            }
+        });
+        stalls
+    }
+
+    fn longest(&self) -> Duration {
+        Duration::from_millis(self.longest_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for Stalls {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn across(label: &str, change: impl FnOnce() -> Result<(), String>) -> Result<usize, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let streams = Background::start(
@@ -270,6 +309,7 @@ fn across(label: &str, change: impl FnOnce() -> Result<(), String>) -> Result<us
             &STREAM_SECONDS.to_string(),
         ],
     )?;
+    let stalls = Stalls::watch();
     // Every download under way, over both directors, before the change.
     std::thread::sleep(Duration::from_secs(4));
     let changed = change();
@@ -295,11 +335,13 @@ fn across(label: &str, change: impl FnOnce() -> Result<(), String>) -> Result<us
     let broken: Vec<&&str> = lines.iter().filter(|l| l.contains(" broken ")).collect();
     let pods: std::collections::BTreeSet<&str> = lines
         .iter()
+        .filter(|l| l.contains(" ok "))
         .filter_map(|l| l.split_whitespace().nth(2))
         .collect();
     println!(
-        "e2e: across {label}: {} of {STREAMS} downloads broken, pods {pods:?}",
-        broken.len()
+        "e2e: across {label}: {} of {STREAMS} downloads broken, pods {pods:?}; the guest's longest stall meanwhile {:?}",
+        broken.len(),
+        stalls.longest()
     );
     for line in &broken {
         println!("e2e:   {line}");
