@@ -419,7 +419,7 @@ struct Writes {
     /// Renewals that create the Lease (server-side apply), one at a time: a delete waits
     /// for it, which it could otherwise undo.
     creating: JoinSet<Renewed>,
-    /// Renewals that only change it, cut off before a delete.
+    /// Renewals that only change it.
     changing: JoinSet<Renewed>,
 }
 
@@ -478,19 +478,22 @@ impl Writes {
         self.exists = false;
     }
 
-    /// Before a delete: the changing renewals cut off, the creating one waited for.
+    /// Before a delete: every renewal under way waited for (each gives up at the deadline).
+    /// A creating one could undo the delete; a changing one could not, but cut off it would
+    /// take its connection down, and the delete would wait for a new one instead.
     async fn settle(&mut self) {
-        self.changing.shutdown().await;
         while let Some(done) = self.creating.join_next().await {
+            self.finished(done);
+        }
+        while let Some(done) = self.changing.join_next().await {
             self.finished(done);
         }
         self.exists = false;
     }
 }
 
-/// Withdraws this director's announcements, settles the renewals under way (one that changes
-/// the Lease cannot bring it back after the delete; one that creates it is waited for), then
-/// deletes its Lease: peers take over only once it has stopped answering.
+/// Withdraws this director's announcements, waits for the renewals under way, then deletes
+/// its Lease: peers take over only once it has stopped answering.
 async fn give_up<E, F>(
     api: &Api<Lease>,
     name: &str,
