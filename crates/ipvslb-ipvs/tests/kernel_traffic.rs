@@ -70,11 +70,12 @@ fn serve(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// `ask tcp|udp ADDR:PORT`: prints the one-line answer.
+/// `ask tcp|udp ADDR:PORT SOURCE_PORT`: prints the one-line answer (UDP from `SOURCE_PORT`).
 fn ask(args: &[String]) -> Result<(), String> {
-    let [protocol, addr] = args else {
-        return Err("ask tcp|udp ADDR:PORT".to_owned());
+    let [protocol, addr, source] = args else {
+        return Err("ask tcp|udp ADDR:PORT SOURCE_PORT".to_owned());
     };
+    let source: u16 = source.parse().map_err(|e| format!("{source}: {e}"))?;
     let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
     let timeout = Duration::from_secs(3);
     let mut answer = String::new();
@@ -88,7 +89,7 @@ fn ask(args: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("reading from {addr}: {e}"))?;
         }
         "udp" => {
-            let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+            let socket = UdpSocket::bind(("0.0.0.0", source)).map_err(|e| e.to_string())?;
             // Connected: an answer from any other address than the VIP is not taken.
             socket.connect(addr).map_err(|e| format!("{addr}: {e}"))?;
             socket.set_read_timeout(Some(timeout)).ok();
@@ -232,13 +233,21 @@ fn desired() -> Table {
     table
 }
 
+/// The first of the client's source ports for UDP: each request its own, so each is a new
+/// flow to IPVS. A port the kernel picks may repeat one an earlier request used, and IPVS
+/// then keeps that datagram on its flow's node (seen once: 3 connections for 4 requests).
+const UDP_SOURCE_PORTS: usize = 41000;
+
 /// Asks `vip:port` `times` times from the client and returns the answers.
 fn answers(protocol: &str, vip: &str, port: u16, times: usize) -> Result<Vec<String>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let exe = exe.to_string_lossy().into_owned();
     let target = format!("{vip}:{port}");
     (0..times)
-        .map(|_| in_ns("client", &[&exe, "ask", protocol, &target]))
+        .map(|i| {
+            let source = (UDP_SOURCE_PORTS + i).to_string();
+            in_ns("client", &[&exe, "ask", protocol, &target, &source])
+        })
         .collect()
 }
 
