@@ -362,7 +362,7 @@ pub async fn run<E, F, H>(
                     let write = renewal(&api, &name, &config, &mut membership, creates);
                     writes.spawn(write);
                 } else {
-                    warn!(lease = %name, "the director Lease's earlier renewals are still under way; this one is left out");
+                    debug!(lease = %name, "the director Lease's earlier renewals are still under way; this one is left out");
                 }
             }
             Wake::Renewal if holding => {
