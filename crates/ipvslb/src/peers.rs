@@ -571,17 +571,16 @@ fn renewal(
     };
     let (api, name, bound) = (api.clone(), name.to_owned(), config.timings.deadline());
     async move {
-        let written = if !creates {
+        let (params, patch) = if creates {
+            (PatchParams::apply(MANAGER).force(), Patch::Apply(&lease))
+        } else {
             let params = PatchParams {
                 field_manager: Some(MANAGER.to_owned()),
                 ..PatchParams::default()
             };
-            tokio::time::timeout(bound, api.patch(&name, &params, &Patch::Merge(&lease))).await
-        } else {
-            let params = PatchParams::apply(MANAGER).force();
-            tokio::time::timeout(bound, api.patch(&name, &params, &Patch::Apply(&lease))).await
+            (params, Patch::Merge(&lease))
         };
-        match written {
+        match tokio::time::timeout(bound, api.patch(&name, &params, &patch)).await {
             Ok(Ok(_)) => {
                 debug!(lease = %name, took = ?started.elapsed(), "director Lease renewed");
                 Renewed::Written

@@ -366,9 +366,14 @@ pub fn step(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     outcome
 }
 
+/// The log of `ns`'s latest director process (empty if there is none).
+fn log_of(ns: &str) -> String {
+    std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default()
+}
+
 /// The last `count` lines of `ns`'s director log that tell how its election went.
 fn lease_lines(ns: &str, count: usize) -> String {
-    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    let log = log_of(ns);
     let kept: Vec<&str> = log
         .lines()
         .filter(|l| {
@@ -383,7 +388,7 @@ fn lease_lines(ns: &str, count: usize) -> String {
 /// How the Lease renewals of `ns`'s latest director process went: how many, how long the
 /// writes took, how many timed out or failed.
 fn renewals(ns: &str) -> String {
-    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    let log = log_of(ns);
     let mut took: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("director Lease renewed"))
@@ -410,7 +415,7 @@ fn renewals(ns: &str) -> String {
 
 /// Each change of the live set `ns`'s latest director process saw: when, and what.
 fn live_sets(ns: &str) -> String {
-    let log = std::fs::read_to_string(format!("/tmp/ipvslb-l2-{ns}.log")).unwrap_or_default();
+    let log = log_of(ns);
     log.lines()
         .filter(|l| l.contains("director Leases changed"))
         .map(|l| {
@@ -651,14 +656,11 @@ fn run(kube: &Kube, lines: &mut Vec<String>) -> Result<(), String> {
     println!(
         "e2e: {cut} cut off from the API server: {samples} samples of every VIP, {doubles} with two announcers; {alone:?} held every VIP {took_over:.2?} after the cut"
     );
-    let during = if held_alone {
-        Ok(())
-    } else {
-        Err(format!(
+    if !held_alone {
+        return Err(format!(
             "cut off for 16 s, {cut} left VIPs that {alone:?} did not hold alone"
-        ))
-    };
-    during?;
+        ));
+    }
     back_to(&vips, &owners)?;
     if doubles > 0 {
         return Err(format!("{doubles} samples found a VIP with two announcers"));

@@ -256,7 +256,6 @@ fn connections(ns: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("no TCP {VIP}:80 in the table of {ns}:\n{text}"))
 }
 
-/// Downloads running from the client while `change` happens to the tier; how many broke.
 /// The longest this guest's threads went unscheduled while watched: a thread that sleeps
 /// 20 ms at a time and keeps the longest oversleep. Under TCG the whole guest stalls at
 /// times, which reads as a network outage to every connection at once.
@@ -296,6 +295,7 @@ impl Drop for Stalls {
     }
 }
 
+/// Downloads running from the client while `change` happens to the tier; how many broke.
 fn across(label: &str, change: impl FnOnce() -> Result<(), String>) -> Result<usize, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let streams = Background::start(
