@@ -505,15 +505,24 @@ async fn give_up<E, F>(
     E: Fn(Election) -> F,
     F: Future<Output = ()>,
 {
+    let started = Instant::now();
     let mut without = applied.clone();
     without.live.remove(me);
     elect(without).await;
+    let withdrawn = started.elapsed();
     writes.settle().await;
+    let settled = started.elapsed();
     let params = DeleteParams::default();
     match tokio::time::timeout(Duration::from_secs(5), api.delete(name, &params)).await {
-        Ok(Ok(_)) => {
-            info!(lease = %name, "director Lease deleted: its VIPs move to the other directors now")
-        }
+        // The three times tell where a slow handover went: withdrawing, the renewals still
+        // under way, or the delete itself.
+        Ok(Ok(_)) => info!(
+            lease = %name,
+            ?withdrawn,
+            ?settled,
+            deleted = ?started.elapsed(),
+            "director Lease deleted: its VIPs move to the other directors now"
+        ),
         Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
         Ok(Err(e)) => {
             warn!(lease = %name, error = %e, "deleting the director Lease failed: the other directors take over when it expires")
