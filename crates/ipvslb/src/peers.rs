@@ -357,10 +357,9 @@ pub async fn run<E, F, H>(
         match woke {
             Wake::Renewal if serving => {
                 holding = true;
-                if writes.room() {
-                    let creates = writes.creates();
-                    let write = renewal(&api, &name, &config, &mut membership, creates);
-                    writes.spawn(write);
+                if let Some(kind) = writes.room() {
+                    let write = renewal(&api, &name, &config, &mut membership, kind);
+                    writes.spawn(kind, write);
                 } else {
                     debug!(lease = %name, "the director Lease's earlier renewals are still under way; this one is left out");
                 }
@@ -424,9 +423,9 @@ struct Writes {
 }
 
 impl Writes {
-    /// Whether another renewal may start now: one creating at a time; as many changing as
+    /// Which renewal may start now, if one may: one creating at a time; as many changing as
     /// can still come back within the deadline.
-    fn room(&mut self) -> bool {
+    fn room(&mut self) -> Option<Write> {
         while let Some(done) = self
             .creating
             .try_join_next()
@@ -435,23 +434,17 @@ impl Writes {
             self.finished(done);
         }
         if self.exists {
-            self.changing.len() < IN_FLIGHT
+            (self.changing.len() < IN_FLIGHT).then_some(Write::Change)
         } else {
-            self.creating.is_empty()
+            self.creating.is_empty().then_some(Write::Create)
         }
     }
 
-    /// Whether the next renewal must create the Lease.
-    fn creates(&self) -> bool {
-        !self.exists
-    }
-
-    fn spawn(&mut self, write: impl Future<Output = Renewed> + Send + 'static) {
-        if self.exists {
-            self.changing.spawn(write);
-        } else {
-            self.creating.spawn(write);
-        }
+    fn spawn(&mut self, kind: Write, write: impl Future<Output = Renewed> + Send + 'static) {
+        match kind {
+            Write::Create => self.creating.spawn(write),
+            Write::Change => self.changing.spawn(write),
+        };
     }
 
     /// Waits for a renewal to end (forever when none is under way).
@@ -533,6 +526,15 @@ async fn give_up<E, F>(
     }
 }
 
+/// How a renewal writes the Lease.
+#[derive(Debug, Clone, Copy)]
+enum Write {
+    /// A server-side apply: the Lease is not known to exist.
+    Create,
+    /// A merge patch, which fails on a deleted Lease rather than bring it back.
+    Change,
+}
+
 /// What a renewal's write came to.
 enum Renewed {
     Written,
@@ -549,7 +551,7 @@ fn renewal(
     name: &str,
     config: &Config,
     membership: &mut Membership,
-    creates: bool,
+    kind: Write,
 ) -> impl Future<Output = Renewed> + Send + 'static {
     // Microseconds, as the API server keeps a MicroTime: the watch must give back this value.
     let now = Timestamp::now();
@@ -580,14 +582,15 @@ fn renewal(
     };
     let (api, name, bound) = (api.clone(), name.to_owned(), config.timings.deadline());
     async move {
-        let (params, patch) = if creates {
-            (PatchParams::apply(MANAGER).force(), Patch::Apply(&lease))
-        } else {
-            let params = PatchParams {
-                field_manager: Some(MANAGER.to_owned()),
-                ..PatchParams::default()
-            };
-            (params, Patch::Merge(&lease))
+        let (params, patch) = match kind {
+            Write::Create => (PatchParams::apply(MANAGER).force(), Patch::Apply(&lease)),
+            Write::Change => {
+                let params = PatchParams {
+                    field_manager: Some(MANAGER.to_owned()),
+                    ..PatchParams::default()
+                };
+                (params, Patch::Merge(&lease))
+            }
         };
         match tokio::time::timeout(bound, api.patch(&name, &params, &patch)).await {
             Ok(Ok(_)) => {
