@@ -527,7 +527,7 @@ async fn give_up<E, F>(
 }
 
 /// How a renewal writes the Lease.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Write {
     /// A server-side apply: the Lease is not known to exist.
     Create,
@@ -815,6 +815,35 @@ mod tests {
             now += ms(10);
         }
         assert!(lapses.is_empty(), "not live at {:?}", lapses.first());
+    }
+
+    #[tokio::test]
+    async fn a_slow_renewal_delays_none_after_it_and_one_creates_the_lease_at_a_time() {
+        let mut writes = Writes::default();
+        // Not known to exist: one creating renewal, and no other while it is under way.
+        assert_eq!(writes.room(), Some(Write::Create));
+        writes.spawn(Write::Create, async { Renewed::Written });
+        writes.next().await;
+        // Written: the next ones change it, and one that hangs holds back none after it
+        // until IN_FLIGHT of them are under way.
+        for _ in 0..IN_FLIGHT {
+            assert_eq!(writes.room(), Some(Write::Change));
+            writes.spawn(Write::Change, std::future::pending());
+        }
+        assert_eq!(writes.room(), None);
+        // The Lease deleted under it: the next renewal creates it, one at a time.
+        writes.lost();
+        assert_eq!(writes.room(), Some(Write::Create));
+        writes.spawn(Write::Create, std::future::pending());
+        assert_eq!(writes.room(), None);
+        // A changing renewal that finds the Lease gone makes the next one create it.
+        let mut writes = Writes {
+            exists: true,
+            ..Writes::default()
+        };
+        writes.spawn(Write::Change, async { Renewed::Missing });
+        writes.next().await;
+        assert_eq!(writes.room(), Some(Write::Create));
     }
 
     #[test]
