@@ -443,7 +443,7 @@ fn renewals(ns: &str) -> String {
     took.sort_by(f64::total_cmp);
     let count = |text: &str| log.lines().filter(|l| l.contains(text)).count();
     format!(
-        "{} written, median {:.0} ms, slowest {:.0} ms; {} timed out, {} failed; {} changes of the live set, {} lapses of its claim",
+        "{} written, median {:.0} ms, slowest {:.0} ms; {} timed out, {} failed; {} changes of the live set; its claim lapsed {} times",
         took.len(),
         took.get(took.len() / 2).copied().unwrap_or(0.0),
         took.last().copied().unwrap_or(0.0),
