@@ -820,7 +820,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_renewal_delays_none_after_it_and_one_creates_the_lease_at_a_time() {
         let mut writes = Writes::default();
-        // Not known to exist: one creating renewal, and no other while it is under way.
+        // Not known to exist: the renewal creates it.
         assert_eq!(writes.room(), Some(Write::Create));
         writes.spawn(Write::Create, async { Renewed::Written });
         writes.next().await;
