@@ -125,6 +125,42 @@ pub struct Context {
     pools_changed: Notify,
 }
 
+/// The caches the allocator decides from.
+struct Caches {
+    services: Store<CachedService>,
+    pools: Store<IPPool>,
+    namespaces: Store<Namespace>,
+}
+
+impl Context {
+    fn new(
+        client: Client,
+        config: Config,
+        caches: Caches,
+        leading: watch::Receiver<bool>,
+        requeue: futures::channel::mpsc::UnboundedSender<ObjectRef<CachedService>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+            client,
+            config,
+            services: caches.services,
+            pools: caches.pools,
+            namespaces: caches.namespaces,
+            leading,
+            state: Mutex::new(None),
+            rebuilding: tokio::sync::Mutex::new(()),
+            caches_ready: tokio::sync::OnceCell::new(),
+            pending: Mutex::new(std::collections::BTreeSet::new()),
+            writing: Mutex::new(BTreeMap::new()),
+            requeue,
+            metrics,
+            pools_changed: Notify::new(),
+        }
+    }
+}
+
 /// The labels of each namespace, shared by the claims built in one pass.
 type NamespaceLabels = BTreeMap<String, Arc<BTreeMap<String, String>>>;
 
@@ -184,23 +220,18 @@ pub async fn run(
     let (pools, pools_writer) = reflector::store();
     let (namespaces, namespaces_writer) = reflector::store();
     let (requeue_tx, requeue_rx) = futures::channel::mpsc::unbounded();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
         config,
-        services: services.clone(),
-        pools: pools.clone(),
-        namespaces: namespaces.clone(),
-        leading: leading.clone(),
-        state: Mutex::new(None),
-        rebuilding: tokio::sync::Mutex::new(()),
-        caches_ready: tokio::sync::OnceCell::new(),
-        pending: Mutex::new(std::collections::BTreeSet::new()),
-        writing: Mutex::new(BTreeMap::new()),
-        requeue: requeue_tx,
-        warnings: Recorder::new(client.clone(), Reporter::from(MANAGER)),
+        Caches {
+            services: services.clone(),
+            pools: pools.clone(),
+            namespaces: namespaces.clone(),
+        },
+        leading.clone(),
+        requeue_tx,
         metrics,
-        pools_changed: Notify::new(),
-    });
+    ));
 
     let on_delete = ctx.clone();
     let _deletions = crate::AbortOnDrop(tokio::spawn(async move {
@@ -808,8 +839,17 @@ impl Context {
     /// The status `pool` should have, and the pool metrics on the way.
     fn pool_status(&self, pool: &IPPool, previous: &IPPoolStatus) -> Option<IPPoolStatus> {
         let name = pool.name_any();
-        let guard = self.state.lock().ok()?;
-        let allocator = &guard.as_ref()?.allocator;
+        let mut guard = self.state.lock().ok()?;
+        let state = guard.as_mut()?;
+        // The pools changed since a Service's decision last rebuilt the allocator (and none
+        // may be decided soon: a pool change requeues the Services, but the writer may come
+        // first): a status computed from the older pools would stamp this pool's generation
+        // on problems found without it, such as "overlaps nothing" for a pool just added.
+        let pools = self.current_pools();
+        if state.pools != pools {
+            self.rebuild(state, pools);
+        }
+        let allocator = &state.allocator;
         let mut invalid: Vec<String> = translate::pool(pool)
             .err()
             .iter()
@@ -956,5 +996,73 @@ fn condition(
         message: message.to_owned(),
         last_transition_time: last.unwrap_or_else(|| Time(Timestamp::now())),
         observed_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(name: &str, created: &str, addresses: &str) -> IPPool {
+        serde_json::from_value(json!({
+            "apiVersion": "ipvslb.io/v1alpha1",
+            "kind": "IPPool",
+            "metadata": {"name": name, "generation": 1, "creationTimestamp": created},
+            "spec": {"loadBalancerClass": "test.ipvslb.io/unit", "addresses": [addresses]},
+        }))
+        .unwrap()
+    }
+
+    /// A Context whose pool cache holds `pools`, with no Service and no API server behind it
+    /// (the client is never used here).
+    fn context(pools: &[IPPool]) -> Context {
+        let (store, mut writer) = reflector::store();
+        for pool in pools {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pool.clone()));
+        }
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        Context::new(
+            Client::try_from(config).unwrap(),
+            Config {
+                classes: ClassPolicy {
+                    class: "test.ipvslb.io/unit".to_owned(),
+                    unclassed: translate::Unclassed::Ignore,
+                },
+                concurrency: 1,
+                status_resync: Duration::from_secs(60),
+            },
+            Caches {
+                services: reflector::store().0,
+                pools: store,
+                namespaces: reflector::store().0,
+            },
+            watch::channel(true).1,
+            futures::channel::mpsc::unbounded().0,
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_pool_added_after_the_last_decision_is_reported_with_what_it_overlaps() {
+        let old = pool("quiet", "2026-01-01T00:00:00Z", "10.252.12.0/29");
+        let stray = pool("a-stray", "2026-01-02T00:00:00Z", "10.252.12.4/30");
+        let ctx = context(&[old.clone(), stray.clone()]);
+        // The allocator as the last Service's decision left it: before the stray pool came.
+        *ctx.state.lock().unwrap() = Some(State::restored(
+            vec![translate::pool_for(&old, &ctx.config.classes).0],
+            &[],
+        ));
+        // No Service is decided meanwhile; the status writer's round comes first.
+        let status = ctx
+            .pool_status(&stray, &IPPoolStatus::default())
+            .expect("a status while leading with an allocator");
+        let overlapping = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Overlapping")
+            .expect("an Overlapping condition");
+        assert_eq!(overlapping.status, "True", "{status:?}");
+        assert!(overlapping.message.contains("quiet"), "{status:?}");
+        assert_eq!(overlapping.observed_generation, Some(1));
     }
 }
