@@ -236,7 +236,7 @@ fn desired() -> Table {
 /// The first of the client's source ports for UDP: each request its own, so each is a new
 /// flow to IPVS. A port the kernel picks may repeat one an earlier request used, and IPVS
 /// then keeps that datagram on its flow's node (seen once: 3 connections for 4 requests).
-const UDP_SOURCE_PORTS: usize = 41000;
+const FIRST_UDP_SOURCE_PORT: usize = 41000;
 
 /// Asks `vip:port` `times` times from the client and returns the answers.
 fn answers(protocol: &str, vip: &str, port: u16, times: usize) -> Result<Vec<String>, String> {
@@ -245,7 +245,7 @@ fn answers(protocol: &str, vip: &str, port: u16, times: usize) -> Result<Vec<Str
     let target = format!("{vip}:{port}");
     (0..times)
         .map(|i| {
-            let source = (UDP_SOURCE_PORTS + i).to_string();
+            let source = (FIRST_UDP_SOURCE_PORT + i).to_string();
             in_ns("client", &[&exe, "ask", protocol, &target, &source])
         })
         .collect()

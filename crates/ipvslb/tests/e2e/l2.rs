@@ -57,27 +57,35 @@ fn director(ns: &str) -> Result<Background, String> {
     )
 }
 
+/// The addresses on `ns`'s `eth0`, one per line, as `ip -o addr` lists them.
+fn eth0(ns: &str) -> Result<String, String> {
+    in_ns(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])
+}
+
+/// Whether `addresses` (from [`eth0`]) hold `vip`.
+fn holds(addresses: &str, vip: &str) -> bool {
+    addresses.contains(&format!(" {vip}/"))
+}
+
 /// The directors whose `eth0` holds `vip`: the ones whose kernel answers ARP or NDP for it.
 fn holders(vip: &str) -> Result<Vec<&'static str>, String> {
     let mut found = Vec::new();
     for ns in DIRECTORS {
-        let text = in_ns(ns, &["ip", "-o", "addr", "show", "dev", "eth0"])?;
-        if text.contains(&format!(" {vip}/")) {
+        if holds(&eth0(ns)?, vip) {
             found.push(ns);
         }
     }
     Ok(found)
 }
 
-/// The VIPs `ns`'s eth0 holds.
+/// The VIPs `ns`'s eth0 holds, from one reading of it.
 fn held_by<'a>(ns: &str, vips: &'a Vips) -> Result<Vec<&'a str>, String> {
-    let mut held = Vec::new();
-    for vip in vips.all() {
-        if holders(vip)?.contains(&ns) {
-            held.push(vip);
-        }
-    }
-    Ok(held)
+    let addresses = eth0(ns)?;
+    Ok(vips
+        .all()
+        .into_iter()
+        .filter(|vip| holds(&addresses, vip))
+        .collect())
 }
 
 /// Waits until every VIP has exactly one holder among `live`; returns them.
